@@ -1,0 +1,1 @@
+"""Regenerate the papers' tables from the runs in MLflow."""

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Start a one-machine Ray "cluster" to submit jobs to, with the flags this kind of machine needs.
+#   cluster/start_local_head.sh            # start
+#   cluster/start_local_head.sh stop       # stop
+# Then, from the repo root:
+#   export RAY_AUTH_MODE=token             # Ray 2.60 turns token auth on; the CLI needs this set
+#   ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+#       python experiments/sweep_sigma.py paths.runs_dir=$PWD/runs
+# (paths.runs_dir must be absolute: a submitted job runs in a temporary copy of the repo.)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PWD/.venv/bin:$PATH"
+if [ "${1:-start}" = stop ]; then exec ray stop; fi
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/runs/cache/torch_extensions}"
+ray start --head --num-cpus "${NUM_CPUS:-$(nproc)}" --dashboard-host 127.0.0.1 --disable-usage-stats
+echo "Ray head up; dashboard and job API at http://127.0.0.1:8265"

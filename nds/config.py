@@ -1,0 +1,367 @@
+"""One typed config tree: the single source of truth for a run.
+
+It is read from YAML plus ``key=value`` overrides, validated before any Ray worker
+starts, flattened into MLflow params, and hashed to key caches. Unknown keys and
+values of the wrong type are errors that name the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the offending key or path."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion_mnist"  # fashion_mnist | digits | image_folder
+    root: str = "/usr/share/datasets/fashion-mnist"
+    train_limit: int = 6000  # images of the training split used (0 = all)
+    eval_limit: int = 1000  # reference images for the sample-quality metric (0 = all)
+    image_size: int = 0  # image_folder only: resize to this (0 = the level-1 size)
+
+
+@dataclass
+class EncoderConfig:
+    name: str = "efficientnet_lite0"
+    weights: str = ""  # local weights file; empty = what ships with the package / standard cache
+    image_size: int = 128  # encoder input resolution
+    batch_size: int = 256
+    bf16: bool = False  # only pays on CPUs/GPUs with bf16 matrix units
+
+
+@dataclass
+class HierarchyConfig:
+    spec: str = "28x28x1, 4x4x32, 2x2x16"  # level 1 (image space) first, as the paper writes it
+    L: int = 2  # depth: the first L levels of the spec are used
+    sigmas: list[float] = field(default_factory=lambda: [0.5, 0.5])  # σ_2..σ_len(spec)
+
+
+@dataclass
+class ModelConfig:
+    size: str = "tiny"  # tiny | small | mid | large (U-ViT sizes)
+    width: int = 0  # 0 = from size
+    depth: int = 0
+    heads: int = 0
+    max_token_grid: int = 8  # patch size is the smallest divisor keeping the token grid ≤ this
+    num_classes: int = 0  # 0 = unconditional; >0 = class-conditional on the dataset labels
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = 1000
+    schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    cond_drop_prob: float = 0.5
+    sample_steps: int = 25
+    cfg_scale: float = 1.0
+    eta: float = 0.0
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = 300
+    batch_size: int = 64  # per worker
+    lr: float = 3e-4
+    weight_decay: float = 0.03
+    grad_clip: float = 1.0
+    zero_stage: int = 2
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    log_every: int = 25
+    checkpoint_every: int = 100
+    max_failures: int = 1  # worker restarts, resumed from the last checkpoint
+    fail_once_at_step: int = 0  # fault drill: raise once at this step to exercise resume (0 = off)
+
+
+@dataclass
+class ResourcesConfig:
+    workers_per_level: int = 1
+    cpus_per_worker: float = 0.9
+    gpus_per_worker: float = 0.0
+    driver_cpus: float = 0.1
+    max_concurrent_trials: int = 2
+    ray_address: str = ""  # empty: join RAY_ADDRESS if set, else start a local instance
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 500
+    batch_size: int = 250
+    grid_size: int = 8  # samples per side in the logged grid
+    inception_dir: str = "/tmp"  # clean-fid's cache of inception-2015-12-05.pt; true FID only if it is there
+    substitute_image_size: int = 128  # input size of the substitute metric's feature network
+
+
+@dataclass
+class SweepConfig:
+    depths: list[int] = field(default_factory=lambda: [1, 2])
+    sigmas: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
+    seeds: list[int] = field(default_factory=lambda: [0])
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = ""  # empty: MLFLOW_TRACKING_URI if set, else sqlite in paths.runs_dir
+    experiment: str = "nds-sweep-sigma"
+
+
+@dataclass
+class PathsConfig:
+    runs_dir: str = "runs"  # relative paths resolve against the repo root
+    cache_dir: str = ""  # empty: <runs_dir>/cache
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    hierarchy: HierarchyConfig = field(default_factory=HierarchyConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = 0
+
+    # -- derived values, so no caller recomputes them --------------------------------
+    @property
+    def levels(self):
+        """The first L levels of the spec (level 1 = image space)."""
+        from nds.hierarchy import parse_spec
+
+        return parse_spec(self.hierarchy.spec)[: self.hierarchy.L]
+
+    def sigma(self, level: int) -> float:
+        """σ of the conditioning copy ẑ_level (levels 2..L)."""
+        return self.hierarchy.sigmas[level - 2]
+
+    @property
+    def runs_dir(self) -> Path:
+        path = Path(self.paths.runs_dir).expanduser()
+        return path if path.is_absolute() else REPO_ROOT / path
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.paths.cache_dir).expanduser() if self.paths.cache_dir else self.runs_dir / "cache"
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.tracking.uri:
+            return self.tracking.uri
+        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.runs_dir / 'mlflow.db'}"
+
+
+# -- reading -----------------------------------------------------------------------------
+
+
+def _coerce(value, annotation, key: str):
+    """Check/convert one leaf value against its dataclass annotation."""
+    # annotations are strings under `from __future__ import annotations`
+    kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    if kind.startswith("list["):
+        item_kind = kind[5:-1]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(v, item_kind, f"{key}[{i}]") for i, v in enumerate(value)]
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if kind == "str":
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"config key '{key}' has an unsupported type {kind}")
+
+
+def _merge(node, updates: dict, prefix: str = ""):
+    if not isinstance(updates, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {updates!r}")
+    fields = {f.name: f for f in dataclasses.fields(node)}
+    for name, value in updates.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown config key '{key}' (known here: {known})")
+        current = getattr(node, name)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, f"{key}.")
+        else:
+            setattr(node, name, _coerce(value, fields[name].type, key))
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``['model.width=64', 'sweep.sigmas=[0,1]']`` -> nested dict (values parsed as YAML)."""
+    nested: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({err})") from None
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- overrides, then validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        _merge(cfg, loaded)
+    _merge(cfg, parse_overrides(overrides or []))
+    validate(cfg)
+    return cfg
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuild a config from ``to_dict`` output (e.g. inside a Ray worker)."""
+    cfg = Config()
+    _merge(cfg, data)
+    return cfg
+
+
+def replace(cfg: Config, **dotted) -> Config:
+    """A validated copy with dotted keys changed: ``replace(cfg, **{"hierarchy.L": 1})``."""
+    new = from_dict(to_dict(cfg))
+    _merge(new, parse_overrides([f"{k}={json.dumps(v)}" for k, v in dotted.items()]))
+    validate(new)
+    return new
+
+
+# -- checking ----------------------------------------------------------------------------
+
+
+def validate(cfg: Config) -> None:
+    """Structural checks that need no files; raise ConfigError naming the key."""
+    from nds.hierarchy import check_nesting, parse_spec
+
+    try:
+        spec = parse_spec(cfg.hierarchy.spec)
+        check_nesting(spec)
+    except ValueError as err:
+        raise ConfigError(f"hierarchy.spec '{cfg.hierarchy.spec}': {err}") from None
+    if not 1 <= cfg.hierarchy.L <= len(spec):
+        raise ConfigError(f"hierarchy.L={cfg.hierarchy.L} must be between 1 and the {len(spec)} levels of hierarchy.spec")
+    if len(cfg.hierarchy.sigmas) < len(spec) - 1:
+        raise ConfigError(
+            f"hierarchy.sigmas needs one σ per conditioning level (levels 2..{len(spec)}): "
+            f"got {len(cfg.hierarchy.sigmas)}, need {len(spec) - 1}"
+        )
+    for i, s in enumerate(cfg.hierarchy.sigmas):
+        if s < 0:
+            raise ConfigError(f"hierarchy.sigmas[{i}] (σ_{i + 2}) = {s} must be >= 0")
+    for i, s in enumerate(cfg.sweep.sigmas):
+        if s < 0:
+            raise ConfigError(f"sweep.sigmas[{i}] = {s} must be >= 0")
+    for i, depth in enumerate(cfg.sweep.depths):
+        if not 1 <= depth <= len(spec):
+            raise ConfigError(f"sweep.depths[{i}] = {depth} must be between 1 and the {len(spec)} levels of hierarchy.spec")
+    if not cfg.sweep.seeds:
+        raise ConfigError("sweep.seeds must list at least one seed")
+    from nds.models import UVIT_SIZES
+
+    if cfg.model.size not in UVIT_SIZES:
+        raise ConfigError(f"model.size='{cfg.model.size}' is not one of {sorted(UVIT_SIZES)}")
+    if cfg.training.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"training.zero_stage={cfg.training.zero_stage} must be 0, 1, 2 or 3")
+    if cfg.training.precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"training.precision='{cfg.training.precision}' must be 'auto', 'bf16' or 'fp32'")
+    for key in ("training.steps", "training.batch_size", "resources.workers_per_level",
+                "resources.max_concurrent_trials", "eval.num_samples", "eval.batch_size",
+                "diffusion.timesteps", "diffusion.sample_steps"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 1:
+            raise ConfigError(f"{key} must be >= 1")
+    if cfg.diffusion.sample_steps > cfg.diffusion.timesteps:
+        raise ConfigError("diffusion.sample_steps must not exceed diffusion.timesteps")
+    if not 0.0 <= cfg.diffusion.cond_drop_prob < 1.0:
+        raise ConfigError("diffusion.cond_drop_prob must be in [0, 1)")
+    if cfg.resources.driver_cpus <= 0:
+        raise ConfigError("resources.driver_cpus must be > 0 (Ray Tune refuses a zero-CPU trial driver)")
+
+
+def preflight(cfg: Config) -> None:
+    """File checks, run before Ray starts so no compute is spent on a run that cannot finish."""
+    from nds.data import check_dataset
+    from nds.encoders import check_encoder
+
+    try:
+        check_dataset(cfg.data.name, cfg.data.root)
+    except ValueError as err:
+        raise ConfigError(f"data.name: {err}") from None
+    try:
+        check_encoder(cfg.encoder.name, cfg.encoder.weights or None)
+    except ValueError as err:
+        raise ConfigError(f"encoder.name: {err}") from None
+
+
+# -- writing -----------------------------------------------------------------------------
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flatten(cfg: Config) -> dict[str, str]:
+    """Flat, stable param names for MLflow (``model.width``, ``hierarchy.sigma.2``, ...)."""
+    flat: dict[str, str] = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list) else str(value)
+
+    walk(to_dict(cfg), "")
+    for level in range(2, cfg.hierarchy.L + 1):
+        flat[f"hierarchy.sigma.{level}"] = str(cfg.sigma(level))
+    for level, shape in enumerate(cfg.levels, start=1):
+        flat[f"hierarchy.shape.{level}"] = str(shape)
+    return flat
+
+
+def config_hash(obj) -> str:
+    """Stable short hash of a config (or any section / plain dict) to key caches and group runs."""
+    data = to_dict(obj) if dataclasses.is_dataclass(obj) else obj
+    blob = json.dumps(data, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

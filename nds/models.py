@@ -1,0 +1,284 @@
+"""U-ViT backbone (Bao et al. 2023, "All are worth words") with nested-diffusion conditioning.
+
+Everything is a token: a time token, an optional class token and the patch tokens of the noisy
+latent z_l go through pre-LN transformer blocks arranged as in-blocks, a mid block and out-blocks
+joined by long skip connections.
+
+Nested conditioning follows §4.1 of the nested diffusion paper: the noised latent of the level
+above, ẑ_{l+1} (shape h×w×c), is upsampled to the level's resolution with one transposed
+convolution, cut into the same patches as z_l and mapped to condition tokens by two fully
+connected layers. "Concatenated as tokens every two attention blocks" is read as: before blocks
+0, 2, 4, ... of the in/mid/out sequence the condition tokens are appended to the sequence, that
+block attends over [main tokens; condition tokens], and the condition outputs are discarded.
+The condition tokens are therefore computed once and re-injected unchanged, so the conditioning
+path costs one extra set of tokens in every other block and no extra blocks.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+UVIT_SIZES = {
+    "tiny": dict(width=64, depth=4, heads=2),
+    "small": dict(width=512, depth=12, heads=8),
+    "mid": dict(width=768, depth=16, heads=12),
+    "large": dict(width=1024, depth=20, heads=16),
+}
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, [B] -> [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def patchify(x: Tensor, p: int) -> Tensor:
+    """[B, C, H, W] -> [B, (H/p)*(W/p), p*p*C], patches in row-major order."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // p, p, w // p, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x: Tensor, p: int, c: int, h: int, w: int) -> Tensor:
+    """Inverse of `patchify`: [B, N, p*p*C] -> [B, C, H, W]."""
+    b = x.shape[0]
+    x = x.reshape(b, h // p, w // p, p, p, c)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+
+
+def upsample_geometry(small: int, large: int) -> tuple[int, int]:
+    """(kernel, stride) of a ConvTranspose whose output is exactly `large` for input `small`.
+
+    Output size is (small-1)*stride + kernel; kernel >= stride so every output pixel is covered.
+    """
+    stride = large // small
+    return large - (small - 1) * stride, stride
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(b, n, d))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block; out-blocks first fuse the long skip with a linear layer."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, skip: bool = False):
+        super().__init__()
+        self.skip = nn.Linear(2 * width, width) if skip else None
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    def forward(self, x: Tensor, skip: Tensor | None = None, ctx: Tensor | None = None) -> Tensor:
+        if self.skip is not None:
+            x = self.skip(torch.cat([x, skip], dim=-1))
+        n = x.shape[1]
+        if ctx is not None:
+            x = torch.cat([x, ctx], dim=1)
+        x = x + self.attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return x[:, :n]
+
+
+class UViT(nn.Module):
+    """ε-prediction U-ViT for one level of a nested diffusion model.
+
+    `cond_shape` is the (h, w, c) of ẑ_{l+1} (None at the top level) and `num_classes` enables a
+    class token (0 = none). Both conditions share one classifier-free guidance drop mask: a
+    dropped example sees the learned null condition tokens and the null class (index num_classes).
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, int, int],
+        patch_size: int,
+        width: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        cond_shape: tuple[int, int, int] | None = None,
+        num_classes: int = 0,
+        cond_drop_prob: float = 0.5,
+        final_conv: bool = True,
+    ):
+        super().__init__()
+        if len(input_shape) != 3 or min(input_shape) < 1:
+            raise ValueError(f"input_shape must be positive (H, W, C), got {input_shape}")
+        H, W, C = input_shape
+        if patch_size < 1 or H % patch_size or W % patch_size:
+            raise ValueError(f"input {H}x{W} is not divisible by patch_size={patch_size}")
+        if width < 1 or heads < 1 or width % heads:
+            raise ValueError(f"width={width} must be a positive multiple of heads={heads}")
+        if depth < 0 or depth % 2:
+            raise ValueError(f"depth={depth} must be even (depth//2 in-blocks and out-blocks)")
+        if mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be positive, got {mlp_ratio}")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        if not 0.0 <= cond_drop_prob <= 1.0:
+            raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
+        if cond_shape is not None:
+            if len(cond_shape) != 3 or min(cond_shape) < 1:
+                raise ValueError(f"cond_shape must be positive (h, w, c), got {cond_shape}")
+            if cond_shape[0] > H or cond_shape[1] > W:
+                h, w, _ = cond_shape
+                raise ValueError(f"condition {h}x{w} is larger than the level {H}x{W}")
+
+        self.input_shape = tuple(input_shape)
+        self.cond_shape = None if cond_shape is None else tuple(cond_shape)
+        self.patch_size = patch_size
+        self.num_classes = num_classes
+        self.cond_drop_prob = cond_drop_prob
+        num_patches = (H // patch_size) * (W // patch_size)
+        self.num_extras = 1 + (num_classes > 0)
+
+        self.patch_embed = nn.Conv2d(C, width, kernel_size=patch_size, stride=patch_size)
+        self.time_embed = nn.Sequential(nn.Linear(width, 4 * width), nn.SiLU(), nn.Linear(4 * width, width))
+        self.label_embed = nn.Embedding(num_classes + 1, width) if num_classes > 0 else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_extras + num_patches, width))
+
+        if cond_shape is not None:
+            h, w, c = cond_shape
+            (kh, sh), (kw, sw) = upsample_geometry(h, H), upsample_geometry(w, W)
+            self.cond_upsample = nn.ConvTranspose2d(c, c, kernel_size=(kh, kw), stride=(sh, sw))
+            self.cond_mlp = nn.Sequential(
+                nn.Linear(c * patch_size**2, width), nn.GELU(), nn.Linear(width, width)
+            )
+            self.cond_pos_embed = nn.Parameter(torch.zeros(1, num_patches, width))
+            self.null_cond = nn.Parameter(torch.zeros(1, 1, width))
+
+        self.in_blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth // 2))
+        self.mid_block = Block(width, heads, mlp_ratio)
+        self.out_blocks = nn.ModuleList(Block(width, heads, mlp_ratio, skip=True) for _ in range(depth // 2))
+
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, patch_size**2 * C)
+        self.final_conv = nn.Conv2d(C, C, 3, padding=1) if final_conv else nn.Identity()
+        self.apply(self._init_weights)
+        for p in [self.pos_embed] + ([self.cond_pos_embed, self.null_cond] if cond_shape else []):
+            nn.init.trunc_normal_(p, std=0.02)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        # Small (not zero) output init so the output depends on the condition from step 0.
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def _check_inputs(self, x: Tensor, cond: Tensor | None, labels: Tensor | None) -> None:
+        H, W, C = self.input_shape
+        if x.ndim != 4 or tuple(x.shape[1:]) != (C, H, W):
+            raise ValueError(f"x must be [B, {C}, {H}, {W}], got {list(x.shape)}")
+        if self.cond_shape is None and cond is not None:
+            raise ValueError("cond was passed to a model built without cond_shape (unconditional level)")
+        if self.cond_shape is not None:
+            h, w, c = self.cond_shape
+            if cond is None:
+                raise ValueError(
+                    f"model expects cond [B, {c}, {h}, {w}]; for the unconditional branch pass a cond "
+                    "with drop_cond=ones"
+                )
+            if tuple(cond.shape) != (x.shape[0], c, h, w):
+                raise ValueError(f"cond must be [{x.shape[0]}, {c}, {h}, {w}], got {list(cond.shape)}")
+        if self.num_classes == 0 and labels is not None:
+            raise ValueError("labels were passed to a model built with num_classes=0")
+        if self.num_classes > 0 and (labels is None or tuple(labels.shape) != (x.shape[0],)):
+            got = None if labels is None else list(labels.shape)
+            raise ValueError(f"model expects labels of shape [{x.shape[0]}], got {got}")
+
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        cond: Tensor | None = None,
+        labels: Tensor | None = None,
+        drop_cond: Tensor | None = None,
+    ) -> Tensor:
+        """x: [B,C,H,W]; t: [B] timesteps in [0, T); cond: [B,c,h,w] (ẑ_{l+1}) or None;
+        labels: [B] long or None; drop_cond: [B] bool, True = use the null condition.
+        drop_cond=None samples Bernoulli(cond_drop_prob) in training and drops nothing in eval.
+        Returns the ε prediction [B,C,H,W]."""
+        self._check_inputs(x, cond, labels)
+        b = x.shape[0]
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(b)
+        if drop_cond is None:
+            if self.training:
+                drop_cond = torch.rand(b, device=x.device) < self.cond_drop_prob
+            else:
+                drop_cond = torch.zeros(b, dtype=torch.bool, device=x.device)
+        elif tuple(drop_cond.shape) != (b,):
+            raise ValueError(f"drop_cond must be [{b}] bool, got {list(drop_cond.shape)}")
+
+        extras = [self.time_embed(timestep_embedding(t, self.pos_embed.shape[-1]))[:, None]]
+        if self.label_embed is not None:
+            labels = torch.where(drop_cond, self.num_classes, labels)
+            extras.append(self.label_embed(labels)[:, None])
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
+        h = torch.cat(extras + [tokens], dim=1) + self.pos_embed
+
+        ctx = None
+        if self.cond_shape is not None:
+            ctx = self.cond_mlp(patchify(self.cond_upsample(cond), self.patch_size))
+            ctx = torch.where(drop_cond[:, None, None], self.null_cond, ctx)
+            ctx = ctx + self.cond_pos_embed
+
+        def at(i: int) -> Tensor | None:  # condition tokens join blocks 0, 2, 4, ... of the sequence
+            return ctx if i % 2 == 0 else None
+
+        skips = []
+        for i, block in enumerate(self.in_blocks):
+            h = block(h, ctx=at(i))
+            skips.append(h)
+        h = self.mid_block(h, ctx=at(len(self.in_blocks)))
+        for i, block in enumerate(self.out_blocks, start=len(self.in_blocks) + 1):
+            h = block(h, skip=skips.pop(), ctx=at(i))
+
+        H, W, C = self.input_shape
+        out = self.head(self.norm(h)[:, self.num_extras :])
+        return self.final_conv(unpatchify(out, self.patch_size, C, H, W))
+
+
+def uvit_from_size(size: str, **kwargs) -> UViT:
+    """Build a U-ViT from a named size in UVIT_SIZES; kwargs supply the rest (and may override)."""
+    if size not in UVIT_SIZES:
+        raise ValueError(f"unknown U-ViT size {size!r}; known sizes: {sorted(UVIT_SIZES)}")
+    return UViT(**{**UVIT_SIZES[size], **kwargs})
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def forward_flops(model: nn.Module, *example_args, **example_kwargs) -> int:
+    """FLOPs of one eval-mode forward on the example inputs (matmuls/convs/attention)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(*example_args, **example_kwargs)
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops()

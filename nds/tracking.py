@@ -1,0 +1,65 @@
+"""MLflow bookkeeping: one parent run per sweep, one child run per trial.
+
+Everything goes through ``MlflowClient`` with explicit run ids (no global active run), so
+concurrent Ray workers can log to the same store. The store and the experiment are
+created once in the driver, before any trial starts: concurrent first-time creation of a
+sqlite store races in its schema migration.
+"""
+from __future__ import annotations
+
+import time
+import traceback
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.tracking import MlflowClient
+
+PARENT_TAG = "mlflow.parentRunId"
+MAX_BATCH = 100  # MLflow's limit on params per log_batch call
+
+
+def prepare_experiment(uri: str, name: str, artifact_root: Path) -> str:
+    """Create the store (if new) and the experiment (with an absolute artifact location)."""
+    client = MlflowClient(uri)
+    client.search_experiments(max_results=1)  # runs the store's schema migration, once, here
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_root.mkdir(parents=True, exist_ok=True)
+    return client.create_experiment(name, artifact_location=artifact_root.resolve().as_uri())
+
+
+def start_run(uri: str, experiment_id: str, name: str, params: dict[str, str] | None = None,
+              tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
+    client = MlflowClient(uri)
+    tags = dict(tags or {})
+    if parent_run_id:
+        tags[PARENT_TAG] = parent_run_id
+    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    items = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
+    for i in range(0, len(items), MAX_BATCH):
+        client.log_batch(run.info.run_id, params=items[i : i + MAX_BATCH])
+    return run.info.run_id
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    now = int(time.time() * 1000)
+    MlflowClient(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    MlflowClient(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_artifact(uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    MlflowClient(uri).log_artifact(run_id, str(path), artifact_path)
+
+
+def end_run(uri: str, run_id: str, error: BaseException | None = None) -> None:
+    """Close a run FINISHED, or FAILED with the error recorded as tags."""
+    client = MlflowClient(uri)
+    if error is not None:
+        text = "".join(traceback.format_exception(error))
+        client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
+        client.set_tag(run_id, "error.traceback", text[-5000:])
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED if error else RunStatus.FINISHED))

@@ -1,0 +1,155 @@
+import gzip
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nds.data import (
+    FASHION_MNIST_CLASSES,
+    check_dataset,
+    load_dataset,
+    load_digits_set,
+    load_fashion_mnist,
+    load_image_folder,
+)
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+needs_fashion = pytest.mark.skipif(
+    not (FASHION / "t10k-images-idx3-ubyte.gz").is_file(),
+    reason=f"Fashion-MNIST not installed at {FASHION} (apt-get install dataset-fashion-mnist)",
+)
+
+
+@needs_fashion
+def test_fashion_mnist_train_prefix_is_real_data():
+    ds = load_fashion_mnist(FASHION, "train", limit=10)
+    assert ds.images.shape == (10, 28, 28, 1) and ds.images.dtype == np.uint8
+    assert ds.labels.dtype == np.int64
+    # The published first ten training labels of Fashion-MNIST.
+    assert ds.labels.tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
+    assert ds.class_names[9] == "Ankle boot" and len(ds.class_names) == 10
+    assert ds.images.max() == 255 and ds.images.min() == 0
+
+
+@needs_fashion
+def test_fashion_mnist_test_split_is_balanced_and_limit_is_a_prefix():
+    full = load_dataset("fashion_mnist", str(FASHION), "test")
+    assert len(full) == 10_000
+    assert np.bincount(full.labels).tolist() == [1000] * 10
+    head = load_fashion_mnist(FASHION, "test", limit=7)
+    np.testing.assert_array_equal(head.images, full.images[:7])
+    np.testing.assert_array_equal(head.labels, full.labels[:7])
+
+
+@needs_fashion
+@pytest.mark.parametrize("cut", [100, 3000])
+def test_truncated_gzip_idx_names_the_file(tmp_path, cut):
+    shutil.copy(FASHION / "t10k-images-idx3-ubyte.gz", tmp_path)
+    data = (FASHION / "t10k-labels-idx1-ubyte.gz").read_bytes()
+    bad = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    bad.write_bytes(data[:cut])
+    with pytest.raises(ValueError, match="t10k-labels-idx1-ubyte.gz"):
+        load_fashion_mnist(tmp_path, "test")
+
+
+def _write_idx(path: Path, dims: list[int], payload: bytes, magic: bytes = b"\x00\x00\x08") -> None:
+    header = magic + bytes([len(dims)]) + np.array(dims, dtype=">u4").tobytes()
+    path.write_bytes(header + payload)
+
+
+def test_truncated_raw_idx_and_bad_magic_name_the_file(tmp_path):
+    _write_idx(tmp_path / "train-images-idx3-ubyte", [3, 2, 2], bytes(12))
+    _write_idx(tmp_path / "train-labels-idx1-ubyte", [3], bytes([1, 2]))  # one label short
+    with pytest.raises(ValueError, match="train-labels-idx1-ubyte.*truncated"):
+        load_fashion_mnist(tmp_path, "train")
+    _write_idx(tmp_path / "train-labels-idx1-ubyte", [3], bytes(3), magic=b"\x00\x00\x0d")  # float data
+    with pytest.raises(ValueError, match="train-labels-idx1-ubyte.*magic"):
+        load_fashion_mnist(tmp_path, "train")
+
+
+def test_uncompressed_idx_files_load(tmp_path):
+    images = np.arange(3 * 2 * 2, dtype=np.uint8)
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte", [3, 2, 2], images.tobytes())
+    gz = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    with gzip.open(gz, "wb") as f:
+        f.write(b"\x00\x00\x08\x01" + np.array([3], ">u4").tobytes() + bytes([4, 0, 9]))
+    ds = load_fashion_mnist(tmp_path, "test")
+    assert ds.images.shape == (3, 2, 2, 1)
+    np.testing.assert_array_equal(ds.images.ravel(), images)
+    assert ds.labels.tolist() == [4, 0, 9]
+    assert ds.class_names == FASHION_MNIST_CLASSES
+
+
+def test_missing_fashion_root_says_how_to_install(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist") as err:
+        load_fashion_mnist(missing, "train")
+    assert str(missing) in str(err.value) and "data.root" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="apt-get install"):
+        check_dataset("fashion_mnist", str(missing))
+
+
+def test_digits_split_is_deterministic_and_scaled():
+    train, test = load_digits_set("train"), load_digits_set("test")
+    assert len(train) + len(test) == 1797
+    assert train.images.shape[1:] == (8, 8, 1) and train.images.dtype == np.uint8
+    assert train.images.max() == 255 and train.images.min() == 0
+    assert train.labels[:10].tolist() == list(range(10))
+    np.testing.assert_array_equal(load_digits_set("train", limit=5).images, train.images[:5])
+    with pytest.raises(ValueError, match="'val'"):
+        load_digits_set("val")
+
+
+def _image_folder(root: Path) -> None:
+    for cls, color in [("cat", (255, 0, 0)), ("dog", (0, 0, 255))]:
+        d = root / "train" / cls
+        d.mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (20 + i, 12), color).save(d / f"{i}.png")
+    Image.new("L", (9, 9), 128).save(root / "train" / "dog" / "gray.jpg")
+    (root / "train" / "dog" / "notes.txt").write_text("ignored")
+
+
+def test_image_folder_layout_resize_and_round_robin_limit(tmp_path):
+    _image_folder(tmp_path)
+    ds = load_image_folder(tmp_path, "train", image_size=8)
+    assert ds.images.shape == (7, 8, 8, 3) and ds.images.dtype == np.uint8
+    assert ds.class_names == ["cat", "dog"]
+    assert np.bincount(ds.labels).tolist() == [3, 4]
+    head = load_dataset("image_folder", tmp_path, "train", limit=4, image_size=8)
+    assert head.labels.tolist() == [0, 1, 0, 1]  # every class before the second file of any class
+    cat = head.images[0].reshape(-1, 3)
+    assert (cat[:, 0] >= 250).all() and (cat[:, 2] <= 5).all()  # red stays red after crop + resize
+
+
+def test_image_folder_center_crops(tmp_path):
+    d = tmp_path / "train" / "only"
+    d.mkdir(parents=True)
+    img = np.zeros((10, 30, 3), dtype=np.uint8)
+    img[:, :10] = img[:, 20:] = (0, 0, 255)
+    img[:, 10:20] = (0, 255, 0)  # the centred 10x10 square
+    Image.fromarray(img).save(d / "a.png")
+    ds = load_image_folder(tmp_path, "train", image_size=5)
+    assert (ds.images[0, :, :, 1] == 255).all() and (ds.images[0, :, :, 2] == 0).all()
+
+
+def test_image_folder_corrupt_file_is_named(tmp_path):
+    _image_folder(tmp_path)
+    bad = tmp_path / "train" / "cat" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    with pytest.raises(ValueError, match="broken.jpg"):
+        load_image_folder(tmp_path, "train", image_size=8)
+
+
+def test_dispatcher_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="fashion_mnist.*digits.*image_folder"):
+        load_dataset("cifar", None, "train")
+    with pytest.raises(ValueError, match="image_size"):
+        load_dataset("image_folder", tmp_path, "train")
+    with pytest.raises(FileNotFoundError, match="val"):
+        load_dataset("image_folder", tmp_path, "val", image_size=8)
+    with pytest.raises(ValueError, match="limit"):
+        load_dataset("digits", None, "train", limit=0)
+    check_dataset("digits", None)

@@ -1,0 +1,268 @@
+import pytest
+import torch
+
+from nds.diffusion import cfg_denoiser, diffusion_loss, guided, linear_schedule
+from nds.models import (
+    UVIT_SIZES,
+    UViT,
+    count_params,
+    forward_flops,
+    upsample_geometry,
+    uvit_from_size,
+)
+
+TINY = UVIT_SIZES["tiny"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny shapes gain nothing from intra-op threads, and OpenMP spin-waiting makes them ~30x
+    slower on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make(input_shape=(8, 8, 4), patch_size=2, **kw) -> UViT:
+    torch.manual_seed(0)
+    return UViT(input_shape, patch_size, **{**TINY, **kw}).eval()
+
+
+def inputs(model: UViT, b: int = 2, seed: int = 0):
+    """Random (x, t, cond, labels) matching the model's shapes; cond/labels None when unused."""
+    g = torch.Generator().manual_seed(seed)
+    H, W, C = model.input_shape
+    x = torch.randn(b, C, H, W, generator=g)
+    t = torch.randint(0, 1000, (b,), generator=g)
+    cond = None
+    if model.cond_shape is not None:
+        h, w, c = model.cond_shape
+        cond = torch.randn(b, c, h, w, generator=g)
+    labels = torch.randint(0, model.num_classes, (b,), generator=g) if model.num_classes else None
+    return x, t, cond, labels
+
+
+def test_tiny_size_builds_and_runs():
+    torch.manual_seed(0)
+    model = uvit_from_size("tiny", input_shape=(8, 8, 4), patch_size=2).eval()
+    x, t, _, _ = inputs(model)
+    assert model(x, t).shape == x.shape
+    assert len(model.in_blocks) == len(model.out_blocks) == TINY["depth"] // 2
+
+
+def test_named_sizes_parameter_counts():
+    """Built on the meta device: no memory or init cost. U-ViT-S/M/L are ~44M/131M/287M params
+    (plus the time MLP here); only broad ranges are asserted."""
+    with torch.device("meta"):
+        counts = {
+            s: count_params(uvit_from_size(s, input_shape=(32, 32, 4), patch_size=2)) for s in UVIT_SIZES
+        }
+    assert 35e6 < counts["small"] < 60e6
+    assert 110e6 < counts["mid"] < 160e6
+    assert 250e6 < counts["large"] < 340e6
+    assert counts["tiny"] < counts["small"] < counts["mid"] < counts["large"]
+
+
+def test_uvit_from_size_rejects_unknown_size():
+    with pytest.raises(ValueError, match="unknown U-ViT size 'huge'.*'large'.*'tiny'"):
+        uvit_from_size("huge", input_shape=(8, 8, 4), patch_size=2)
+
+
+@pytest.mark.parametrize("final_conv", [True, False])
+@pytest.mark.parametrize("num_classes", [0, 10])
+def test_forward_shapes_with_and_without_condition(num_classes, final_conv):
+    for cond_shape in (None, (4, 4, 3)):
+        model = make((8, 12, 4), 2, cond_shape=cond_shape, num_classes=num_classes, final_conv=final_conv)
+        x, t, cond, labels = inputs(model)
+        out = model(x, t, cond=cond, labels=labels)
+        assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_accepts_float_and_scalar_timesteps():
+    model = make()
+    x, t, _, _ = inputs(model)
+    assert model(x, t.float() + 0.5).shape == x.shape
+    torch.testing.assert_close(model(x, torch.tensor(3)), model(x, torch.tensor([3, 3])))
+
+
+@pytest.mark.parametrize(
+    "input_shape, patch_size, cond_shape",
+    [
+        ((32, 32, 4), 4, (6, 6, 32)),  # 6 -> 32: stride 5, kernel 7
+        ((28, 28, 4), 4, (4, 4, 24)),  # 4 -> 28: stride 7, kernel 7
+        ((4, 4, 8), 1, (2, 2, 16)),  # 2 -> 4
+        ((6, 6, 8), 2, (4, 4, 4)),  # 4 -> 6: stride 1, kernel 3
+        ((8, 12, 4), 2, (3, 5, 2)),  # different geometry per axis
+        ((8, 8, 4), 2, (8, 8, 2)),  # same resolution: 1x1 transposed conv
+    ],
+)
+def test_condition_upsampling_to_any_resolution(input_shape, patch_size, cond_shape):
+    model = make(input_shape, patch_size, cond_shape=cond_shape)
+    x, t, cond, _ = inputs(model)
+    H, W, _ = input_shape
+    assert model.cond_upsample(cond).shape[-2:] == (H, W)
+    assert model(x, t, cond=cond).shape == x.shape
+
+
+def test_upsample_geometry_is_exact():
+    for large in range(1, 33):
+        for small in range(1, large + 1):
+            kernel, stride = upsample_geometry(small, large)
+            assert (small - 1) * stride + kernel == large
+            assert kernel >= stride >= 1  # no output pixel is left uncovered
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(input_shape=(10, 8, 4), patch_size=4), "not divisible by patch_size"),
+        (dict(input_shape=(8, 8, 4), patch_size=0), "not divisible by patch_size"),
+        (dict(width=30, heads=4), "multiple of heads"),
+        (dict(depth=3), "depth=3 must be even"),
+        (dict(cond_shape=(16, 4, 2)), "larger than the level"),
+        (dict(cond_shape=(4, 4)), "cond_shape must be positive"),
+        (dict(input_shape=(8, 8)), "input_shape must be positive"),
+        (dict(num_classes=-1), "num_classes"),
+        (dict(cond_drop_prob=1.5), "cond_drop_prob"),
+        (dict(mlp_ratio=0.0), "mlp_ratio"),
+    ],
+)
+def test_bad_configs_raise(kwargs, message):
+    args = {"input_shape": (8, 8, 4), "patch_size": 2, **TINY, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        UViT(**args)
+
+
+def test_bad_inputs_raise():
+    plain = make()
+    x, t, _, _ = inputs(plain)
+    with pytest.raises(ValueError, match="unconditional level"):
+        plain(x, t, cond=torch.randn(2, 2, 4, 4))
+    with pytest.raises(ValueError, match="num_classes=0"):
+        plain(x, t, labels=torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"x must be \[B, 4, 8, 8\]"):
+        plain(torch.randn(2, 4, 8, 6), t)
+
+    conditional = make(cond_shape=(4, 4, 2), num_classes=3)
+    x, t, cond, labels = inputs(conditional)
+    with pytest.raises(ValueError, match=r"cond must be \[2, 2, 4, 4\]"):
+        conditional(x, t, cond=torch.randn(2, 2, 2, 2), labels=labels)
+    with pytest.raises(ValueError, match="expects cond"):
+        conditional(x, t, labels=labels)
+    with pytest.raises(ValueError, match="expects labels"):
+        conditional(x, t, cond=cond)
+    with pytest.raises(ValueError, match="drop_cond"):
+        conditional(x, t, cond=cond, labels=labels, drop_cond=torch.ones(3, dtype=torch.bool))
+
+
+def test_condition_tokens_join_every_other_block():
+    """Blocks 0, 2, 4 of the in/mid/out sequence see the condition tokens; 1 and 3 do not."""
+    for cond_shape, expected in (((4, 4, 2), [True, False, True, False, True]), (None, [False] * 5)):
+        model = make(cond_shape=cond_shape, depth=4)
+        seen = []
+        for block in [*model.in_blocks, model.mid_block, *model.out_blocks]:
+            block.register_forward_pre_hook(
+                lambda m, args, kwargs: seen.append(kwargs.get("ctx") is not None), with_kwargs=True
+            )
+        x, t, cond, _ = inputs(model)
+        model(x, t, cond=cond)
+        assert seen == expected
+
+
+def test_dropped_condition_ignores_cond_and_labels():
+    model = make(cond_shape=(4, 4, 2), num_classes=5)
+    x, t, cond, labels = inputs(model)
+    other_cond, other_labels = torch.randn_like(cond), (labels + 1) % 5
+    drop, keep = torch.ones(2, dtype=torch.bool), torch.zeros(2, dtype=torch.bool)
+
+    torch.testing.assert_close(
+        model(x, t, cond=cond, labels=labels, drop_cond=drop),
+        model(x, t, cond=other_cond, labels=other_labels, drop_cond=drop),
+    )
+    kept = model(x, t, cond=cond, labels=labels, drop_cond=keep)
+    assert not torch.allclose(kept, model(x, t, cond=other_cond, labels=labels, drop_cond=keep))
+    assert not torch.allclose(kept, model(x, t, cond=cond, labels=other_labels, drop_cond=keep))
+    # Eval mode without drop_cond is the conditional branch; the mask is per example.
+    torch.testing.assert_close(model(x, t, cond=cond, labels=labels), kept)
+    mixed = model(x, t, cond=cond, labels=labels, drop_cond=torch.tensor([True, False]))
+    torch.testing.assert_close(mixed[1], kept[1])
+    assert not torch.allclose(mixed[0], kept[0])
+
+
+def test_training_mode_drops_condition_with_cond_drop_prob():
+    x, t, cond, _ = inputs(make(cond_shape=(4, 4, 2)))
+    other = torch.randn_like(cond)
+    always = make(cond_shape=(4, 4, 2), cond_drop_prob=1.0).train()
+    torch.testing.assert_close(always(x, t, cond=cond), always(x, t, cond=other))
+    never = make(cond_shape=(4, 4, 2), cond_drop_prob=0.0).train()
+    assert not torch.allclose(never(x, t, cond=cond), never(x, t, cond=other))
+
+    half = make(cond_shape=(4, 4, 2), cond_drop_prob=0.5).train()
+    torch.manual_seed(0)
+    x, t, cond, _ = inputs(half, b=400)
+    same = (half(x, t, cond=cond) - half(x, t, cond=cond, drop_cond=torch.ones(400, dtype=torch.bool)))
+    dropped = same.flatten(1).abs().amax(1) == 0
+    assert 0.4 < dropped.float().mean().item() < 0.6
+
+
+def test_cfg_on_uvit_matches_two_separate_passes():
+    model = make(cond_shape=(4, 4, 2), num_classes=3)
+    x, t, cond, labels = inputs(model)
+    keep, drop = torch.zeros(2, dtype=torch.bool), torch.ones(2, dtype=torch.bool)
+    expected = guided(
+        lambda x, t: model(x, t, cond=cond, labels=labels, drop_cond=keep),
+        lambda x, t: model(x, t, cond=cond, labels=labels, drop_cond=drop),
+        2.5,
+    )(x, t)
+    with torch.no_grad():
+        out = cfg_denoiser(model, cond, labels, 2.5)(x, t)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_adam_steps_reduce_diffusion_loss_on_fixed_batch():
+    model = make(cond_shape=(4, 4, 2), num_classes=3).train()
+    ac = linear_schedule(1000)
+    x, _, cond, labels = inputs(model, b=8)
+    denoiser = lambda x_t, t: model(x_t, t, cond=cond, labels=labels)  # noqa: E731
+
+    def fixed_loss():
+        return diffusion_loss(denoiser, x, ac, generator=torch.Generator().manual_seed(0))
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        before = fixed_loss().item()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for _ in range(30):
+        loss = fixed_loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        after = fixed_loss().item()
+    assert after < 0.8 * before
+
+
+def test_forward_flops_positive_and_grows_with_input_size():
+    flops = []
+    for side in (8, 16):
+        model = make((side, side, 4), 2, cond_shape=(4, 4, 2)).train()
+        x, t, cond, _ = inputs(model)
+        flops.append(forward_flops(model, x, t, cond=cond))
+        assert model.training  # restored after counting
+    assert 0 < flops[0] < flops[1]
+    # 4x the patch tokens: per-token layers scale 4x, attention 16x; the time token does not.
+    assert flops[1] > 3.5 * flops[0]
+
+
+def test_condition_adds_modest_flops():
+    plain, conditional = make(), make(cond_shape=(4, 4, 2))
+    x, t, cond, _ = inputs(conditional)
+    base, extra = forward_flops(plain, x, t), forward_flops(conditional, x, t, cond=cond)
+    assert base < extra < 2 * base
+
+
+def test_count_params():
+    model = make()
+    assert count_params(model) == sum(p.numel() for p in model.parameters()) > 0
+    assert count_params(make(cond_shape=(4, 4, 2))) > count_params(model)

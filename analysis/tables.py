@@ -40,7 +40,7 @@ def _format_cell(mean: float, std: float, count: int, best: bool) -> str:
 
 
 def to_wide(cells: pd.DataFrame, bold_best: bool = True) -> pd.DataFrame:
-    """One row per L; a column per σ_L; missing cells say 'missing', the best (lowest) per row in bold."""
+    """One row per L; a column per σ_L; cells with no run say 'missing'; the best (lowest) per row in bold."""
     sigmas = sorted({s for s in cells["sigma_L"] if s != NO_SIGMA}, key=float)
     columns = ([NO_SIGMA] if (cells["sigma_L"] == NO_SIGMA).any() else []) + sigmas
     table = []
@@ -49,7 +49,9 @@ def to_wide(cells: pd.DataFrame, bold_best: bool = True) -> pd.DataFrame:
         row = {"L": depth, "z_L": shape, "GFLOPs": round(gflops, 4), "Params (M)": round(params, 3)}
         for sigma in columns:
             hit = group[group["sigma_L"] == sigma]
-            if hit.empty:
+            if (sigma == NO_SIGMA) != (depth == 1):
+                row[f"σ_L={sigma}"] = ""  # not applicable: L = 1 has no σ_L, deeper chains always do
+            elif hit.empty:
                 row[f"σ_L={sigma}"] = "missing"
             else:
                 cell = hit.iloc[0]

@@ -13,4 +13,18 @@ export PATH="$PWD/.venv/bin:$PATH"
 if [ "${1:-start}" = stop ]; then exec ray stop; fi
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/runs/cache/torch_extensions}"
 ray start --head --num-cpus "${NUM_CPUS:-$(nproc)}" --dashboard-host 127.0.0.1 --disable-usage-stats
+# the job API answers a few seconds after `ray start` returns; wait so a submit right after works
+python - <<'PY'
+import time, urllib.error, urllib.request
+for _ in range(60):
+    try:
+        urllib.request.urlopen("http://127.0.0.1:8265/api/version", timeout=2)
+        break
+    except urllib.error.HTTPError:  # it answers (401 without a token under token auth): it is up
+        break
+    except OSError:
+        time.sleep(0.5)
+else:
+    raise SystemExit("Ray's job API did not come up on 127.0.0.1:8265 (is ray[default] installed?)")
+PY
 echo "Ray head up; dashboard and job API at http://127.0.0.1:8265"

@@ -9,6 +9,7 @@ store under runs/, real Fashion-MNIST, tiny U-ViTs.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from nds.config import ConfigError, load_config, preflight, to_yaml
@@ -23,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and the trials, exit")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. sweep.sigmas=[0,0.5] training.steps=50")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[nds] %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
         variants = sigma_variants(cfg)

@@ -24,11 +24,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    name: str = "fashion_mnist"  # fashion_mnist | digits | image_folder
+    name: str = "fashion_mnist"  # fashion_mnist | digits | image_folder (ImageNet-100 layout) | coco2014
     root: str = "/usr/share/datasets/fashion-mnist"
-    train_limit: int = 6000  # images of the training split used (0 = all)
-    eval_limit: int = 1000  # reference images for the sample-quality metric (0 = all)
-    image_size: int = 0  # image_folder only: resize to this (0 = the level-1 size)
+    train_limit: int = 4000  # images of the training split used (0 = all)
+    eval_limit: int = 500  # reference images for the sample-quality metric (0 = all)
+    image_size: int = 0  # image_folder/coco2014: resize to this (0 = the level-1 size; x8 for encoder.level1=vae)
+    captions: str = ""  # coco2014: folder with captions_{train,val}2014.json (empty = <root>/annotations)
 
 
 @dataclass
@@ -38,6 +39,12 @@ class EncoderConfig:
     image_size: int = 128  # encoder input resolution
     batch_size: int = 256
     bf16: bool = False  # only pays on CPUs/GPUs with bf16 matrix units
+    cache_dir: str = ""  # where downloaded weights are cached (empty = the standard HF / torch hub caches)
+    parallel: bool = False  # extract features in Ray tasks (joins/starts Ray as the sweep does) instead of in-process
+    cpus_per_task: float = 1.0  # CPUs per Ray extraction task
+    shard_size: int = 1024  # images per feature-cache shard, and per Ray task
+    level1: str = "pixels"  # z_1: pixels (image resized to level 1) | vae (AutoencoderKL latents, e.g. 256 px -> 32x32x4)
+    level1_weights: str = ""  # level1=vae: AutoencoderKL .safetensors (empty = HF cache of stabilityai/sd-vae-ft-mse)
 
 
 @dataclass
@@ -67,15 +74,18 @@ class DiffusionConfig:
     sample_steps: int = 25
     cfg_scale: float = 1.0
     eta: float = 0.0
+    clip_images: bool = True  # clip the image level's predicted x0 to [-1, 1] while sampling
 
 
 @dataclass
 class TrainingConfig:
-    steps: int = 300
+    steps: int = 400
     batch_size: int = 64  # per worker
-    lr: float = 3e-4
+    lr: float = 2e-3
+    warmup_steps: int = 50
     weight_decay: float = 0.03
     grad_clip: float = 1.0
+    ema_decay: float = 0.999  # sampling uses the EMA weights (0 = the last weights)
     zero_stage: int = 2
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     log_every: int = 25
@@ -123,6 +133,34 @@ class PathsConfig:
 
 
 @dataclass
+class MDMConfig:
+    """Matryoshka Diffusion: one NestedUNet over all resolutions (nds/nested_unet.py).
+
+    The defaults fit Fashion-MNIST as it is: 14 -> 28, two levels, no padding. Images are
+    resized to the last (full) resolution. Optimisation (lr, warm-up, clipping, EMA, ZeRO, batch)
+    comes from ``training``; the schedule and sampling from ``diffusion``.
+    """
+
+    resolutions: list[int] = field(default_factory=lambda: [14, 28])  # innermost first, each a power-of-two multiple of the last
+    channels: int = 1  # image channels (1 for Fashion-MNIST and digits, 3 for RGB folders)
+    core_widths: list[int] = field(default_factory=lambda: [32, 64])  # inner UNet widths, halving resolution between
+    core_blocks: int = 1
+    attention_levels: list[int] = field(default_factory=list)  # core levels with self-attention (the middle always has it)
+    stage_widths: list[int] = field(default_factory=lambda: [16])  # one per outer resolution
+    stage_blocks: int = 1
+    heads: int = 4
+    num_classes: int = 0  # 0 = unconditional; >0 = class-conditional on the dataset labels
+    cond_drop_prob: float = 0.1  # labels dropped this often in training, for classifier-free guidance
+    snr_power: float = 2.0  # resolution r's SNR is the base schedule's times (r_base / r)^power
+    loss_weights: list[float] = field(default_factory=list)  # one per resolution (empty = all 1)
+    prediction: str = "v"  # v | eps
+    # Progressive training: phase i trains the i+1 innermost resolutions for phase_steps[i] steps,
+    # growing from the previous phase's EMA weights; 0 skips a phase (e.g. [0, 400] = no progression).
+    phase_steps: list[int] = field(default_factory=lambda: [200, 200])
+    sampler: str = "ddim"  # ddim | ddpm | dpmsolver | dpmsolver++
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
@@ -135,6 +173,7 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    mdm: MDMConfig = field(default_factory=MDMConfig)
     seed: int = 0
 
     # -- derived values, so no caller recomputes them --------------------------------
@@ -275,6 +314,14 @@ def validate(cfg: Config) -> None:
         check_nesting(spec)
     except ValueError as err:
         raise ConfigError(f"hierarchy.spec '{cfg.hierarchy.spec}': {err}") from None
+    from nds.train import patch_size_for
+
+    for level, shape in enumerate(spec, start=1):
+        try:
+            patch_size_for(shape.h, shape.w, cfg.model.max_token_grid)
+        except ValueError as err:
+            raise ConfigError(f"hierarchy.spec level {level} ({shape}) cannot be split into U-ViT patches "
+                              f"(model.max_token_grid={cfg.model.max_token_grid}): {err}") from None
     if not 1 <= cfg.hierarchy.L <= len(spec):
         raise ConfigError(f"hierarchy.L={cfg.hierarchy.L} must be between 1 and the {len(spec)} levels of hierarchy.spec")
     if len(cfg.hierarchy.sigmas) < len(spec) - 1:
@@ -309,10 +356,53 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be >= 1")
     if cfg.diffusion.sample_steps > cfg.diffusion.timesteps:
         raise ConfigError("diffusion.sample_steps must not exceed diffusion.timesteps")
+    if not 0.0 <= cfg.training.ema_decay < 1.0:
+        raise ConfigError("training.ema_decay must be in [0, 1)")
     if not 0.0 <= cfg.diffusion.cond_drop_prob < 1.0:
         raise ConfigError("diffusion.cond_drop_prob must be in [0, 1)")
     if cfg.resources.driver_cpus <= 0:
         raise ConfigError("resources.driver_cpus must be > 0 (Ray Tune refuses a zero-CPU trial driver)")
+    _validate_mdm(cfg)
+
+
+def _validate_mdm(cfg: Config) -> None:
+    """The mdm section: the phase schedule against the resolutions, then the NestedUNet spec's own checks."""
+    from nds.diffusion import PREDICTIONS, SAMPLERS
+    from nds.train_mdm import mdm_spec
+
+    m = cfg.mdm
+    res = m.resolutions
+    if not res or min(res) < 1:
+        raise ConfigError(f"mdm.resolutions must list positive resolutions, got {res}")
+    for i in range(1, len(res)):
+        ratio = res[i] // res[i - 1]
+        if res[i] % res[i - 1] or ratio < 2 or ratio & (ratio - 1):
+            raise ConfigError(f"mdm.resolutions[{i}] = {res[i]} is not a power-of-two multiple (>= 2x) "
+                              f"of mdm.resolutions[{i - 1}] = {res[i - 1]}")
+    if len(m.phase_steps) != len(res):
+        raise ConfigError(f"mdm.phase_steps needs one entry per resolution in mdm.resolutions ({len(res)}; "
+                          f"phase i trains the i+1 innermost), got {len(m.phase_steps)}")
+    for i, steps in enumerate(m.phase_steps):
+        if steps < 0:
+            raise ConfigError(f"mdm.phase_steps[{i}] = {steps} must be >= 0 (0 skips the phase)")
+    if m.phase_steps[-1] < 1:
+        raise ConfigError("mdm.phase_steps: the last entry must be >= 1 (the last phase trains the full model)")
+    if m.loss_weights and len(m.loss_weights) != len(res):
+        raise ConfigError(f"mdm.loss_weights needs one weight per resolution ({len(res)}) or none, "
+                          f"got {len(m.loss_weights)}")
+    for i, w in enumerate(m.loss_weights):
+        if w < 0:
+            raise ConfigError(f"mdm.loss_weights[{i}] = {w} must be >= 0")
+    if m.prediction not in PREDICTIONS:
+        raise ConfigError(f"mdm.prediction='{m.prediction}' must be one of {list(PREDICTIONS)}")
+    if m.sampler not in SAMPLERS:
+        raise ConfigError(f"mdm.sampler='{m.sampler}' must be one of {sorted(SAMPLERS)}")
+    if not 0.0 <= m.cond_drop_prob < 1.0:
+        raise ConfigError("mdm.cond_drop_prob must be in [0, 1)")
+    try:
+        mdm_spec(cfg).validate()
+    except ValueError as err:  # names the spec field: core_widths, stage_widths, heads, ...
+        raise ConfigError(f"mdm: {err}") from None
 
 
 def preflight(cfg: Config) -> None:

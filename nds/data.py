@@ -1,17 +1,22 @@
-"""Image datasets as small in-memory uint8 arrays.
+"""Image datasets as uint8 ``[N, H, W, C]`` arrays, in memory or decoded on access.
 
-Every loader returns an :class:`ImageSet` with images ``uint8 [N, H, W, C]`` so
-the encoders and the image level of the hierarchy see one format whatever the
-source.  Loaders are deterministic: ``limit`` always yields the same samples.
+Every loader returns an :class:`ImageSet` whose images index like ``uint8 [N, H, W, C]``
+so the encoders and the image level of the hierarchy see one format whatever the
+source.  Small sets (Fashion-MNIST, digits) are in-memory arrays; file datasets
+(ImageNet-style folders, COCO-2014) are :class:`ImageFiles`, which decode only
+the images a slice asks for, so a million-image set never sits in memory.
+Loaders are deterministic: ``limit`` always yields the same samples.
 """
 
 from __future__ import annotations
 
 import gzip
+import json
 import zlib
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -25,17 +30,83 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 DIGITS_TRAIN_FRACTION = 0.8
 
 
+class ImageFiles:
+    """Image files as a lazy ``uint8 [N, S, S, 3]`` array: centre-cropped, resized, RGB.
+
+    Indexing (an int, a slice, an index array, or a tuple starting with one of
+    those) decodes only the selected files.  It pickles as its path list, so a
+    Ray task handed a slice decodes its own shard.  A file that cannot be decoded
+    raises a ValueError naming it.
+    """
+
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    def __init__(self, paths: list[Path], image_size: int) -> None:
+        if image_size < 1:
+            raise ValueError(f"image_size must be positive, got {image_size!r}")
+        self.paths = list(paths)
+        self.image_size = image_size
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.paths), self.image_size, self.image_size, 3)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def decode(self, path: Path) -> np.ndarray:
+        size = self.image_size
+        try:
+            with Image.open(path) as img:
+                img.draft("RGB", (size, size))  # JPEG: decode at reduced scale
+                return np.asarray(_center_crop_resize(img.convert("RGB"), size))
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ValueError(f"{path}: cannot decode image ({e})") from e
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            head, rest = key[0], key[1:]
+            picked = self[head]
+            return picked[rest] if isinstance(head, (int, np.integer)) else picked[(slice(None), *rest)]
+        if isinstance(key, (int, np.integer)):
+            return self.decode(self.paths[key])
+        if isinstance(key, slice):
+            return self._stack(range(len(self))[key])
+        return self._stack(np.arange(len(self))[np.asarray(key)])
+
+    def _stack(self, indices) -> np.ndarray:
+        out = np.empty((len(indices), self.image_size, self.image_size, 3), dtype=np.uint8)
+        for j, i in enumerate(indices):
+            out[j] = self.decode(self.paths[i])
+        return out
+
+    def subset(self, key: slice) -> ImageFiles:
+        """The same files, lazily: what a Ray task is handed instead of pixels."""
+        return ImageFiles(self.paths[key], self.image_size)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self.decode(p) for p in self.paths)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        arr = self._stack(range(len(self)))
+        return arr if dtype is None else arr.astype(dtype)
+
+
 @dataclass
 class ImageSet:
-    images: np.ndarray  # uint8 [N, H, W, C]
+    images: np.ndarray | ImageFiles  # uint8 [N, H, W, C]
     labels: np.ndarray  # int64 [N]
     class_names: list[str]
+    captions: list[list[str]] | None = None  # COCO: every caption of image i
 
     def __post_init__(self) -> None:
         if self.images.dtype != np.uint8 or self.images.ndim != 4:
             raise ValueError(f"ImageSet.images must be uint8 [N,H,W,C], got {self.images.dtype} {self.images.shape}")
         if self.labels.shape != (len(self.images),):
             raise ValueError(f"ImageSet.labels shape {self.labels.shape} does not match {len(self.images)} images")
+        if self.captions is not None and len(self.captions) != len(self.images):
+            raise ValueError(f"ImageSet.captions has {len(self.captions)} entries for {len(self.images)} images")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -131,11 +202,12 @@ def _center_crop_resize(img: Image.Image, size: int) -> Image.Image:
 
 
 def load_image_folder(root: str | Path, split: str, image_size: int, limit: int | None = None) -> ImageSet:
-    """ImageNet-style ``root/<split>/<class>/*.{png,jpg,jpeg}``, center-cropped and resized to RGB.
+    """ImageNet-style ``root/<split>/<class>/*.{png,jpg,jpeg}`` (ImageNet-100 layout), lazily decoded.
 
-    Images are decoded one at a time and only the resized copy is kept.  With
-    ``limit`` the files are taken round-robin over classes (i-th file of every
-    class before the (i+1)-th), so a small subset still covers all classes.
+    Only the directory listing is read here; pixels are decoded when indexed
+    (:class:`ImageFiles`: center-cropped and resized to RGB).  With ``limit`` the
+    files are taken round-robin over classes (i-th file of every class before the
+    (i+1)-th), so a small subset still covers all classes.
     """
     _check_limit(limit)
     if image_size < 1:
@@ -154,23 +226,53 @@ def load_image_folder(root: str | Path, split: str, image_size: int, limit: int 
         raise ValueError(f"{split_dir}: no {'/'.join(IMAGE_EXTENSIONS)} images in class folders")
     files.sort(key=lambda t: (t[0], t[1]))
     files = files[:limit]
-
-    images = np.empty((len(files), image_size, image_size, 3), dtype=np.uint8)
-    for i, (_, _, path) in enumerate(files):
-        try:
-            with Image.open(path) as img:
-                img.draft("RGB", (image_size, image_size))  # JPEG: decode at reduced scale
-                images[i] = np.asarray(_center_crop_resize(img.convert("RGB"), image_size))
-        except (OSError, SyntaxError, ValueError) as e:
-            raise ValueError(f"{path}: cannot decode image ({e})") from e
     labels = np.array([label for _, label, _ in files], dtype=np.int64)
-    return ImageSet(images, labels, [d.name for d in class_dirs])
+    return ImageSet(ImageFiles([p for _, _, p in files], image_size), labels, [d.name for d in class_dirs])
 
 
-DATASETS = ("fashion_mnist", "digits", "image_folder")
+COCO_SPLITS = {"train": "train2014", "test": "val2014"}  # the paper's FID reference is the val split
 
 
-def check_dataset(name: str, root: str | Path | None) -> None:
+def _coco_paths(root: Path, split: str, captions_dir: str | Path | None) -> tuple[Path, Path]:
+    _check_split(split)
+    name = COCO_SPLITS[split]
+    annotations = Path(captions_dir) if captions_dir else root / "annotations"
+    json_path, image_dir = annotations / f"captions_{name}.json", root / name
+    if not json_path.is_file():
+        raise FileNotFoundError(f"COCO-2014 caption annotations not found: {json_path} (unzip annotations_trainval2014.zip "
+                                f"into data.root, or set data.captions to the folder holding captions_{name}.json)")
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"COCO-2014 image folder not found: {image_dir} (unzip {name}.zip into data.root)")
+    return json_path, image_dir
+
+
+def load_coco_captions(root: str | Path, split: str, image_size: int, limit: int | None = None,
+                       captions_dir: str | Path | None = None) -> ImageSet:
+    """COCO-2014 images (lazily decoded) with all their captions, ordered by image id.
+
+    ``train`` is train2014, ``test`` is val2014.  Only the annotation JSON is parsed
+    up front; labels are all 0 (COCO has no class labels: unconditional or caption-conditioned).
+    """
+    _check_limit(limit)
+    json_path, image_dir = _coco_paths(Path(root), split, captions_dir)
+    try:
+        with open(json_path) as f:
+            data = json.load(f)
+        entries = sorted((im["id"], im["file_name"]) for im in data["images"])[:limit]
+        by_image: dict[int, list[str]] = defaultdict(list)
+        for ann in data["annotations"]:
+            by_image[ann["image_id"]].append(ann["caption"].strip())
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{json_path}: not a COCO captions annotation file ({e!r})") from e
+    images = ImageFiles([image_dir / file_name for _, file_name in entries], image_size)
+    captions = [by_image.get(image_id, []) for image_id, _ in entries]
+    return ImageSet(images, np.zeros(len(entries), dtype=np.int64), ["coco"], captions)
+
+
+DATASETS = ("fashion_mnist", "digits", "image_folder", "coco2014")
+
+
+def check_dataset(name: str, root: str | Path | None, captions_dir: str | Path | None = None) -> None:
     """Cheap preflight: fail before any compute if the dataset cannot be found."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {list(DATASETS)}")
@@ -179,6 +281,14 @@ def check_dataset(name: str, root: str | Path | None) -> None:
             _fashion_files(Path(root or FASHION_MNIST_DEFAULT_ROOT), split)
     elif name == "image_folder" and not (root and Path(root).is_dir()):
         raise FileNotFoundError(f"image folder data.root not found: {root!r}")
+    elif name == "coco2014":
+        if not (root and Path(root).is_dir()):
+            raise FileNotFoundError(f"COCO-2014 data.root not found: {root!r}")
+        for split, folder in COCO_SPLITS.items():
+            if captions_dir:
+                _coco_paths(Path(root), split, captions_dir)
+            elif not (Path(root) / folder).is_dir():  # preflight knows no data.captions: JSON checked at load
+                raise FileNotFoundError(f"COCO-2014 image folder not found: {Path(root) / folder} (unzip {folder}.zip into data.root)")
 
 
 def load_dataset(
@@ -187,19 +297,22 @@ def load_dataset(
     split: str,
     limit: int | None = None,
     image_size: int | None = None,
+    captions_dir: str | Path | None = None,
 ) -> ImageSet:
-    """Dispatch on the config's ``data.name``."""
+    """Dispatch on the config's ``data.name`` (``captions_dir`` is ``data.captions``, COCO only)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {list(DATASETS)}")
     loaders: dict[str, Callable[[], ImageSet]] = {
         "fashion_mnist": lambda: load_fashion_mnist(root or FASHION_MNIST_DEFAULT_ROOT, split, limit),
         "digits": lambda: load_digits_set(split, limit),
-        "image_folder": lambda: _load_image_folder_checked(root, split, image_size, limit),
+        "image_folder": lambda: load_image_folder(*_root_and_size(name, root, image_size, split), limit),
+        "coco2014": lambda: load_coco_captions(*_root_and_size(name, root, image_size, split), limit, captions_dir),
     }
     return loaders[name]()
 
 
-def _load_image_folder_checked(root: str | Path | None, split: str, image_size: int | None, limit: int | None) -> ImageSet:
+def _root_and_size(name: str, root: str | Path | None, image_size: int | None, split: str) -> tuple[str | Path, str, int]:
+    """(root, split, image_size) for the file datasets, which need both root and size."""
     if root is None or image_size is None:
-        raise ValueError(f"dataset 'image_folder' needs data.root and image_size (got root={root!r}, image_size={image_size!r})")
-    return load_image_folder(root, split, image_size, limit)
+        raise ValueError(f"dataset {name!r} needs data.root and image_size (got root={root!r}, image_size={image_size!r})")
+    return root, split, image_size

@@ -1,20 +1,27 @@
-"""DDPM training objective and samplers as pure functions of a denoiser.
+"""Diffusion training objective and samplers as pure functions of a denoiser.
 
-A denoiser is any callable `denoiser(x_t, t) -> eps_hat` with t a [B] long tensor of timesteps in
-[0, T). Schedules are given as `alphas_cumprod` (ᾱ_t, length T, index t = noise level t+1 of the
-DDPM paper), so the samplers stay independent of how the model or its conditioning is built.
-Conditioning (ẑ_{l+1}, labels, guidance) is bound into the denoiser with a closure or
-`cfg_denoiser`.
+A denoiser is any callable `denoiser(x_t, t) -> output` with t a [B] long tensor of timesteps in
+[0, T); its output is ε or v (Salimans & Ho 2022), named by `prediction`. Schedules are given as
+`alphas_cumprod` (ᾱ_t, length T, index t = noise level t+1 of the DDPM paper), so the samplers
+stay independent of how the model or its conditioning is built. A schedule may also be
+per-element: anything with len() = T whose [t] is ᾱ_t broadcastable against x[0] (e.g. the
+packed multi-resolution schedule of nds.nested_unet), which is how one sampler serves all the
+resolutions of a Matryoshka model at once. Conditioning (ẑ_{l+1}, labels, text, guidance) is
+bound into the denoiser with a closure or `cfg_denoiser`.
 """
 
 import math
 from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
+PREDICTIONS = ("eps", "v")
+DPM_SOLVER_VARIANTS = ("dpmsolver", "dpmsolver++")
 
 
 def linear_schedule(timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
@@ -34,10 +41,37 @@ def cosine_schedule(timesteps: int = 1000, s: float = 0.008, max_beta: float = 0
 SCHEDULES = {"linear": linear_schedule, "cosine": cosine_schedule}
 
 
-def make_schedule(name: str, timesteps: int = 1000, **kwargs) -> Tensor:
+def shift_schedule(alphas_cumprod: Tensor, snr_scale: float) -> Tensor:
+    """The schedule with SNR_t = ᾱ_t / (1 - ᾱ_t) multiplied by snr_scale at every t.
+
+    A larger image keeps more signal at the same noise level (neighbouring pixels average the
+    noise away), so MDM, following f-DM / simple diffusion, lowers the SNR of a resolution r by
+    (r_base / r)^power against the base resolution: see `resolution_snr_scale`.
+    """
+    if snr_scale <= 0:
+        raise ValueError(f"snr_scale must be positive, got {snr_scale}")
+    a = alphas_cumprod.double()
+    return snr_scale * a / (1 - a + snr_scale * a)
+
+
+def resolution_snr_scale(resolution: int, base_resolution: int, power: float = 2.0) -> float:
+    """(base / resolution)^power: the SNR factor of `resolution` relative to the unshifted base."""
+    if resolution < 1 or base_resolution < 1:
+        raise ValueError(f"resolutions must be positive, got {resolution} and {base_resolution}")
+    return (base_resolution / resolution) ** power
+
+
+def make_schedule(name: str, timesteps: int = 1000, snr_scale: float = 1.0, **kwargs) -> Tensor:
+    """ᾱ of a named schedule; snr_scale != 1 gives its resolution-shifted version."""
     if name not in SCHEDULES:
         raise ValueError(f"unknown noise schedule {name!r}; known schedules: {sorted(SCHEDULES)}")
-    return SCHEDULES[name](timesteps, **kwargs)
+    alphas = SCHEDULES[name](timesteps, **kwargs)
+    return alphas if snr_scale == 1.0 else shift_schedule(alphas, snr_scale)
+
+
+def _check_prediction(prediction: str) -> None:
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction {prediction!r}; expected one of {list(PREDICTIONS)}")
 
 
 def _expand(values: Tensor, t: Tensor, like: Tensor) -> Tensor:
@@ -52,13 +86,42 @@ def q_sample(x0: Tensor, t: Tensor, noise: Tensor, alphas_cumprod: Tensor) -> Te
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
+def prediction_target(x0: Tensor, noise: Tensor, a: Tensor, prediction: str = "eps") -> Tensor:
+    """What the model regresses: ε, or v = √ᾱ ε - √(1-ᾱ) x0 (a = ᾱ_t broadcastable to x0)."""
+    _check_prediction(prediction)
+    return noise if prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * x0
+
+
+def split_prediction(out: Tensor, x_t: Tensor, a: Tensor, prediction: str = "eps") -> tuple[Tensor, Tensor]:
+    """(x0_hat, eps_hat) from a model output; a = ᾱ_t broadcastable to x_t."""
+    _check_prediction(prediction)
+    if prediction == "eps":
+        return (x_t - (1 - a).sqrt() * out) / a.sqrt(), out
+    return a.sqrt() * x_t - (1 - a).sqrt() * out, (1 - a).sqrt() * x_t + a.sqrt() * out
+
+
+def dynamic_threshold(x0: Tensor, percentile: float = 0.995) -> Tensor:
+    """Imagen's dynamic thresholding: clip each sample's x0 to its `percentile` of |x0| (at least
+    1) and rescale into [-1, 1], so strong guidance does not push pixels into saturation."""
+    if not 0.0 < percentile <= 1.0:
+        raise ValueError(f"threshold percentile must be in (0, 1], got {percentile}")
+    s = torch.quantile(x0.flatten(1).abs().float(), percentile, dim=1).clamp(min=1.0).to(x0.dtype)
+    s = s.reshape(-1, *([1] * (x0.ndim - 1)))
+    return x0.clamp(-s, s) / s
+
+
 def diffusion_loss(
-    denoiser: Denoiser, x0: Tensor, alphas_cumprod: Tensor, generator: torch.Generator | None = None
+    denoiser: Denoiser,
+    x0: Tensor,
+    alphas_cumprod: Tensor,
+    generator: torch.Generator | None = None,
+    prediction: str = "eps",
 ) -> Tensor:
-    """ε-prediction MSE with t ~ U{0, ..., T-1} per example (the DDPM "simple" loss)."""
+    """MSE on the ε (DDPM "simple" loss) or v target with t ~ U{0, ..., T-1} per example."""
     t = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), generator=generator, device=x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    return F.mse_loss(denoiser(q_sample(x0, t, noise, alphas_cumprod), t), noise)
+    target = prediction_target(x0, noise, _expand(alphas_cumprod, t, x0), prediction)
+    return F.mse_loss(denoiser(q_sample(x0, t, noise, alphas_cumprod), t), target)
 
 
 def sampling_timesteps(num_timesteps: int, steps: int) -> list[int]:
@@ -66,6 +129,25 @@ def sampling_timesteps(num_timesteps: int, steps: int) -> list[int]:
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be in [1, {num_timesteps}], got {steps}")
     return torch.linspace(num_timesteps - 1, 0, steps).round().long().tolist()
+
+
+def _alpha(alphas_cumprod: Any, t: int | None, x: Tensor) -> Tensor:
+    """ᾱ_t as float64 on x's device (0-d or per-element); t=None is the clean end, ᾱ = 1."""
+    a = torch.as_tensor(alphas_cumprod[0 if t is None else t], dtype=torch.float64, device=x.device)
+    return torch.ones_like(a) if t is None else a
+
+
+def _denoise(
+    denoiser: Denoiser, x: Tensor, t: int, a: Tensor, prediction: str, threshold: float | None
+) -> tuple[Tensor, Tensor]:
+    """(x0_hat, eps_hat) at timestep t; with thresholding ε is re-derived from the clipped x0."""
+    out = denoiser(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))
+    a = a.to(x.dtype)
+    x0, eps = split_prediction(out, x, a, prediction)
+    if threshold is not None:
+        x0 = dynamic_threshold(x0, threshold)
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+    return x0, eps
 
 
 @torch.no_grad()
@@ -76,20 +158,22 @@ def ddim_sample(
     steps: int,
     eta: float = 0.0,
     generator: torch.Generator | None = None,
+    prediction: str = "eps",
+    threshold: float | None = None,
 ) -> Tensor:
     """DDIM (Song et al. 2021) from x_T = noise; eta=0 is deterministic, eta=1 is DDPM-like."""
-    ac = alphas_cumprod.double().tolist()
-    ts = sampling_timesteps(len(ac), steps)
+    _check_prediction(prediction)
+    ts = sampling_timesteps(len(alphas_cumprod), steps)
     x = noise
     for i, t in enumerate(ts):
-        a_t = ac[t]
-        a_prev = ac[ts[i + 1]] if i + 1 < len(ts) else 1.0
-        eps = denoiser(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))
-        x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
-        sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
-        x = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
-        if sigma > 0:
-            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        t_prev = ts[i + 1] if i + 1 < len(ts) else None
+        a_t, a_prev = _alpha(alphas_cumprod, t, x), _alpha(alphas_cumprod, t_prev, x)
+        x0, eps = _denoise(denoiser, x, t, a_t, prediction, threshold)
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+        dx = (1 - a_prev - sigma**2).clamp(min=0).sqrt()
+        x = a_prev.sqrt().to(x.dtype) * x0 + dx.to(x.dtype) * eps
+        if eta > 0 and t_prev is not None:
+            x = x + sigma.to(x.dtype) * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return x
 
 
@@ -100,31 +184,100 @@ def ddpm_sample(
     alphas_cumprod: Tensor,
     steps: int | None = None,
     generator: torch.Generator | None = None,
+    prediction: str = "eps",
+    threshold: float | None = None,
 ) -> Tensor:
     """Ancestral sampling from the posterior q(x_prev | x_t, x0_hat) with variance β̃.
 
     steps=None uses all T steps; fewer steps use the respaced chain over evenly spaced timesteps.
     """
-    ac = alphas_cumprod.double().tolist()
-    ts = sampling_timesteps(len(ac), len(ac) if steps is None else steps)
+    _check_prediction(prediction)
+    T = len(alphas_cumprod)
+    ts = sampling_timesteps(T, T if steps is None else steps)
     x = noise
     for i, t in enumerate(ts):
-        a_t = ac[t]
-        a_prev = ac[ts[i + 1]] if i + 1 < len(ts) else 1.0
+        t_prev = ts[i + 1] if i + 1 < len(ts) else None
+        a_t, a_prev = _alpha(alphas_cumprod, t, x), _alpha(alphas_cumprod, t_prev, x)
         beta = 1 - a_t / a_prev
-        eps = denoiser(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))
-        x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
-        mean_x0 = math.sqrt(a_prev) * beta / (1 - a_t)
-        mean_xt = math.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)
-        x = mean_x0 * x0 + mean_xt * x
-        var = beta * (1 - a_prev) / (1 - a_t)
-        if var > 0:
-            x = x + math.sqrt(var) * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x0, _ = _denoise(denoiser, x, t, a_t, prediction, threshold)
+        mean_x0 = a_prev.sqrt() * beta / (1 - a_t)
+        mean_xt = (1 - beta).sqrt() * (1 - a_prev) / (1 - a_t)
+        x = mean_x0.to(x.dtype) * x0 + mean_xt.to(x.dtype) * x
+        if t_prev is not None:
+            std = (beta * (1 - a_prev) / (1 - a_t)).sqrt().to(x.dtype)
+            x = x + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return x
 
 
+@torch.no_grad()
+def dpm_solver_sample(
+    denoiser: Denoiser,
+    noise: Tensor,
+    alphas_cumprod: Tensor,
+    steps: int,
+    order: int = 2,
+    variant: str = "dpmsolver++",
+    prediction: str = "eps",
+    threshold: float | None = None,
+) -> Tensor:
+    """Multistep DPM-Solver (Lu et al. 2022): exact in the linear part of the probability-flow
+    ODE in λ = log(α/σ), with a 2nd-order (2M) finite difference of the model's output.
+
+    variant "dpmsolver" extrapolates ε; "dpmsolver++" extrapolates x0, which is better behaved
+    under guidance and thresholding. order=1 is DDIM(eta=0) for both. The step into t=0 is
+    first-order: on a time-uniform grid it is by far the largest in λ, where extrapolating
+    overshoots (the "lower order final" of the paper's code). The jump from t=0 to ᾱ = 1, where
+    λ = ∞, returns x0_hat, as in DDIM.
+    """
+    _check_prediction(prediction)
+    if order not in (1, 2):
+        raise ValueError(f"DPM-Solver order must be 1 or 2, got {order}")
+    if variant not in DPM_SOLVER_VARIANTS:
+        raise ValueError(f"unknown DPM-Solver variant {variant!r}; expected one of {list(DPM_SOLVER_VARIANTS)}")
+    data_pred = variant == "dpmsolver++"
+    ts = sampling_timesteps(len(alphas_cumprod), steps)
+    x, previous = noise, None  # previous: (model term, step size h) of the last step
+    for i, t in enumerate(ts):
+        a_t = _alpha(alphas_cumprod, t, x)
+        x0, eps = _denoise(denoiser, x, t, a_t, prediction, threshold)
+        if i + 1 == len(ts):
+            return x0
+        a_next = _alpha(alphas_cumprod, ts[i + 1], x)
+        alpha, sigma, alpha_n, sigma_n = a_t.sqrt(), (1 - a_t).sqrt(), a_next.sqrt(), (1 - a_next).sqrt()
+        h = torch.log(alpha_n / sigma_n) - torch.log(alpha / sigma)
+        term = x0 if data_pred else eps
+        d = term
+        if order == 2 and previous is not None and i + 2 < len(ts):
+            term_prev, h_prev = previous
+            k = (h / (2 * h_prev)).to(x.dtype)  # 1/(2r) with r = h_prev / h
+            d = (1 + k) * term - k * term_prev
+        if data_pred:
+            x = (sigma_n / sigma).to(x.dtype) * x - (alpha_n * torch.expm1(-h)).to(x.dtype) * d
+        else:
+            x = (alpha_n / alpha).to(x.dtype) * x - (sigma_n * torch.expm1(h)).to(x.dtype) * d
+        previous = (term, h)
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "ddpm": ddpm_sample,
+    "ddim": ddim_sample,
+    "dpm_solver": partial(dpm_solver_sample, variant="dpmsolver"),
+    "dpm_solver++": partial(dpm_solver_sample, variant="dpmsolver++"),
+}
+
+
+def sample(name: str, denoiser: Denoiser, noise: Tensor, alphas_cumprod: Tensor, steps: int, **kwargs) -> Tensor:
+    """Run a sampler from SAMPLERS by name (kwargs: generator, eta, prediction, threshold, ...)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; known samplers: {sorted(SAMPLERS)}")
+    return SAMPLERS[name](denoiser, noise, alphas_cumprod, steps=steps, **kwargs)
+
+
 def guided(denoiser_cond: Denoiser, denoiser_uncond: Denoiser, scale: float) -> Denoiser:
-    """Classifier-free guidance: eps_u + scale * (eps_c - eps_u); scale=1 is the conditional model."""
+    """Classifier-free guidance: out_u + scale * (out_c - out_u); scale=1 is the conditional model.
+
+    Valid for ε and v alike: both are affine in each other at fixed x_t, so guidance commutes."""
     if scale == 1.0:
         return denoiser_cond
 
@@ -136,29 +289,34 @@ def guided(denoiser_cond: Denoiser, denoiser_uncond: Denoiser, scale: float) -> 
 
 
 def cfg_denoiser(
-    model: nn.Module, cond: Tensor | None = None, labels: Tensor | None = None, scale: float = 1.0
+    model: nn.Module | Callable[..., Tensor],
+    cond: Tensor | None = None,
+    labels: Tensor | None = None,
+    scale: float = 1.0,
+    **conditions: Tensor | None,
 ) -> Denoiser:
-    """Bind a UViT-like `model(x, t, cond=, labels=, drop_cond=)` into a guided denoiser.
+    """Bind a UViT-like `model(x, t, cond=, labels=, ..., drop_cond=)` into a guided denoiser.
 
-    With guidance the conditional and unconditional branches run as one forward on a doubled
-    batch; scale=1 or no condition needs a single conditional pass.
+    `conditions` are further per-example inputs (e.g. text=, text_mask=); only those that are
+    not None are passed. With guidance the conditional and unconditional branches run as one
+    forward on a doubled batch; scale=1 or no condition needs a single conditional pass.
     """
+    given = {k: v for k, v in dict(cond=cond, labels=labels, **conditions).items() if v is not None}
 
     def conditional(x: Tensor, t: Tensor) -> Tensor:
         keep = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        return model(x, t, cond=cond, labels=labels, drop_cond=keep)
+        return model(x, t, **given, drop_cond=keep)
 
-    if scale == 1.0 or (cond is None and labels is None):
+    if scale == 1.0 or not given:
         return conditional
 
-    def twice(v: Tensor | None) -> Tensor | None:
-        return None if v is None else torch.cat([v, v])
+    doubled = {k: torch.cat([v, v]) for k, v in given.items()}
 
     def denoiser(x: Tensor, t: Tensor) -> Tensor:
         b = x.shape[0]
         drop = torch.arange(2 * b, device=x.device) >= b
-        eps = model(twice(x), twice(t), cond=twice(cond), labels=twice(labels), drop_cond=drop)
-        eps_c, eps_u = eps.chunk(2)
-        return eps_u + scale * (eps_c - eps_u)
+        out = model(torch.cat([x, x]), torch.cat([t, t]), **doubled, drop_cond=drop)
+        out_c, out_u = out.chunk(2)
+        return out_u + scale * (out_c - out_u)
 
     return denoiser

@@ -62,7 +62,7 @@ def generate_images(cfg: Config, models: dict[int, nn.Module], n: int) -> np.nda
         size = min(cfg.eval.batch_size, n - start)
         labels = torch.randint(cfg.model.num_classes, (size,), generator=generator) if cfg.model.num_classes else None
         samples = nested_sample(models, sigmas, size, alphas, d.sample_steps, cfg_scale=d.cfg_scale, eta=d.eta,
-                                labels=labels, generator=generator)
+                                labels=labels, clip_images=d.clip_images, generator=generator)
         batches.append(images_from_level1(samples[1]))
     return np.concatenate(batches)
 

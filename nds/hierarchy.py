@@ -1,7 +1,8 @@
 """Frozen hierarchical latents z_1..z_L (paper §3.2) and their feature cache.
 
-Level 1 is the image space (as in the paper's tables); level l >= 2 is the
-frozen encoder's feature map, spatially average-pooled to the level's h x w,
+Level 1 is the image space (as in the paper's tables): the image resized to the
+level, or a VAE's latents (the paper's 256 px -> 32x32x4 z_0, decoded back to
+pixels after sampling).  Level l >= 2 is the frozen encoder's feature map, spatially average-pooled to the level's h x w,
 reduced to its top-c principal channels (SVD fitted on the training split) and
 standardised to zero mean / unit variance per channel.  The conditioning copy
 ẑ_l = z_l + σ_l ε limits how much information flows down a level.
@@ -16,27 +17,32 @@ Typical use (statistics come from the training split only)::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import operator
 import os
 import re
 import shutil
+import sys
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from nds.encoders import FrozenEncoder, extract_features, resize_images
+from nds.encoders import EncoderSpec, FrozenEncoder, extract_features, resize_images
 
 log = logging.getLogger(__name__)
 
 CHUNK = 256  # images per chunk when streaming over (possibly memory-mapped) features
+SHARD_SIZE = 1024  # images per feature-cache shard file (and per Ray extraction task)
 
 
 # -- hierarchy spec ------------------------------------------------------------------------
@@ -122,6 +128,13 @@ def images_from_level1(z1: np.ndarray | torch.Tensor) -> np.ndarray:
     """Inverse of :func:`image_level`: float [N, C, h, w] (clipped to [-1, 1]) -> uint8 [N, h, w, C]."""
     z = z1.detach().float().cpu().numpy() if isinstance(z1, torch.Tensor) else np.asarray(z1, dtype=np.float32)
     return np.clip(np.rint((z + 1.0) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+@torch.no_grad()
+def images_from_vae_latents(z1: np.ndarray | torch.Tensor, vae: torch.nn.Module, batch_size: int = 16) -> np.ndarray:
+    """VAE level 1 back to pixels: scaled latents [N, c, h, w] -> uint8 [N, h*f, w*f, 3]."""
+    z = torch.as_tensor(np.asarray(z1, dtype=np.float32)) if not isinstance(z1, torch.Tensor) else z1.detach().float().cpu()
+    return np.concatenate([images_from_level1(vae.decode(z[i : i + batch_size])) for i in range(0, len(z), batch_size)])
 
 
 def pool(features: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -280,27 +293,46 @@ def build_hierarchy(
     images: np.ndarray,
     features: np.ndarray | None,
     compressors: list[ChannelCompressor | None],
+    level1: np.ndarray | None = None,
 ) -> Hierarchy:
     """z_1..z_L for one split, using compressors fitted on the training split.
 
     ``features`` may be None only for a single-level (image-only) hierarchy.
+    ``level1`` replaces the resized image as z_1 (e.g. VAE latents, [N, c, h, w]).
     """
     if len(compressors) != len(levels):
         raise ValueError(f"{len(compressors)} compressors for {len(levels)} levels")
-    latents = [image_level(images, levels[0])]
+    if level1 is None:
+        latents = [image_level(images, levels[0])]
+    elif tuple(level1.shape) != (len(images), levels[0].c, levels[0].h, levels[0].w):
+        raise ValueError(f"level 1 ({levels[0]}) latents have shape {tuple(level1.shape)[1:]}, "
+                         f"expected {(levels[0].c, levels[0].h, levels[0].w)}")
+    else:
+        latents = [np.asarray(level1, dtype=np.float32)]
     if len(levels) > 1:
         if features is None or len(features) != len(images):
             raise ValueError(f"need encoder features for all {len(images)} images, got {None if features is None else len(features)}")
-        _check_features(levels, features)
-        for k, (level, comp) in enumerate(zip(levels[1:], compressors[1:]), start=2):
-            if comp is None or not comp.fitted or comp.components.shape != (level.c, features.shape[1]):
-                raise ValueError(f"level {k} ({level}): compressor does not map {features.shape[1]} channels to {level.c}")
-            z = np.empty((len(features), level.c, level.h, level.w), dtype=np.float32)
-            for i in range(0, len(features), CHUNK):
-                rows = comp.transform(_rows(pool(features[i : i + CHUNK], level.h, level.w)))
-                z[i : i + CHUNK] = rows.reshape(-1, level.h, level.w, level.c).transpose(0, 3, 1, 2)
-            latents.append(z)
+        latents += encode_levels(levels, features, compressors)
     return Hierarchy(list(levels), latents, list(compressors))
+
+
+def encode_levels(levels: list[LevelShape], features: np.ndarray,
+                  compressors: list[ChannelCompressor | None]) -> list[np.ndarray]:
+    """z_2..z_L of encoder features with already-fitted compressors, streamed in chunks.
+
+    The same transform serves the training targets and any later images (e.g. KNN queries).
+    """
+    _check_features(levels, features)
+    latents = []
+    for k, (level, comp) in enumerate(zip(levels[1:], compressors[1:]), start=2):
+        if comp is None or not comp.fitted or comp.components.shape != (level.c, features.shape[1]):
+            raise ValueError(f"level {k} ({level}): compressor does not map {features.shape[1]} channels to {level.c}")
+        z = np.empty((len(features), level.c, level.h, level.w), dtype=np.float32)
+        for i in range(0, len(features), CHUNK):
+            rows = comp.transform(_rows(pool(features[i : i + CHUNK], level.h, level.w)))
+            z[i : i + CHUNK] = rows.reshape(-1, level.h, level.w, level.c).transpose(0, 3, 1, 2)
+        latents.append(z)
+    return latents
 
 
 def compressors_state(compressors: list[ChannelCompressor | None]) -> dict[str, np.ndarray]:
@@ -347,12 +379,65 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+class ShardedArray:
+    """Row shards (read-only memmaps) that index like one ``[N, ...]`` array.
+
+    Integer, slice and index-array reads touch only the shards they need, so a
+    feature table far larger than memory streams chunk by chunk.
+    """
+
+    def __init__(self, shards: list[np.ndarray], shape: tuple[int, ...], dtype: np.dtype | str) -> None:
+        self.shards = shards
+        self.shape = tuple(shape)
+        self.dtype = np.dtype(dtype)
+        self.ndim = len(self.shape)
+        self._starts = np.cumsum([0, *(len(s) for s in shards)])
+        if self._starts[-1] != self.shape[0]:
+            raise ValueError(f"shards hold {self._starts[-1]} rows, shape says {self.shape[0]}")
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            head, rest = key[0], key[1:]
+            picked = self[head]
+            return picked[rest] if isinstance(head, (int, np.integer)) else picked[(slice(None), *rest)]
+        n = self.shape[0]
+        if isinstance(key, (int, np.integer)):
+            i = operator.index(key) + (n if key < 0 else 0)
+            if not 0 <= i < n:
+                raise IndexError(f"index {key} is out of bounds for {n} rows")
+            s = int(np.searchsorted(self._starts, i, side="right")) - 1
+            return np.asarray(self.shards[s][i - self._starts[s]])
+        if isinstance(key, slice) and key.indices(n)[2] == 1:
+            start, stop, _ = key.indices(n)
+            parts = [shard[max(start - s0, 0) : min(stop - s0, len(shard))]
+                     for shard, s0 in zip(self.shards, self._starts) if s0 < stop and s0 + len(shard) > start]
+            return np.concatenate(parts) if parts else np.empty((0, *self.shape[1:]), self.dtype)
+        rows = np.arange(n)[key]
+        out = np.empty((len(rows), *self.shape[1:]), self.dtype)
+        which = np.searchsorted(self._starts, rows, side="right") - 1
+        for s in np.unique(which):
+            mask = which == s
+            out[mask] = self.shards[s][rows[mask] - self._starts[s]]
+        return out
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for shard in self.shards:
+            yield from shard
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        arr = self[:]
+        return arr if dtype is None else arr.astype(dtype)
+
+
 class _Stage:
     """Arrays being written into a cache entry's temporary directory."""
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.arrays: dict[str, tuple[list[int], str]] = {}
+        self.arrays: dict[str, dict] = {}
 
     def _path(self, name: str) -> Path:
         if not _NAME_RE.match(name) or name in self.arrays:
@@ -362,13 +447,44 @@ class _Stage:
     def array(self, name: str, shape: tuple[int, ...], dtype: np.dtype | str = np.float32) -> np.memmap:
         """A writable .npy memmap to fill in place (e.g. features too large for RAM)."""
         arr = np.lib.format.open_memmap(self._path(name), mode="w+", dtype=dtype, shape=shape)
-        self.arrays[name] = (list(shape), np.dtype(dtype).str)
+        self.arrays[name] = {"shape": list(shape), "dtype": np.dtype(dtype).str}
         return arr
 
+    def sharded(self, name: str, shape: tuple[int, ...], shard_rows: int,
+                dtype: np.dtype | str = np.float32) -> list[tuple[Path, int, int]]:
+        """Pre-created .npy shard files of ``shard_rows`` rows: ``(path, start, stop)`` each.
+
+        Writers (this process or Ray tasks) open each with ``open_memmap(path, mode="r+")``.
+        """
+        if shard_rows < 1:
+            raise ValueError(f"shard size must be >= 1, got {shard_rows}")
+        self._path(name)  # validates the name
+        shards = []
+        for k, start in enumerate(range(0, shape[0], shard_rows)):
+            stop = min(start + shard_rows, shape[0])
+            path = self.tmp / f"{name}.{k:05d}.npy"
+            np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(stop - start, *shape[1:]))  # header + sparse file
+            shards.append((path, start, stop))
+        self.arrays[name] = {"shape": list(shape), "dtype": np.dtype(dtype).str, "shards": [b - a for _, a, b in shards]}
+        return shards
+
     def put(self, name: str, arr: np.ndarray) -> None:
-        arr = np.ascontiguousarray(arr)
+        arr = np.asarray(arr, order="C")  # not ascontiguousarray: it turns 0-d scalars into 1-d
         np.save(self._path(name), arr)
-        self.arrays[name] = (list(arr.shape), arr.dtype.str)
+        self.arrays[name] = {"shape": list(arr.shape), "dtype": arr.dtype.str}
+
+
+def _load_array(entry: Path, name: str, spec: dict) -> np.ndarray | ShardedArray:
+    def checked(path: Path, shape: list[int]) -> np.ndarray:
+        arr = np.load(path, mmap_mode="r")
+        if list(arr.shape) != shape or arr.dtype.str != spec["dtype"]:
+            raise ValueError(f"{path.name} is {arr.dtype.str} {list(arr.shape)}, manifest says {spec['dtype']} {shape}")
+        return arr
+
+    if "shards" not in spec:
+        return checked(entry / f"{name}.npy", spec["shape"])
+    shards = [checked(entry / f"{name}.{k:05d}.npy", [rows, *spec["shape"][1:]]) for k, rows in enumerate(spec["shards"])]
+    return ShardedArray(shards, tuple(spec["shape"]), spec["dtype"])
 
 
 class FeatureCache:
@@ -395,7 +511,7 @@ class FeatureCache:
             raise ValueError(f"bad cache key {key!r}: expected a sha256 hex digest from FeatureCache.key()")
         return self.root / key
 
-    def load(self, key: str) -> dict[str, np.ndarray] | None:
+    def load(self, key: str) -> dict[str, np.ndarray | ShardedArray] | None:
         """The entry's arrays (read-only memmaps), or None if absent or incomplete."""
         entry = self._entry(key)
         if not entry.is_dir():
@@ -404,12 +520,7 @@ class FeatureCache:
             manifest = json.loads((entry / _MANIFEST).read_text())
             if manifest.get("key") != key:
                 raise ValueError(f"manifest key {manifest.get('key')!r} does not match")
-            arrays = {}
-            for name, spec in manifest["arrays"].items():
-                arr = np.load(entry / f"{name}.npy", mmap_mode="r")
-                if list(arr.shape) != spec["shape"] or arr.dtype.str != spec["dtype"]:
-                    raise ValueError(f"{name}.npy is {arr.dtype.str} {list(arr.shape)}, manifest says {spec}")
-                arrays[name] = arr
+            arrays = {name: _load_array(entry, name, spec) for name, spec in manifest["arrays"].items()}
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.warning("ignoring incomplete feature cache entry %s: %s", entry, e)
             return None
@@ -425,8 +536,7 @@ class FeatureCache:
         try:
             stage = _Stage(tmp)
             yield stage
-            manifest = {"key": key, "meta": meta or {},
-                        "arrays": {n: {"shape": s, "dtype": d} for n, (s, d) in stage.arrays.items()}}
+            manifest = {"key": key, "meta": meta or {}, "arrays": stage.arrays}
             (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=1, default=_json_default))
             for f in tmp.iterdir():
                 _fsync(f)
@@ -448,26 +558,86 @@ class FeatureCache:
 
 def cached_features(
     cache: FeatureCache,
-    encoder: FrozenEncoder,
+    encoder: FrozenEncoder | EncoderSpec,
     dataset_key_parts: dict,
     images: np.ndarray,
     batch_size: int = 64,
     bf16: bool = False,
-) -> np.ndarray:
+    shard_size: int = SHARD_SIZE,
+    cpus_per_task: float = 1.0,
+    check: Callable[[tuple[int, int, int]], None] | None = None,
+) -> ShardedArray:
     """Encoder features of ``images``, computed once and then memory-mapped from the cache.
 
     ``dataset_key_parts`` must identify the images (dataset name, root, split,
     limit, image size); the key also covers the encoder's identity and bf16.
+    Given an :class:`EncoderSpec`, a cache hit never builds the network.  The
+    features are written shard by shard (``shard_size`` images each): by Ray tasks
+    (``cpus_per_task`` each) when Ray is initialised, else in this process.  On a
+    cluster the cache directory must be on storage every node sees.  ``check`` sees
+    the feature shape ``(C, h, w)`` before any image is encoded (e.g. to reject a
+    hierarchy spec that cannot nest) and may raise.
     """
-    key = cache.key(kind="features", dataset=dataset_key_parts, encoder=encoder.identity,
+    spec = encoder.spec if isinstance(encoder, FrozenEncoder) else encoder
+    identity = encoder.identity if isinstance(encoder, FrozenEncoder) else encoder.identity()
+    key = cache.key(kind="features", dataset=dataset_key_parts, encoder=identity,
                     bf16=bf16, images_shape=list(images.shape))
     hit = cache.load(key)
     if hit is not None:
-        log.info("feature cache hit %s (%s)", key[:12], encoder.name)
+        log.info("feature cache hit %s (%s)", key[:12], identity["name"])
+        if check is not None:
+            check(hit["features"].shape[1:])
         return hit["features"]
+    if not isinstance(encoder, FrozenEncoder):
+        encoder = encoder.build()
+    if check is not None:
+        check(encoder.feature_shape)
     log.info("feature cache miss %s: encoding %d images with %s", key[:12], len(images), encoder.name)
-    with cache.stage(key, meta={"dataset": dataset_key_parts, "encoder": encoder.identity, "bf16": bf16}) as stage:
-        out = stage.array("features", (len(images), *encoder.feature_shape))
-        extract_features(encoder, images, batch_size, bf16=bf16, out=out)
-        out.flush()
+    with cache.stage(key, meta={"dataset": dataset_key_parts, "encoder": identity, "bf16": bf16}) as stage:
+        shards = stage.sharded("features", (len(images), *encoder.feature_shape), shard_size)
+        with tqdm(total=len(images), desc=f"{encoder.name} features", unit="img", mininterval=2.0) as bar:
+            if spec is not None and len(shards) > 1 and _ray_initialized():
+                _extract_with_ray(spec, images, shards, batch_size, bf16, cpus_per_task, bar)
+            else:
+                for path, start, stop in shards:
+                    out = np.lib.format.open_memmap(path, mode="r+")
+                    extract_features(encoder, _image_shard(images, start, stop), batch_size, bf16=bf16, out=out,
+                                     progress=lambda done, n, start=start: bar.update(start + done - bar.n))
+                    out.flush()
+                    del out
     return cache.load(key)["features"]
+
+
+def _image_shard(images, start: int, stop: int):
+    """A shard of the images without decoding it (lazy file sets stay lazy, memmaps stay mapped)."""
+    return images.subset(slice(start, stop)) if hasattr(images, "subset") else images[start:stop]
+
+
+def _ray_initialized() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+@functools.lru_cache(maxsize=1)
+def _worker_encoder(spec: EncoderSpec) -> FrozenEncoder:
+    """One build per Ray worker process, reused by every shard it is given."""
+    return spec.build()
+
+
+def _extract_shard(spec: EncoderSpec, images, path: str, batch_size: int, bf16: bool) -> int:
+    out = np.lib.format.open_memmap(path, mode="r+")
+    extract_features(_worker_encoder(spec), images, batch_size, bf16=bf16, out=out)
+    out.flush()
+    return len(images)
+
+
+def _extract_with_ray(spec: EncoderSpec, images, shards: list[tuple[Path, int, int]], batch_size: int,
+                      bf16: bool, cpus_per_task: float, bar: tqdm) -> None:
+    """One Ray task per shard; each writes its own shard file of the staged entry."""
+    import ray
+
+    task = ray.remote(num_cpus=cpus_per_task, max_retries=2)(_extract_shard)
+    pending = [task.remote(spec, _image_shard(images, start, stop), str(path), batch_size, bf16) for path, start, stop in shards]
+    log.info("extracting %d shards with Ray tasks (%.2g CPUs each)", len(pending), cpus_per_task)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        bar.update(ray.get(done[0]))

@@ -10,8 +10,13 @@ convolution, cut into the same patches as z_l and mapped to condition tokens by 
 connected layers. "Concatenated as tokens every two attention blocks" is read as: before blocks
 0, 2, 4, ... of the in/mid/out sequence the condition tokens are appended to the sequence, that
 block attends over [main tokens; condition tokens], and the condition outputs are discarded.
-The condition tokens are therefore computed once and re-injected unchanged, so the conditioning
-path costs one extra set of tokens in every other block and no extra blocks.
+The condition tokens are therefore computed once and re-injected unchanged; since their outputs
+are discarded, they only supply keys and values, so the conditioning path costs their K/V
+projections and the longer attention in every other block, and no extra blocks.
+
+Text conditioning (COCO in the paper) follows U-ViT: the frozen encoder's token sequence is
+projected to the width and joins the sequence as extra tokens in every block; padding tokens are
+masked out of attention so a caption's length does not change the result.
 """
 
 import math
@@ -68,15 +73,31 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, ctx: Tensor | None = None, key_mask: Tensor | None = None) -> Tensor:
+        """Tokens x attend to [x; ctx]; ctx only supplies keys and values (its outputs would be
+        discarded, so they are not computed). key_mask: [B, N] bool over x, False = padding."""
         b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)
+
+        def heads(z: Tensor) -> Tensor:
+            return z.reshape(b, z.shape[1], self.heads, d // self.heads).transpose(1, 2)
+
+        if ctx is None:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        else:
+            q = F.linear(x, self.qkv.weight[:d], self.qkv.bias[:d])
+            k, v = F.linear(torch.cat([x, ctx], dim=1), self.qkv.weight[d:], self.qkv.bias[d:]).chunk(2, dim=-1)
+            if key_mask is not None:
+                key_mask = F.pad(key_mask, (0, ctx.shape[1]), value=True)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        x = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask)
         return self.proj(x.transpose(1, 2).reshape(b, n, d))
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block; out-blocks first fuse the long skip with a linear layer."""
+    """Pre-LN transformer block; out-blocks first fuse the long skip with a linear layer.
+
+    Condition tokens ctx join the attention as extra keys and values only: the condition outputs
+    are discarded, so queries, MLP and projections run on the main tokens alone."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: float, skip: bool = False):
         super().__init__()
@@ -87,23 +108,22 @@ class Block(nn.Module):
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
-    def forward(self, x: Tensor, skip: Tensor | None = None, ctx: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, skip: Tensor | None = None, ctx: Tensor | None = None, key_mask: Tensor | None = None
+    ) -> Tensor:
         if self.skip is not None:
             x = self.skip(torch.cat([x, skip], dim=-1))
-        n = x.shape[1]
-        if ctx is not None:
-            x = torch.cat([x, ctx], dim=1)
-        x = x + self.attn(self.norm1(x))
-        x = x + self.mlp(self.norm2(x))
-        return x[:, :n]
+        x = x + self.attn(self.norm1(x), None if ctx is None else self.norm1(ctx), key_mask)
+        return x + self.mlp(self.norm2(x))
 
 
 class UViT(nn.Module):
-    """ε-prediction U-ViT for one level of a nested diffusion model.
+    """U-ViT for one level of a nested diffusion model; it outputs ε or v, whichever it is trained on.
 
-    `cond_shape` is the (h, w, c) of ẑ_{l+1} (None at the top level) and `num_classes` enables a
-    class token (0 = none). Both conditions share one classifier-free guidance drop mask: a
-    dropped example sees the learned null condition tokens and the null class (index num_classes).
+    `cond_shape` is the (h, w, c) of ẑ_{l+1} (None at the top level), `num_classes` enables a
+    class token (0 = none) and `text_dim` text tokens of that width (0 = none). All conditions
+    share one classifier-free guidance drop mask: a dropped example sees the learned null
+    condition tokens, the null class (index num_classes) and a single learned null text token.
     """
 
     def __init__(
@@ -118,6 +138,7 @@ class UViT(nn.Module):
         num_classes: int = 0,
         cond_drop_prob: float = 0.5,
         final_conv: bool = True,
+        text_dim: int = 0,
     ):
         super().__init__()
         if len(input_shape) != 3 or min(input_shape) < 1:
@@ -133,6 +154,8 @@ class UViT(nn.Module):
             raise ValueError(f"mlp_ratio must be positive, got {mlp_ratio}")
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        if text_dim < 0:
+            raise ValueError(f"text_dim must be >= 0, got {text_dim}")
         if not 0.0 <= cond_drop_prob <= 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
         if cond_shape is not None:
@@ -146,8 +169,9 @@ class UViT(nn.Module):
         self.cond_shape = None if cond_shape is None else tuple(cond_shape)
         self.patch_size = patch_size
         self.num_classes = num_classes
+        self.text_dim = text_dim
         self.cond_drop_prob = cond_drop_prob
-        num_patches = (H // patch_size) * (W // patch_size)
+        self.num_patches = num_patches = (H // patch_size) * (W // patch_size)
         self.num_extras = 1 + (num_classes > 0)
 
         self.patch_embed = nn.Conv2d(C, width, kernel_size=patch_size, stride=patch_size)
@@ -165,6 +189,10 @@ class UViT(nn.Module):
             self.cond_pos_embed = nn.Parameter(torch.zeros(1, num_patches, width))
             self.null_cond = nn.Parameter(torch.zeros(1, 1, width))
 
+        if text_dim > 0:
+            self.text_proj = nn.Linear(text_dim, width)
+            self.null_text = nn.Parameter(torch.zeros(1, 1, width))
+
         self.in_blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth // 2))
         self.mid_block = Block(width, heads, mlp_ratio)
         self.out_blocks = nn.ModuleList(Block(width, heads, mlp_ratio, skip=True) for _ in range(depth // 2))
@@ -173,7 +201,10 @@ class UViT(nn.Module):
         self.head = nn.Linear(width, patch_size**2 * C)
         self.final_conv = nn.Conv2d(C, C, 3, padding=1) if final_conv else nn.Identity()
         self.apply(self._init_weights)
-        for p in [self.pos_embed] + ([self.cond_pos_embed, self.null_cond] if cond_shape else []):
+        extra_params = ([self.cond_pos_embed, self.null_cond] if cond_shape else []) + (
+            [self.null_text] if text_dim else []
+        )
+        for p in [self.pos_embed] + extra_params:
             nn.init.trunc_normal_(p, std=0.02)
 
     @staticmethod
@@ -186,7 +217,9 @@ class UViT(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def _check_inputs(self, x: Tensor, cond: Tensor | None, labels: Tensor | None) -> None:
+    def _check_inputs(
+        self, x: Tensor, cond: Tensor | None, labels: Tensor | None, text: Tensor | None, text_mask: Tensor | None
+    ) -> None:
         H, W, C = self.input_shape
         if x.ndim != 4 or tuple(x.shape[1:]) != (C, H, W):
             raise ValueError(f"x must be [B, {C}, {H}, {W}], got {list(x.shape)}")
@@ -206,6 +239,7 @@ class UViT(nn.Module):
         if self.num_classes > 0 and (labels is None or tuple(labels.shape) != (x.shape[0],)):
             got = None if labels is None else list(labels.shape)
             raise ValueError(f"model expects labels of shape [{x.shape[0]}], got {got}")
+        check_text(self.text_dim, x.shape[0], text, text_mask)
 
     def forward(
         self,
@@ -214,12 +248,15 @@ class UViT(nn.Module):
         cond: Tensor | None = None,
         labels: Tensor | None = None,
         drop_cond: Tensor | None = None,
+        text: Tensor | None = None,
+        text_mask: Tensor | None = None,
     ) -> Tensor:
         """x: [B,C,H,W]; t: [B] timesteps in [0, T); cond: [B,c,h,w] (ẑ_{l+1}) or None;
-        labels: [B] long or None; drop_cond: [B] bool, True = use the null condition.
+        labels: [B] long or None; drop_cond: [B] bool, True = use the null condition;
+        text: [B,N,text_dim] encoder tokens or None; text_mask: [B,N] bool, False = padding.
         drop_cond=None samples Bernoulli(cond_drop_prob) in training and drops nothing in eval.
-        Returns the ε prediction [B,C,H,W]."""
-        self._check_inputs(x, cond, labels)
+        Returns the prediction [B,C,H,W]."""
+        self._check_inputs(x, cond, labels, text, text_mask)
         b = x.shape[0]
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
@@ -238,6 +275,11 @@ class UViT(nn.Module):
             extras.append(self.label_embed(labels)[:, None])
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
         h = torch.cat(extras + [tokens], dim=1) + self.pos_embed
+        key_mask = None
+        if self.text_dim:
+            text_tokens, text_mask = null_text_tokens(self.text_proj(text), text_mask, drop_cond, self.null_text)
+            key_mask = F.pad(text_mask, (h.shape[1], 0), value=True)
+            h = torch.cat([h, text_tokens], dim=1)
 
         ctx = None
         if self.cond_shape is not None:
@@ -250,15 +292,42 @@ class UViT(nn.Module):
 
         skips = []
         for i, block in enumerate(self.in_blocks):
-            h = block(h, ctx=at(i))
+            h = block(h, ctx=at(i), key_mask=key_mask)
             skips.append(h)
-        h = self.mid_block(h, ctx=at(len(self.in_blocks)))
+        h = self.mid_block(h, ctx=at(len(self.in_blocks)), key_mask=key_mask)
         for i, block in enumerate(self.out_blocks, start=len(self.in_blocks) + 1):
-            h = block(h, skip=skips.pop(), ctx=at(i))
+            h = block(h, skip=skips.pop(), ctx=at(i), key_mask=key_mask)
 
         H, W, C = self.input_shape
-        out = self.head(self.norm(h)[:, self.num_extras :])
+        out = self.head(self.norm(h)[:, self.num_extras : self.num_extras + self.num_patches])
         return self.final_conv(unpatchify(out, self.patch_size, C, H, W))
+
+
+def check_text(text_dim: int, batch: int, text: Tensor | None, text_mask: Tensor | None) -> None:
+    """Shared input check of text-conditional models (U-ViT and NestedUNet)."""
+    if text_dim == 0:
+        if text is not None or text_mask is not None:
+            raise ValueError("text was passed to a model built with text_dim=0")
+        return
+    if text is None or text.ndim != 3 or text.shape[0] != batch or text.shape[2] != text_dim:
+        got = None if text is None else list(text.shape)
+        raise ValueError(f"model expects text tokens [{batch}, N, {text_dim}], got {got}")
+    if text_mask is not None and (text_mask.dtype != torch.bool or text_mask.shape != text.shape[:2]):
+        got = f"{text_mask.dtype} {list(text_mask.shape)}"
+        raise ValueError(f"text_mask must be bool {list(text.shape[:2])}, got {got}")
+
+
+def null_text_tokens(
+    tokens: Tensor, mask: Tensor | None, drop: Tensor, null_token: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Replace dropped examples' text by one learned null token (the rest masked out), so the
+    unconditional branch is independent of both the caption and its padded length."""
+    b, n, _ = tokens.shape
+    if mask is None:
+        mask = torch.ones(b, n, dtype=torch.bool, device=tokens.device)
+    only_first = torch.arange(n, device=tokens.device) == 0
+    tokens = torch.where(drop[:, None, None], null_token.to(tokens.dtype), tokens)
+    return tokens, torch.where(drop[:, None], only_first, mask)
 
 
 def uvit_from_size(size: str, **kwargs) -> UViT:
@@ -269,11 +338,14 @@ def uvit_from_size(size: str, **kwargs) -> UViT:
 
 
 def count_params(model: nn.Module) -> int:
+    """Parameters of any model (U-ViT, NestedUNet, ...)."""
     return sum(p.numel() for p in model.parameters())
 
 
 def forward_flops(model: nn.Module, *example_args, **example_kwargs) -> int:
-    """FLOPs of one eval-mode forward on the example inputs (matmuls/convs/attention)."""
+    """FLOPs of one eval-mode forward on the example inputs (matmuls/convs/attention).
+
+    Any nn.Module: a NestedUNet takes its list of per-resolution inputs as the first argument."""
     was_training = model.training
     model.eval()
     try:

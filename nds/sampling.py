@@ -5,14 +5,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nds.diffusion import cfg_denoiser, ddim_sample
+from nds.diffusion import Denoiser, cfg_denoiser, ddim_sample
 from nds.hierarchy import add_condition_noise
+
+
+def clipped(denoiser: Denoiser, alphas_cumprod: torch.Tensor, bound: float = 1.0) -> Denoiser:
+    """ε-denoiser whose implied x0 is clipped to [-bound, bound] (DDPM's clip_denoised).
+
+    Image space has a known range, so clipping keeps an imperfect model's samples from
+    saturating; standardised latent levels have no such bound and are left alone.
+    """
+
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = alphas_cumprod.to(x)[t].reshape(-1, *([1] * (x.ndim - 1)))
+        eps = denoiser(x, t)
+        x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-bound, bound)
+        return (x - a.sqrt() * x0) / (1 - a).sqrt()
+
+    return denoise
 
 
 @torch.no_grad()
 def nested_sample(models: dict[int, nn.Module], sigmas: dict[int, float], n: int, alphas_cumprod: torch.Tensor,
                   steps: int, cfg_scale: float = 1.0, eta: float = 0.0, labels: torch.Tensor | None = None,
-                  generator: torch.Generator | None = None) -> dict[int, torch.Tensor]:
+                  clip_images: bool = True, generator: torch.Generator | None = None) -> dict[int, torch.Tensor]:
     """Sample every level of an L-level chain; returns ``{level: [n, c, h, w]}``.
 
     ``models[l]`` is level l's denoiser (l = 1..L); ``sigmas[l]`` is σ_l for l = 2..L.
@@ -27,5 +43,7 @@ def nested_sample(models: dict[int, nn.Module], sigmas: dict[int, float], n: int
         h, w, c = model.input_shape
         noise = torch.randn((n, c, h, w), generator=generator)
         denoiser = cfg_denoiser(model, cond, labels, cfg_scale)
+        if level == 1 and clip_images:
+            denoiser = clipped(denoiser, alphas_cumprod)
         samples[level] = ddim_sample(denoiser, noise, alphas_cumprod, steps, eta=eta, generator=generator)
     return samples

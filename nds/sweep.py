@@ -44,21 +44,28 @@ def variant_name(variant: dict) -> str:
     return f"L{variant['L']}{sigma}-seed{variant['seed']}"
 
 
+def extensions_dir(cfg: Config) -> Path:
+    """Where DeepSpeed's JIT-built ops live, so they are compiled once per machine, not per run."""
+    return cfg.cache_dir / "torch_extensions"
+
+
 def init_ray(cfg: Config) -> None:
     """Join the cluster named in the config or RAY_ADDRESS (``ray job submit``), else start locally."""
     import ray
 
     if ray.is_initialized():
         return
-    env = {"TORCH_EXTENSIONS_DIR": str(cfg.cache_dir / "torch_extensions")}
-    ray.init(address=cfg.resources.ray_address or None, runtime_env={"env_vars": env},
-             include_dashboard=False if not (cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")) else None)
+    runtime_env = {"env_vars": {"TORCH_EXTENSIONS_DIR": str(extensions_dir(cfg))}}
+    address = cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=runtime_env)
+    else:
+        ray.init(include_dashboard=False, runtime_env=runtime_env)
 
 
 def run_trial(params: dict, *, base: dict, data_refs: dict, metric_state: dict, mlflow_ctx: dict) -> None:
     """One Tune trial; runs as a small Ray actor while its levels train on Train workers."""
     import ray.tune
-    import torch
 
     from nds.evaluate import evaluate_chain
 
@@ -73,7 +80,6 @@ def run_trial(params: dict, *, base: dict, data_refs: dict, metric_state: dict, 
     try:
         from nds.train import train_level
 
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         config_file = Path(ray.tune.get_context().get_trial_dir()) / "config.yaml"
         config_file.write_text(to_yaml(cfg))
         tracking.log_artifact(uri, run_id, config_file)
@@ -102,6 +108,7 @@ def run_sweep(cfg: Config, variants: list[dict], sweep_name: str) -> SweepOutcom
 
     from nds.evaluate import prepare_metric
     from nds.latents import prepare_latents
+    from nds.train import prebuild_cpu_comm_op
 
     preflight(cfg)
     uri = cfg.tracking_uri
@@ -111,9 +118,11 @@ def run_sweep(cfg: Config, variants: list[dict], sweep_name: str) -> SweepOutcom
                                        tags={"nds.kind": "sweep", "nds.sweep": sweep_name,
                                              "nds.config_hash": config_hash(cfg)})
     try:
-        init_ray(cfg)
         print(f"[nds] MLflow: {uri}  experiment '{cfg.tracking.experiment}'  parent run {parent_run_id}", flush=True)
         prepared = prepare_latents(cfg)
+        if cfg.resources.gpus_per_worker == 0:
+            prebuild_cpu_comm_op(extensions_dir(cfg))
+        init_ray(cfg)
         data_refs = {"latents": {lvl: ray.put(z) for lvl, z in prepared.latents.items()},
                      "labels": ray.put(prepared.labels)}
         metric_state = prepare_metric(cfg, prepared.reference_images)

@@ -3,7 +3,8 @@
 A level's model only sees its frozen targets z_l (and, below the top, the noised copy
 ẑ_{l+1} = z_{l+1} + σ_{l+1}·ε, drawn fresh every step), so every level trains on its
 own. Checkpoints go through ``ray.train.report``; a restarted worker, or a retried Tune
-trial that names the same run, resumes from the last one.
+trial that names the same run, resumes from the last one. The step loop (``run_steps``),
+``resume`` and ``fit`` are shared with the NestedUNet phases (nds.train_mdm).
 """
 from __future__ import annotations
 
@@ -21,7 +22,19 @@ from nds.diffusion import diffusion_loss, make_schedule
 from nds.hierarchy import add_condition_noise
 from nds.models import UViT, uvit_from_size
 
-WEIGHTS_FILE = "weights.pt"  # consolidated fp32 state dict, written next to the DeepSpeed shards
+WEIGHTS_FILE = "ema_weights.pt"  # full fp32 EMA state dict, written next to the DeepSpeed shards
+
+
+def prebuild_cpu_comm_op(extensions_dir: Path) -> None:
+    """Compile DeepSpeed's CPU shared-memory comm op once, in the driver.
+
+    Every CPU worker loads it in ``deepspeed.initialize``; left to the workers, several
+    compile it at once on the first trials (minutes on a small machine instead of ~30 s).
+    """
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(extensions_dir)
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
 
 
 def patch_size_for(h: int, w: int, max_grid: int) -> int:
@@ -62,6 +75,8 @@ def deepspeed_config(cfg: Config) -> dict:
             # torch_adam avoids DeepSpeed's JIT-compiled Fused/CPU Adam (~75 s compile on CPU)
             "params": {"lr": t.lr, "weight_decay": t.weight_decay, "betas": [0.9, 0.99], "torch_adam": True},
         },
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": t.lr,
+                                                     "warmup_num_steps": max(1, t.warmup_steps), "warmup_type": "linear"}},
         "steps_per_print": 10**9,
     }
 
@@ -73,6 +88,71 @@ def _autocast(cfg: Config, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+def worker_device(cfg: Config) -> torch.device:
+    """This Train worker's device: its GPU where the config asks for GPUs, else the CPU."""
+    import ray.train
+
+    if torch.cuda.is_available() and cfg.resources.gpus_per_worker > 0:
+        return torch.device("cuda", ray.train.get_context().get_local_rank())
+    return torch.device("cpu")
+
+
+def resume(engine, ema: EMA) -> int:
+    """Load the run's last reported checkpoint, if any (a restarted worker or a retried run); its step."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return 0
+    with checkpoint.as_directory() as ckpt_dir:
+        _, client_state = engine.load_checkpoint(ckpt_dir, tag="ckpt")
+    ema.load_state_dict(client_state["ema"])
+    return client_state["step"]
+
+
+def run_steps(cfg: Config, engine, ema: EMA, loss_at, *, start: int, steps: int, tags: dict,
+              metric_prefix: str, mlflow_run: dict | None) -> None:
+    """The step loop shared by U-ViT levels and NestedUNet phases: optimise, update the EMA, report
+    mean losses every log_every steps and checkpoints every checkpoint_every (and at the end).
+
+    ``loss_at(step)`` returns (loss, {name: float}) for the batch of that step; the extra values
+    are averaged and reported like the loss. MLflow gets ``{metric_prefix}/train_{name}``.
+    """
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    fail_at = cfg.training.fail_once_at_step
+    sums, count = {}, 0
+    for step in range(start, steps):
+        if fail_at and step == fail_at and start < fail_at:
+            raise RuntimeError(f"fault drill: training.fail_once_at_step={fail_at} reached")
+        loss, parts = loss_at(step)
+        engine.backward(loss)
+        engine.step()
+        with full_weights(engine):
+            ema.update(engine.module)
+        for name, value in {"loss": float(loss.detach()), **parts}.items():
+            sums[name] = sums.get(name, 0.0) + value
+        count += 1
+
+        done = step + 1
+        if done % cfg.training.log_every and done % cfg.training.checkpoint_every and done != steps:
+            continue
+        # the means over the steps since the last report: single-step diffusion losses are noisy
+        means = {name: total / count for name, total in sums.items()}
+        metrics = {"step": done, **means, **tags}
+        sums, count = {}, 0
+        if done % cfg.training.checkpoint_every == 0 or done == steps:
+            _report_with_checkpoint(engine, ema, metrics, final=done == steps, rank=rank)
+        else:
+            ray.train.report(metrics)
+        if rank == 0 and mlflow_run:
+            from nds.tracking import log_metrics
+
+            log_metrics(mlflow_run["uri"], mlflow_run["run_id"],
+                        {f"{metric_prefix}/train_{name}": value for name, value in means.items()}, step=done)
+
+
 def train_loop(loop_config: dict) -> None:
     """Runs inside each Ray Train worker."""
     import deepspeed
@@ -81,9 +161,8 @@ def train_loop(loop_config: dict) -> None:
 
     cfg = from_dict(loop_config["config"])
     level: int = loop_config["level"]
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    device = torch.device("cuda", ctx.get_local_rank()) if torch.cuda.is_available() and cfg.resources.gpus_per_worker > 0 else torch.device("cpu")
+    rank = ray.train.get_context().get_world_rank()
+    device = worker_device(cfg)
 
     targets = ray.get(loop_config["targets"])
     above = ray.get(loop_config["condition"]) if loop_config["condition"] is not None else None
@@ -95,19 +174,11 @@ def train_loop(loop_config: dict) -> None:
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg))
     alphas = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps,
                            beta_start=cfg.diffusion.beta_start, beta_end=cfg.diffusion.beta_end).to(device)
+    ema = EMA(cfg.training.ema_decay)
+    start = resume(engine, ema)
+    batch = cfg.training.batch_size
 
-    start = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
-            _, client_state = engine.load_checkpoint(ckpt_dir, tag="ckpt")
-        start = client_state["step"]
-
-    steps, batch = cfg.training.steps, cfg.training.batch_size
-    fail_at = cfg.training.fail_once_at_step
-    for step in range(start, steps):
-        if fail_at and step == fail_at and start < fail_at:
-            raise RuntimeError(f"fault drill: training.fail_once_at_step={fail_at} reached")
+    def loss_at(step: int):
         # Indices depend only on (seed, level, rank, step), so a resumed run sees the same batches.
         rng = np.random.default_rng([cfg.seed, level, rank, step])
         idx = np.sort(rng.choice(len(targets), size=batch, replace=len(targets) < batch))
@@ -117,37 +188,57 @@ def train_loop(loop_config: dict) -> None:
             cond = add_condition_noise(torch.as_tensor(np.asarray(above[idx]), device=device), sigma)
         y = torch.as_tensor(labels[idx], device=device) if labels is not None else None
         with _autocast(cfg, device):
-            loss = diffusion_loss(lambda x, t: engine(x, t, cond=cond, labels=y), x0, alphas)
-        engine.backward(loss)
-        engine.step()
+            return diffusion_loss(lambda x, t: engine(x, t, cond=cond, labels=y), x0, alphas), {}
 
-        done = step + 1
-        metrics = {"step": done, "loss": float(loss.detach()), "level": level}
-        if done % cfg.training.checkpoint_every == 0 or done == steps:
-            _report_with_checkpoint(engine, metrics, final=done == steps, rank=rank)
-        elif done % cfg.training.log_every == 0:
-            ray.train.report(metrics)
-        if rank == 0 and (done % cfg.training.log_every == 0 or done == steps) and loop_config.get("mlflow"):
-            from nds.tracking import log_metrics
-
-            log_metrics(loop_config["mlflow"]["uri"], loop_config["mlflow"]["run_id"],
-                        {f"level{level}/train_loss": metrics["loss"]}, step=done)
+    run_steps(cfg, engine, ema, loss_at, start=start, steps=cfg.training.steps, tags={"level": level},
+              metric_prefix=f"level{level}", mlflow_run=loop_config.get("mlflow"))
 
 
-def _report_with_checkpoint(engine, metrics: dict, final: bool, rank: int) -> None:
-    """Every rank saves its DeepSpeed shard; rank 0 adds consolidated weights for sampling."""
+class EMA:
+    """Exponential moving average of the weights, used for sampling.
+
+    The decay warms up as (1 + n) / (10 + n), so short runs are not dominated by the
+    random initialisation. A decay of 0 turns it off (the EMA is the last weights).
+    """
+
+    def __init__(self, decay: float):
+        self.decay, self.updates, self.shadow = decay, 0, {}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for name, value in module.state_dict().items():
+            value = value.detach().float().cpu()
+            if name not in self.shadow or not value.is_floating_point():
+                self.shadow[name] = value.clone()
+            else:
+                self.shadow[name].lerp_(value, 1 - d)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay, self.updates, self.shadow = state["decay"], state["updates"], state["shadow"]
+
+
+def full_weights(engine):
+    """Context in which ``engine.module`` holds full weights on every rank (ZeRO-3 gathers them)."""
     import deepspeed
+
+    if engine.zero_optimization_stage() == 3:
+        return deepspeed.zero.GatheredParameters(list(engine.module.parameters()))
+    return contextlib.nullcontext()
+
+
+def _report_with_checkpoint(engine, ema: EMA, metrics: dict, final: bool, rank: int) -> None:
+    """Every rank saves its DeepSpeed shard (with the EMA); rank 0 adds the EMA weights for sampling."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
-        engine.save_checkpoint(tmp, tag="ckpt", client_state={"step": metrics["step"]})
-        if final:
-            params = list(engine.module.parameters())
-            stage3 = engine.zero_optimization_stage() == 3
-            with deepspeed.zero.GatheredParameters(params) if stage3 else contextlib.nullcontext():
-                if rank == 0:
-                    state = {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
-                    torch.save(state, os.path.join(tmp, WEIGHTS_FILE))
+        engine.save_checkpoint(tmp, tag="ckpt", client_state={"step": metrics["step"], "ema": ema.state_dict()})
+        if final and rank == 0:
+            torch.save(ema.shadow, os.path.join(tmp, WEIGHTS_FILE))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
@@ -165,6 +256,25 @@ def train_level(cfg: Config, level: int, data_refs: dict, run_name: str, mlflow_
     ``data_refs`` holds Ray object refs: ``latents[l]`` for each level and ``labels``.
     ``run_name`` must be stable across retries so a retried trial resumes.
     """
+    loop_config = {
+        "config": to_dict(cfg),
+        "level": level,
+        "targets": data_refs["latents"][level],
+        "condition": data_refs["latents"][level + 1] if level < cfg.hierarchy.L else None,
+        "labels": data_refs["labels"],
+        "mlflow": mlflow_run,
+    }
+    result = fit(cfg, train_loop, loop_config, run_name, what=f"training level {level}")
+    model = load_ema_weights(build_level_model(cfg, level), result)
+    return LevelResult(level, model, float(result.metrics["loss"]), result.checkpoint.path)
+
+
+def fit(cfg: Config, loop, loop_config: dict, run_name: str, what: str):
+    """Run ``loop`` on a TorchTrainer sized by ``cfg.resources``; the Ray Train result.
+
+    Runs are kept under ``<runs_dir>/ray_results/<run_name>``: a fit that names a run seen
+    before resumes from its last checkpoint.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -174,15 +284,8 @@ def train_level(cfg: Config, level: int, data_refs: dict, run_name: str, mlflow_
     if use_gpu:
         resources["GPU"] = r.gpus_per_worker
     trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "config": to_dict(cfg),
-            "level": level,
-            "targets": data_refs["latents"][level],
-            "condition": data_refs["latents"][level + 1] if level < cfg.hierarchy.L else None,
-            "labels": data_refs["labels"],
-            "mlflow": mlflow_run,
-        },
+        loop,
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=r.workers_per_level, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=run_name,
@@ -193,12 +296,15 @@ def train_level(cfg: Config, level: int, data_refs: dict, run_name: str, mlflow_
     )
     result = trainer.fit()
     if result.error:
-        raise RuntimeError(f"training level {level} failed: {result.error}") from result.error
-    model = build_level_model(cfg, level)
+        raise RuntimeError(f"{what} failed: {result.error}") from result.error
+    return result
+
+
+def load_ema_weights(model: torch.nn.Module, result) -> torch.nn.Module:
+    """``model`` (on CPU, in eval mode) with the EMA weights of the result's final checkpoint."""
     with result.checkpoint.as_directory() as ckpt_dir:
         path = Path(ckpt_dir) / WEIGHTS_FILE
         if not path.exists():
             raise FileNotFoundError(f"checkpoint {result.checkpoint.path} has no {WEIGHTS_FILE}")
         model.load_state_dict(torch.load(path, map_location="cpu"))
-    model.eval()
-    return LevelResult(level, model, float(result.metrics["loss"]), result.checkpoint.path)
+    return model.eval()

@@ -32,6 +32,8 @@ def test_yaml_and_overrides(tmp_path):
     ("training.zero_stage=4", "training.zero_stage"),
     ("resources.driver_cpus=0", "resources.driver_cpus"),
     ("encoder.bf16=maybe", "encoder.bf16"),
+    ("hierarchy.spec='9x16x1, 2x2x8'", "hierarchy.spec level 1"),
+    ("training.ema_decay=1.0", "training.ema_decay"),
 ])
 def test_bad_config_is_named(override, names):
     with pytest.raises(ConfigError, match=names.replace("[", r"\[").replace("]", r"\]")):

@@ -1,4 +1,6 @@
 import gzip
+import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -8,10 +10,12 @@ from PIL import Image
 
 from nds.data import (
     FASHION_MNIST_CLASSES,
+    ImageFiles,
     check_dataset,
     load_dataset,
     load_digits_set,
     load_fashion_mnist,
+    load_coco_captions,
     load_image_folder,
 )
 
@@ -135,16 +139,87 @@ def test_image_folder_center_crops(tmp_path):
     assert (ds.images[0, :, :, 1] == 255).all() and (ds.images[0, :, :, 2] == 0).all()
 
 
-def test_image_folder_corrupt_file_is_named(tmp_path):
+def test_image_folder_corrupt_file_is_named_when_decoded(tmp_path):
     _image_folder(tmp_path)
     bad = tmp_path / "train" / "cat" / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    ds = load_image_folder(tmp_path, "train", image_size=8)  # listing only: nothing decoded yet
+    broken = ds.images.paths.index(bad)
     with pytest.raises(ValueError, match="broken.jpg"):
-        load_image_folder(tmp_path, "train", image_size=8)
+        ds.images[broken]
+    with pytest.raises(ValueError, match="broken.jpg"):
+        np.asarray(ds.images)
+
+
+def test_image_files_decode_only_what_is_indexed(tmp_path, monkeypatch):
+    _image_folder(tmp_path)
+    files = load_image_folder(tmp_path, "train", image_size=8).images
+    assert isinstance(files, ImageFiles) and files.shape == (7, 8, 8, 3) and files.dtype == np.uint8
+    decoded = []
+    real = ImageFiles.decode
+    monkeypatch.setattr(ImageFiles, "decode", lambda self, path: decoded.append(path) or real(self, path))
+    full = np.asarray(files)
+    assert len(decoded) == 7
+    decoded.clear()
+    np.testing.assert_array_equal(files[2:5], full[2:5])
+    np.testing.assert_array_equal(files[[6, 0]], full[[6, 0]])
+    np.testing.assert_array_equal(files[-1], full[-1])
+    np.testing.assert_array_equal(files[1, :, :, 0], full[1, :, :, 0])
+    np.testing.assert_array_equal(files[::3, 0], full[::3, 0])
+    assert len(decoded) == 3 + 2 + 1 + 1 + 3
+    shard = pickle.loads(pickle.dumps(files.subset(slice(4, 7))))  # what a Ray task receives: paths, no pixels
+    assert len(pickle.dumps(files.subset(slice(4, 7)))) < 2000
+    np.testing.assert_array_equal(np.asarray(shard), full[4:7])
+    assert [img.shape for img in files] == [(8, 8, 3)] * 7
+
+
+def _coco(root: Path, n_train: int = 3) -> None:
+    for split, ids in (("train2014", [30, 10, 20][:n_train]), ("val2014", [5])):
+        (root / split).mkdir(parents=True)
+        images, annotations = [], []
+        for image_id in ids:
+            name = f"COCO_{split}_{image_id:012d}.jpg"
+            Image.new("RGB", (12, 10), (image_id * 8, 0, 0)).save(root / split / name)
+            images.append({"id": image_id, "file_name": name, "width": 12, "height": 10})
+            annotations += [{"id": 100 * image_id + j, "image_id": image_id, "caption": f" image {image_id} caption {j} "}
+                            for j in range(2)]
+        (root / "annotations").mkdir(exist_ok=True)
+        (root / "annotations" / f"captions_{split}.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+
+
+def test_coco_captions_by_image_id_lazy_images(tmp_path):
+    _coco(tmp_path)
+    ds = load_dataset("coco2014", tmp_path, "train", image_size=6)
+    assert isinstance(ds.images, ImageFiles) and ds.images.shape == (3, 6, 6, 3)
+    assert ds.captions == [["image 10 caption 0", "image 10 caption 1"], ["image 20 caption 0", "image 20 caption 1"],
+                           ["image 30 caption 0", "image 30 caption 1"]]
+    assert ds.labels.tolist() == [0, 0, 0]
+    assert np.abs(ds.images[1][..., 0].astype(int) - 160).max() <= 2  # id 20: red = 160
+    head = load_coco_captions(tmp_path, "train", 6, limit=2)
+    assert len(head) == 2 and head.captions[1][0] == "image 20 caption 0"
+    val = load_dataset("coco2014", tmp_path, "test", image_size=6)
+    assert len(val) == 1 and val.images.paths[0].parent.name == "val2014"
+    check_dataset("coco2014", str(tmp_path))
+
+
+def test_coco_missing_files_name_path_and_key(tmp_path):
+    _coco(tmp_path)
+    moved = tmp_path / "ann"
+    (tmp_path / "annotations").rename(moved)
+    with pytest.raises(FileNotFoundError, match="captions_train2014.json.*data.captions"):
+        load_dataset("coco2014", tmp_path, "train", image_size=6)
+    assert len(load_dataset("coco2014", tmp_path, "train", image_size=6, captions_dir=moved)) == 3
+    check_dataset("coco2014", str(tmp_path), captions_dir=moved)
+    (moved / "captions_val2014.json").write_text("{}")
+    with pytest.raises(ValueError, match="captions_val2014.json.*not a COCO captions"):
+        load_coco_captions(tmp_path, "test", 6, captions_dir=moved)
+    shutil.rmtree(tmp_path / "val2014")
+    with pytest.raises(FileNotFoundError, match="val2014"):
+        check_dataset("coco2014", str(tmp_path))
 
 
 def test_dispatcher_errors_name_the_problem(tmp_path):
-    with pytest.raises(ValueError, match="fashion_mnist.*digits.*image_folder"):
+    with pytest.raises(ValueError, match="fashion_mnist.*digits.*image_folder.*coco2014"):
         load_dataset("cifar", None, "train")
     with pytest.raises(ValueError, match="image_size"):
         load_dataset("image_folder", tmp_path, "train")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import nds.hierarchy as hierarchy
-from nds.encoders import build_encoder
+from nds.encoders import EncoderSpec, build_encoder
 from nds.hierarchy import (
     ChannelCompressor,
     FeatureCache,
@@ -267,3 +267,91 @@ def test_cached_features_compute_once(tmp_path, monkeypatch):
     np.testing.assert_allclose(second, encoder(torch.from_numpy(images)).numpy(), rtol=1e-5, atol=1e-6)
     cached_features(cache, encoder, {**parts, "split": "test"}, images, batch_size=4)
     assert len(calls) == 2
+
+
+def test_imagenet_spec_on_vit_sized_features():
+    """The paper's ImageNet hierarchy on a (768, 14, 14) map, as MoCo-v3 ViT-B/16 gives at 224 px."""
+    levels = parse_spec(IMAGENET)
+    features = np.random.default_rng(0).normal(size=(6, 768, 14, 14)).astype(np.float32)
+    compressors = fit_compressors(levels, features)
+    h = build_hierarchy(levels, np.zeros((6, 32, 32, 4), np.uint8), features, compressors)
+    assert [z.shape[1:] for z in h.latents] == [(4, 32, 32), (32, 6, 6), (24, 4, 4), (16, 2, 2)]
+    for z, again in zip(h.latents[1:], hierarchy.encode_levels(levels, features, compressors)):
+        np.testing.assert_array_equal(z, again)
+
+
+def test_precomputed_level1_replaces_the_image():
+    levels = parse_spec("4x4x4, 2x2x2")
+    z1 = np.random.default_rng(0).normal(size=(3, 4, 4, 4)).astype(np.float32)
+    features = np.random.default_rng(1).normal(size=(3, 8, 4, 4)).astype(np.float32)
+    images = np.zeros((3, 32, 32, 3), np.uint8)
+    h = build_hierarchy(levels, images, features, fit_compressors(levels, features), level1=z1)
+    np.testing.assert_array_equal(h.latent(1), z1)
+    with pytest.raises(ValueError, match=r"level 1 \(4x4x4\) latents have shape \(4, 2, 2\)"):
+        build_hierarchy(levels, images, features, fit_compressors(levels, features), level1=z1[:, :, :2, :2])
+
+
+def test_sharded_array_indexes_like_one_array():
+    full = np.arange(10 * 3, dtype=np.float32).reshape(10, 3)
+    sharded = hierarchy.ShardedArray([full[:4], full[4:8], full[8:]], full.shape, full.dtype)
+    assert len(sharded) == 10 and sharded.shape == (10, 3) and sharded.ndim == 2
+    for key in (0, 5, -1, slice(None), slice(3, 9), slice(9, 3), slice(1, 10, 3), [7, 0, 7], np.arange(10) % 2 == 0):
+        np.testing.assert_array_equal(sharded[key], full[key])
+    np.testing.assert_array_equal(sharded[2:6, 1], full[2:6, 1])
+    np.testing.assert_array_equal(np.asarray(sharded), full)
+    np.testing.assert_array_equal(np.stack(list(sharded)), full)
+    with pytest.raises(IndexError):
+        sharded[10]
+    with pytest.raises(ValueError, match="shards hold 8 rows"):
+        hierarchy.ShardedArray([full[:4], full[4:8]], full.shape, full.dtype)
+
+
+def test_cached_features_are_sharded_memmaps(tmp_path):
+    cache = FeatureCache(tmp_path)
+    encoder = build_encoder("random_cnn", image_size=16)
+    images = np.random.default_rng(0).integers(0, 256, (10, 16, 16, 1), dtype=np.uint8)
+    feats = cached_features(cache, encoder, {"name": "synthetic"}, images, batch_size=3, shard_size=4)
+    assert isinstance(feats, hierarchy.ShardedArray) and [len(s) for s in feats.shards] == [4, 4, 2]
+    assert all(isinstance(s, np.memmap) and not s.flags.writeable for s in feats.shards)
+    np.testing.assert_allclose(np.asarray(feats), encoder(torch.from_numpy(images)).numpy(), rtol=1e-5, atol=1e-6)
+    (entry,) = [p for p in tmp_path.iterdir()]
+    manifest = json.loads((entry / "manifest.json").read_text())
+    assert manifest["arrays"]["features"]["shards"] == [4, 4, 2]
+    assert sorted(p.name for p in entry.glob("features.*.npy")) == [f"features.{k:05d}.npy" for k in range(3)]
+    (entry / "features.00001.npy").unlink()  # a lost shard reads as a miss, never as data
+    assert cache.load(entry.name) is None
+
+
+def test_spec_only_cache_hit_never_builds_and_check_runs_first(tmp_path, monkeypatch):
+    cache = FeatureCache(tmp_path)
+    spec = EncoderSpec("random_cnn", 16, in_channels=1)
+    images = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 1), dtype=np.uint8)
+    seen = []
+    with pytest.raises(RuntimeError, match="rejected"):
+        cached_features(cache, spec, {"name": "x"}, images, check=lambda shape: seen.append(shape) or _raise())
+    assert seen == [(64, 2, 2)] and list(tmp_path.iterdir()) == []  # nothing encoded, nothing staged left
+    first = cached_features(cache, spec, {"name": "x"}, images, check=seen.append)
+    monkeypatch.setattr(EncoderSpec, "build", lambda self: _raise("built on a cache hit"))
+    np.testing.assert_array_equal(cached_features(cache, spec, {"name": "x"}, images, check=seen.append), first)
+    assert seen[-1] == (64, 2, 2)
+
+
+def _raise(message: str = "rejected"):
+    raise RuntimeError(message)
+
+
+def test_ray_tasks_extract_shards_like_the_serial_path(tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    images = np.random.default_rng(0).integers(0, 256, (9, 16, 16, 3), dtype=np.uint8)
+    spec = EncoderSpec("random_cnn", 16)
+    serial = np.asarray(cached_features(FeatureCache(tmp_path / "serial"), spec, {"name": "x"}, images, shard_size=4))
+    calls = []
+    real = hierarchy._extract_with_ray
+    monkeypatch.setattr(hierarchy, "_extract_with_ray", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        parallel = cached_features(FeatureCache(tmp_path / "ray"), spec, {"name": "x"}, images, shard_size=4)
+    finally:
+        ray.shutdown()
+    assert calls == [1] and [len(s) for s in parallel.shards] == [4, 4, 1]
+    np.testing.assert_allclose(np.asarray(parallel), serial, rtol=1e-5, atol=1e-6)

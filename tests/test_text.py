@@ -1,0 +1,155 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nds.data import FASHION_MNIST_CLASSES, load_fashion_mnist
+from nds.diffusion import cfg_denoiser, ddim_sample, diffusion_loss, linear_schedule
+from nds.models import UVIT_SIZES, UViT
+from nds.text import (
+    CAPTION_TEMPLATES,
+    CaptionBank,
+    TextEncoder,
+    class_captions,
+    load_text_encoder,
+    make_captions,
+    minilm_path,
+    with_article,
+)
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+needs_fashion = pytest.mark.skipif(
+    not (FASHION / "train-images-idx3-ubyte.gz").is_file(),
+    reason=f"Fashion-MNIST not installed at {FASHION} (apt-get install dataset-fashion-mnist)",
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny shapes gain nothing from intra-op threads, and OpenMP spin-waiting makes them ~30x
+    slower on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def minilm() -> TextEncoder:
+    return load_text_encoder("minilm")
+
+
+def test_captions_from_class_names():
+    assert with_article("Ankle boot") == "an ankle boot"
+    assert with_article("T-shirt/top") == "a t-shirt/top"
+    captions = class_captions(FASHION_MNIST_CLASSES)
+    assert len(captions) == 10 and all(len(c) == len(CAPTION_TEMPLATES) for c in captions)
+    assert captions[9][0] == "a photo of an ankle boot"
+    assert len({c for per_class in captions for c in per_class}) == 10 * len(CAPTION_TEMPLATES)
+
+    labels = torch.tensor([9, 0, 3] * 20)
+    made = make_captions(labels, FASHION_MNIST_CLASSES, generator=torch.Generator().manual_seed(0))
+    assert made == make_captions(labels, FASHION_MNIST_CLASSES, generator=torch.Generator().manual_seed(0))
+    assert all(c in captions[y] for c, y in zip(made, labels.tolist()))
+    assert len(set(made)) > 3  # the template varies between examples of one class
+
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 10\)"):
+        make_captions([10], FASHION_MNIST_CLASSES)
+    with pytest.raises(ValueError, match="contain"):
+        class_captions(["dress"], ["no placeholder"])
+
+
+def test_minilm_ships_offline_and_returns_masked_token_sequences(minilm):
+    assert (minilm_path() / "config.json").is_file()
+    assert minilm.dim == 384
+    assert not any(p.requires_grad for p in minilm.parameters())
+    assert not minilm.train().training  # stays frozen in eval mode
+    tokens, mask = minilm(["a photo of a dress", "a black and white photo of an ankle boot"])
+    assert tokens.shape[0] == 2 and tokens.shape[2] == 384 and tokens.dtype == torch.float32
+    assert mask.dtype == torch.bool and mask[1].all() and not mask[0].all()  # the shorter one is padded
+    again, _ = minilm(["a photo of a dress"])
+    n = int(mask[0].sum())
+    torch.testing.assert_close(again[0, :n], tokens[0, :n], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="non-empty list"):
+        minilm("a photo of a dress")
+
+
+@pytest.mark.parametrize("name", ["clip", "t5"])
+def test_cluster_encoders_load_from_a_local_directory(name, minilm, tmp_path):
+    """A tiny random model of each architecture, saved as a real checkpoint (with MiniLM's
+    tokenizer), goes through the same loading code as the real CLIP / T5 weights would."""
+    import transformers
+
+    if name == "clip":
+        config = transformers.CLIPTextConfig(
+            vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            max_position_embeddings=77, bos_token_id=101, eos_token_id=102, pad_token_id=0,
+        )
+        model = transformers.CLIPTextModel(config)
+    else:
+        config = transformers.T5Config(vocab_size=30522, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16)
+        model = transformers.T5EncoderModel(config)
+    model.save_pretrained(tmp_path)
+    minilm.tokenizer.save_pretrained(tmp_path)
+
+    encoder = load_text_encoder(name, tmp_path)
+    tokens, mask = encoder(["a photo of a bag", "a coat"])
+    assert encoder.dim == 32 and tokens.shape == (2, mask.shape[1], 32)
+    assert mask[0].all() and not mask[1].all()  # "a coat" is shorter: padded
+
+
+def test_missing_or_unknown_encoders_raise_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no clip text encoder at .*download it"):
+        load_text_encoder("clip", tmp_path / "clip-vit-large-patch14")
+    with pytest.raises(ValueError, match="needs path="):
+        load_text_encoder("t5")
+    with pytest.raises(ValueError, match="unknown text encoder 'bert'"):
+        load_text_encoder("bert")
+
+
+def test_caption_bank_matches_direct_encoding(minilm):
+    bank = CaptionBank.build(minilm, FASHION_MNIST_CLASSES[:3], CAPTION_TEMPLATES[:2])
+    assert bank.tokens.shape[:2] == (3, 2) and bank.mask.shape == bank.tokens.shape[:3]
+    labels = torch.tensor([2, 0, 1, 2])
+    tokens, mask, captions = bank.sample(labels, torch.Generator().manual_seed(0))
+    direct, direct_mask = minilm(captions)
+    n = direct.shape[1]
+    assert torch.equal(mask[:, :n], direct_mask) and not mask[:, n:].any()
+    torch.testing.assert_close(tokens[:, :n][direct_mask], direct[direct_mask], atol=1e-5, rtol=1e-5)
+
+
+@needs_fashion
+def test_text_conditional_uvit_trains_on_fashion_mnist_captions(minilm):
+    ds = load_fashion_mnist(FASHION, "train", limit=32)
+    images = torch.as_tensor(ds.images, dtype=torch.float32).permute(0, 3, 1, 2) / 127.5 - 1
+    labels = torch.as_tensor(ds.labels)
+    bank = CaptionBank.build(minilm, ds.class_names)
+    text, mask, captions = bank.sample(labels, torch.Generator().manual_seed(0))
+    assert captions[0].endswith("ankle boot")  # the first training image is an ankle boot
+
+    torch.manual_seed(0)
+    model = UViT((28, 28, 1), 4, **UVIT_SIZES["tiny"], text_dim=minilm.dim, cond_drop_prob=0.1)
+    ac = linear_schedule(1000)
+
+    def fixed_loss() -> float:
+        with torch.no_grad():
+            return diffusion_loss(lambda x, t: model(x, t, text=text, text_mask=mask), images, ac,
+                                  torch.Generator().manual_seed(1)).item()
+
+    before = fixed_loss()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for step in range(25):
+        g = torch.Generator().manual_seed(100 + step)
+        tokens, token_mask, _ = bank.sample(labels, g)  # a fresh caption variant every step
+        loss = diffusion_loss(lambda x, t: model(x, t, text=tokens, text_mask=token_mask), images, ac, g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert fixed_loss() < 0.7 * before
+
+    model.eval()
+    prompt, prompt_mask = minilm(["a photo of a sneaker", "a picture of a bag"])
+    denoiser = cfg_denoiser(model, scale=3.0, text=prompt, text_mask=prompt_mask)
+    samples = ddim_sample(denoiser, torch.randn(2, 1, 28, 28), ac, 5)
+    assert samples.shape == (2, 1, 28, 28) and np.isfinite(samples.numpy()).all()

@@ -1,0 +1,144 @@
+"""Matryoshka Diffusion training: the mdm config section, and the real progressive run
+(Ray Train + DeepSpeed ZeRO on gloo, MLflow sqlite) at tiny size on the 8x8 digits."""
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from nds.config import REPO_ROOT, ConfigError, flatten, load_config
+from nds.nested_unet import NestedUNet, Phase
+from nds.train_mdm import mdm_phases, mdm_spec, prepare_images
+
+TINY = [
+    "data.name=digits", "data.train_limit=64",
+    "mdm.resolutions=[4,8]", "mdm.core_widths=[16,32]", "mdm.stage_widths=[8]", "mdm.heads=2",
+    "mdm.num_classes=10", "mdm.phase_steps=[4,4]",
+    "training.batch_size=8", "training.lr=0.0005", "training.warmup_steps=2",
+    "training.log_every=2", "training.checkpoint_every=2",
+    "resources.workers_per_level=2", "resources.cpus_per_worker=0.45",
+    "diffusion.sample_steps=4", "eval.grid_size=2",
+    f"paths.cache_dir={REPO_ROOT / 'runs' / 'test-cache'}",  # DeepSpeed's comm op compiled once
+]
+
+
+def tiny_config(tmp_path: Path, *overrides: str):
+    return load_config(None, [*TINY, f"paths.runs_dir={tmp_path}", *overrides])
+
+
+def test_defaults_are_fashion_mnist_14_to_28():
+    cfg = load_config()
+    assert cfg.mdm.resolutions[-1] == 28
+    assert mdm_phases(cfg) == [Phase(1, 200), Phase(2, 200)]
+    assert flatten(cfg)["mdm.phase_steps"] == "[200, 200]"
+    torch.manual_seed(0)
+    model = NestedUNet(mdm_spec(cfg)).eval()
+    outs = model([torch.zeros(1, 1, 14, 14), torch.zeros(1, 1, 28, 28)], torch.zeros(1))
+    assert [tuple(o.shape) for o in outs] == [(1, 1, 14, 14), (1, 1, 28, 28)]
+
+
+def test_zero_phase_steps_skip_phases():
+    cfg = load_config(None, ["mdm.resolutions=[8,16,32]", "mdm.stage_widths=[16,8]", "mdm.phase_steps=[0,5,7]"])
+    assert mdm_phases(cfg) == [Phase(2, 5), Phase(3, 7)]
+
+
+@pytest.mark.parametrize("overrides, names", [
+    (["mdm.resolutions=[14,21]", "mdm.phase_steps=[1,1]"], "mdm.resolutions[1] = 21"),
+    (["mdm.resolutions=[28,14]"], "mdm.resolutions[1] = 14"),
+    (["mdm.resolutions=[]"], "mdm.resolutions"),
+    (["mdm.phase_steps=[5]"], "mdm.phase_steps needs one entry per resolution"),
+    (["mdm.phase_steps=[5,0]"], "mdm.phase_steps: the last entry"),
+    (["mdm.phase_steps=[-1,5]"], "mdm.phase_steps[0]"),
+    (["mdm.loss_weights=[1.0]"], "mdm.loss_weights"),
+    (["mdm.loss_weights=[1.0,-1.0]"], "mdm.loss_weights[1]"),
+    (["mdm.prediction=x0"], "mdm.prediction"),
+    (["mdm.sampler=euler"], "mdm.sampler"),
+    (["mdm.cond_drop_prob=1.0"], "mdm.cond_drop_prob"),
+    (["mdm.heads=3"], "mdm: .*heads=3"),
+    (["mdm.stage_widths=[]"], "mdm: stage_widths"),
+    (["mdm.core_widths=[8,8,8,8]"], "mdm: base resolution 14 is not divisible"),
+    (["mdm.channels=many"], "mdm.channels"),
+])
+def test_bad_mdm_config_is_named(overrides, names):
+    with pytest.raises(ConfigError, match=names.replace("[", r"\[").replace("]", r"\]")):
+        load_config(None, overrides)
+
+
+def test_images_at_the_full_resolution_and_channels_checked(tmp_path):
+    cfg = tiny_config(tmp_path)
+    images, labels = prepare_images(cfg)
+    assert images.shape == (64, 1, 8, 8) and images.dtype == np.float32
+    assert images.min() >= -1.0 and images.max() <= 1.0 and labels.shape == (64,)
+    assert prepare_images(tiny_config(tmp_path, "mdm.num_classes=0"))[1] is None
+    with pytest.raises(ConfigError, match="mdm.channels=3"):
+        prepare_images(tiny_config(tmp_path, "mdm.channels=3"))
+
+
+def test_cli_dry_run_lists_phases_and_starts_nothing(tmp_path):
+    proc = subprocess.run([sys.executable, "experiments/train_mdm.py", "--dry-run", *TINY, f"paths.runs_dir={tmp_path}"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "phase1 (4, 4 steps), phase2 (4->8, 4 steps)" in proc.stdout
+    assert not any(tmp_path.iterdir())
+    proc = subprocess.run([sys.executable, "experiments/train_mdm.py", "--dry-run", "mdm.phase_steps=[5]"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "mdm.phase_steps" in proc.stderr
+
+
+@pytest.mark.slow
+def test_progressive_training_end_to_end(tmp_path):
+    """Two phases (4, then 4 -> 8), two ZeRO-2 workers each. The fault drill kills each phase's
+    workers once after its step-2 checkpoint; a phase that restarted from scratch would hit it
+    again and fail, so finishing proves each phase resumes from its own checkpoint."""
+    import ray
+
+    from nds.sweep import init_ray
+    from nds.train_mdm import run_mdm
+
+    cfg = tiny_config(tmp_path, "training.fail_once_at_step=2", "training.max_failures=1")
+    init_ray(cfg)
+    try:
+        outcome = run_mdm(cfg)
+    finally:
+        ray.shutdown()
+
+    first, second = outcome.phases
+    assert (first.phase, second.phase) == (Phase(1, 4), Phase(2, 4))
+    assert first.model.io_resolutions == (4,) and second.model.io_resolutions == (4, 8)
+    assert "-phase1" in first.checkpoint_path and "-phase2" in second.checkpoint_path
+    assert math.isfinite(first.final_loss) and math.isfinite(second.final_loss)
+
+    # Phase 2 grew from phase 1's EMA weights: its inner part moved at most a few Adam steps
+    # (lr 5e-4) away from them, while a fresh initialisation is far off.
+    inner = first.model.state_dict()
+    grown = second.model.state_dict()
+    fresh = NestedUNet(mdm_spec(cfg), 2).state_dict()
+    assert set(inner) < set(grown)
+    drift = max((grown[k] - v).abs().max().item() for k, v in inner.items())
+    fresh_gap = max((fresh[k] - v).abs().max().item() for k, v in inner.items())
+    assert drift < 0.02 < fresh_gap
+
+    assert [tuple(s.shape) for s in outcome.samples] == [(4, 1, 4, 4), (4, 1, 8, 8)]
+    assert all(torch.isfinite(s).all() for s in outcome.samples)
+
+    client = MlflowClient(cfg.tracking_uri)
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["nds.kind"] == "mdm"
+    params, metrics = run.data.params, run.data.metrics
+    assert params["mdm.phase_steps"] == "[4, 4]" and params["mdm.resolutions"] == "[4, 8]"
+    histories = {name: client.get_metric_history(outcome.run_id, name)
+                 for name in ("phase1/train_loss", "phase2/train_loss", "phase2/train_loss_8")}
+    for history in histories.values():
+        assert max(m.step for m in history) == 4 and all(math.isfinite(m.value) for m in history)
+    assert "phase1/train_loss_8" not in metrics
+    assert max(m.timestamp for m in histories["phase1/train_loss"]) <= \
+        min(m.timestamp for m in histories["phase2/train_loss"])
+    assert math.isfinite(metrics["phase1/final_loss"]) and math.isfinite(metrics["phase2/final_loss"])
+    assert metrics["unet/params"] < metrics["mdm/params"]
+    assert 0 < metrics["unet/gflops"] < metrics["mdm/gflops"] < 1.25 * metrics["unet/gflops"]
+    artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
+    assert {"samples.png", "config.yaml"} <= artifacts

@@ -29,7 +29,8 @@ from nds.hierarchy import FeatureCache, cached_features, parse_spec
 from nds.knn import Panel, encoder_panel, render_figure
 from nds.latents import dataset_key, extraction_args, load_split
 
-SMALL_VAE = {"block_out_channels": (32, 64, 128), "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 32}
+SMALL_VAE = {"block_out_channels": (16, 32, 64), "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 16}
+SMALL_VAE_BATCH = 32
 log = logging.getLogger("knn_figure")
 
 
@@ -38,12 +39,13 @@ def small_vae_weights(cfg: Config, images: np.ndarray, image_size: int, steps: i
     from nds.vae import VAEConfig, save_autoencoder, train_autoencoder
 
     vae_cfg = VAEConfig(**SMALL_VAE)
-    key = config_hash({"data": dataset_key(cfg, "train", cfg.data.train_limit), "vae": SMALL_VAE,
+    key = config_hash({"data": dataset_key(cfg, "train", cfg.data.train_limit), "vae": SMALL_VAE, "batch": SMALL_VAE_BATCH,
                        "image_size": image_size, "steps": steps, "seed": cfg.seed})
     path = cfg.cache_dir / "vae" / f"small-kl-vae-{key}.safetensors"
     if not path.is_file():
         log.info("training a small KL-VAE (%d steps, %d px) on %d training images", steps, image_size, len(images))
-        save_autoencoder(train_autoencoder(np.asarray(images), vae_cfg, image_size, steps, seed=cfg.seed), path)
+        save_autoencoder(train_autoencoder(np.asarray(images), vae_cfg, image_size, steps, SMALL_VAE_BATCH,
+                                                 seed=cfg.seed), path)
     return path
 
 

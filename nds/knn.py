@@ -119,7 +119,10 @@ def render_figure(query_images: np.ndarray, bank_images, panels: list[Panel], pa
                     _show(ax, np.asarray(bank_images[int(idx)]))
                 if row == 0:
                     axes[row, gap + 1 + k // 2].set_title(panel.name, fontsize=8)
-    fig.suptitle(title or "K nearest neighbours by each level's features (rows: level h x w x c)", fontsize=9, y=1.0)
+    height = fig.get_figheight()
+    fig.subplots_adjust(top=1 - 0.45 / height)  # the default top margin is a fraction: far too wide on tall figures
+    fig.suptitle(title or "K nearest neighbours by each level's features (rows: level h x w x c)", fontsize=9,
+                 y=1 - 0.1 / height)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")

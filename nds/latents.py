@@ -63,11 +63,10 @@ def dataset_key(cfg: Config, split: str, limit: int) -> dict:
     return key
 
 
-def encoder_spec(cfg: Config, in_channels: int, name: str | None = None, weights: str | None = None) -> EncoderSpec:
-    """The configured encoder (or ``name``/``weights`` instead, e.g. for a side-by-side figure)."""
+def encoder_spec(cfg: Config, in_channels: int) -> EncoderSpec:
+    """The configured encoder, for images with ``in_channels`` channels."""
     e = cfg.encoder
-    return EncoderSpec(name or e.name, e.image_size, (weights if name else e.weights) or None, in_channels,
-                       e.cache_dir or None)
+    return EncoderSpec(e.name, e.image_size, e.weights or None, in_channels, e.cache_dir or None)
 
 
 def level1_spec(cfg: Config, in_channels: int) -> EncoderSpec | None:

@@ -28,16 +28,6 @@ from nds.diffusion import (
 MU, S = 1.5, 0.5  # toy data distribution x0 ~ N(MU, S^2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny shapes gain nothing from intra-op threads, and OpenMP spin-waiting makes them ~30x
-    slower on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def optimal_denoiser(alphas_cumprod: Tensor, mu: float = MU, s: float = S):
     """E[eps | x_t] for x0 ~ N(mu, s^2): x_t = √a x0 + √(1-a) eps is jointly Gaussian with eps,
     Cov(eps, x_t) = √(1-a), Var(x_t) = a s² + 1 - a, E[x_t] = √a mu."""

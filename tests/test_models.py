@@ -14,16 +14,6 @@ from nds.models import (
 TINY = UVIT_SIZES["tiny"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny shapes gain nothing from intra-op threads, and OpenMP spin-waiting makes them ~30x
-    slower on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make(input_shape=(8, 8, 4), patch_size=2, **kw) -> UViT:
     torch.manual_seed(0)
     return UViT(input_shape, patch_size, **{**TINY, **kw}).eval()

@@ -30,16 +30,6 @@ SPEC = NestedUNetSpec(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny shapes gain nothing from intra-op threads, and OpenMP spin-waiting makes them ~30x
-    slower on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make(spec: NestedUNetSpec = SPEC, levels: int | None = None, seed: int = 0) -> NestedUNet:
     torch.manual_seed(seed)
     return NestedUNet(spec, levels).eval()

@@ -25,16 +25,6 @@ needs_fashion = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny shapes gain nothing from intra-op threads, and OpenMP spin-waiting makes them ~30x
-    slower on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def minilm() -> TextEncoder:
     return load_text_encoder("minilm")

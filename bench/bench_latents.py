@@ -64,7 +64,8 @@ def bench_cache(train_limit: int) -> dict:
     runs = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = load_config(None, [f"paths.runs_dir={tmp}", f"data.train_limit={train_limit}"])
+            limit = [f"data.train_limit={train_limit}"] if train_limit else []
+            cfg = load_config(None, [f"paths.runs_dir={tmp}", *limit])
             for _ in range(2):
                 counts.update(calls=0, images=0)
                 start = time.perf_counter()
@@ -74,7 +75,7 @@ def bench_cache(train_limit: int) -> dict:
             shapes = {k: list(v.shape) for k, v in prepared.latents.items()}
     finally:
         FrozenEncoder.forward = forward
-    return {"config": {"spec": cfg.hierarchy.spec, "encoder": cfg.encoder.name, "train_limit": train_limit},
+    return {"config": {"spec": cfg.hierarchy.spec, "encoder": cfg.encoder.name, "train_limit": cfg.data.train_limit},
             "first_sweep": runs[0], "second_sweep": runs[1], "latent_shapes": shapes,
             "second_sweep_hit": runs[1]["encoder_forward_calls"] == 0}
 
@@ -116,7 +117,7 @@ def bench_svd(sizes: list[int]) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--extract-images", type=int, default=1024)
-    parser.add_argument("--sweep-train-limit", type=int, default=5000, help="the demo's data.train_limit")
+    parser.add_argument("--sweep-train-limit", type=int, default=0, help="data.train_limit (0: the demo config's)")
     parser.add_argument("--svd-rows", type=int, nargs="+", default=[10_000, 60_000, 1_000_000])
     args = parser.parse_args()
     svd = bench_svd(args.svd_rows)

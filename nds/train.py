@@ -37,6 +37,13 @@ def prebuild_cpu_comm_op(extensions_dir: Path) -> None:
     build_shm_op()
 
 
+def batch_indices(seed: int, stream: int, rank: int, step: int, n: int, batch: int) -> np.ndarray:
+    """Sorted indices of one worker's batch; they depend only on their arguments, so a resumed
+    run draws the same batches (``stream`` separates levels or phases)."""
+    rng = np.random.default_rng([seed, stream, rank, step])
+    return np.sort(rng.choice(n, size=batch, replace=n < batch))
+
+
 def patch_size_for(h: int, w: int, max_grid: int) -> int:
     """Smallest patch that divides h and w and keeps the token grid within max_grid per side."""
     for p in range(1, min(h, w) + 1):
@@ -179,9 +186,7 @@ def train_loop(loop_config: dict) -> None:
     batch = cfg.training.batch_size
 
     def loss_at(step: int):
-        # Indices depend only on (seed, level, rank, step), so a resumed run sees the same batches.
-        rng = np.random.default_rng([cfg.seed, level, rank, step])
-        idx = np.sort(rng.choice(len(targets), size=batch, replace=len(targets) < batch))
+        idx = batch_indices(cfg.seed, level, rank, step, len(targets), batch)
         x0 = torch.as_tensor(np.asarray(targets[idx]), device=device)
         cond = None
         if above is not None:

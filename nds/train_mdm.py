@@ -20,7 +20,7 @@ from nds.config import Config, ConfigError, config_hash, flatten, from_dict, to_
 from nds.diffusion import make_schedule
 from nds.models import count_params, forward_flops
 from nds.nested_unet import NestedUNet, NestedUNetSpec, Phase, make_phases, mdm_sample, model_for_step, multires_loss
-from nds.train import EMA, _autocast, deepspeed_config, fit, load_ema_weights, resume, run_steps, worker_device
+from nds.train import EMA, _autocast, batch_indices, deepspeed_config, fit, load_ema_weights, resume, run_steps, worker_device
 
 
 def mdm_spec(cfg: Config) -> NestedUNetSpec:
@@ -91,9 +91,7 @@ def phase_loop(loop_config: dict) -> None:
     batch = cfg.training.batch_size
 
     def loss_at(step: int):
-        # Indices depend only on (seed, phase, rank, step), so a resumed phase sees the same batches.
-        rng = np.random.default_rng([cfg.seed, index, rank, step])
-        idx = np.sort(rng.choice(len(images), size=batch, replace=len(images) < batch))
+        idx = batch_indices(cfg.seed, index, rank, step, len(images), batch)
         x = torch.as_tensor(images[idx], device=device)
         y = torch.as_tensor(labels[idx], device=device) if labels is not None else None
         with _autocast(cfg, device):

@@ -62,6 +62,8 @@ class ModelConfig:
     heads: int = 0
     max_token_grid: int = 8  # patch size is the smallest divisor keeping the token grid ≤ this
     num_classes: int = 0  # 0 = unconditional; >0 = class-conditional on the dataset labels
+    text_encoder: str = ""  # "" = no text; minilm (ships offline) | clip | t5: captions as condition tokens
+    text_encoder_path: str = ""  # local directory of the text encoder (empty = minilm's packaged copy)
 
 
 @dataclass
@@ -115,21 +117,33 @@ class EvalConfig:
 
 @dataclass
 class SweepConfig:
-    depths: list[int] = field(default_factory=lambda: [1, 2])
-    sigmas: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
-    seeds: list[int] = field(default_factory=lambda: [0])
+    """What the experiment scripts vary; each script reads the lists it sweeps."""
+
+    depths: list[int] = field(default_factory=lambda: [1, 2])  # sweep_sigma, sweep_depth
+    sigmas: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])  # sweep_sigma: values of σ_L
+    seeds: list[int] = field(default_factory=lambda: [0])  # every sweep: results are mean ± std over these
+    carry_best_sigma: bool = True  # sweep_sigma: depth L+1 uses the best σ_L found at depth L
+    shapes: list[str] = field(default_factory=list)  # sweep_shapes: whole hierarchy.spec strings to compare
+    encoders: list[str] = field(default_factory=list)  # sweep_encoders: encoder.name values (Table 4a)
+    encoder_specs: list[str] = field(default_factory=list)  # sweep_encoders: per encoder a spec ("" = hierarchy.spec)
+    rcg_encoder: str = "rcg_moco_v3"  # sweep_rcg: the global-vector encoder (Table 4b)
+    rcg_spec: str = ""  # sweep_rcg: the spec with the global vector on top, e.g. "32x32x4, 1x1x256"
+    mdm_resolutions: list[list[int]] = field(default_factory=list)  # sweep_mdm: nested resolution lists (Fig. 8b)
+    mdm_phase_steps: list[list[int]] = field(default_factory=list)  # sweep_mdm: progressive schedules (Fig. 8a)
+    mdm_baselines: list[str] = field(default_factory=list)  # sweep_mdm: nested | cascaded | plain
 
 
 @dataclass
 class TrackingConfig:
     uri: str = ""  # empty: MLFLOW_TRACKING_URI if set, else sqlite in paths.runs_dir
-    experiment: str = "nds-sweep-sigma"
+    experiment: str = ""  # empty: nds-<script>, e.g. nds-sweep-sigma (make_tables reads every nds-* experiment)
 
 
 @dataclass
 class PathsConfig:
     runs_dir: str = "runs"  # relative paths resolve against the repo root
     cache_dir: str = ""  # empty: <runs_dir>/cache
+    levels_dir: str = ""  # trained-level store shared by every sweep (empty: <runs_dir>/levels)
 
 
 @dataclass
@@ -196,6 +210,14 @@ class Config:
     @property
     def cache_dir(self) -> Path:
         return Path(self.paths.cache_dir).expanduser() if self.paths.cache_dir else self.runs_dir / "cache"
+
+    @property
+    def levels_dir(self) -> Path:
+        return Path(self.paths.levels_dir).expanduser() if self.paths.levels_dir else self.runs_dir / "levels"
+
+    def experiment_name(self, script: str) -> str:
+        """The MLflow experiment of a run of ``script`` (e.g. sweep_sigma -> nds-sweep-sigma)."""
+        return self.tracking.experiment or f"nds-{script.replace('_', '-')}"
 
     @property
     def tracking_uri(self) -> str:
@@ -270,18 +292,27 @@ def parse_overrides(overrides: list[str]) -> dict:
     return nested
 
 
+def _merge_file(cfg: Config, path: Path, seen: tuple[Path, ...] = ()) -> None:
+    """Merge a YAML file into ``cfg``; its ``extends: other.yaml`` (relative to it) is merged first,
+    so a preset states only how it differs from the setup it builds on."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path} extends itself (via {' -> '.join(map(str, seen))})")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if isinstance(loaded, dict) and "extends" in loaded:
+        _merge_file(cfg, path.parent / str(loaded.pop("extends")), (*seen, path.resolve()))
+    _merge(cfg, loaded)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file <- overrides, then validated."""
+    """Defaults <- YAML file (and what it extends) <- overrides, then validated."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-        _merge(cfg, loaded)
+        _merge_file(cfg, Path(path))
     _merge(cfg, parse_overrides(overrides or []))
     validate(cfg)
     return cfg
@@ -338,12 +369,19 @@ def validate(cfg: Config) -> None:
     for i, depth in enumerate(cfg.sweep.depths):
         if not 1 <= depth <= len(spec):
             raise ConfigError(f"sweep.depths[{i}] = {depth} must be between 1 and the {len(spec)} levels of hierarchy.spec")
+    if cfg.sweep.encoder_specs and len(cfg.sweep.encoder_specs) != len(cfg.sweep.encoders):
+        raise ConfigError(f"sweep.encoder_specs needs one spec (or \"\") per entry of sweep.encoders "
+                          f"({len(cfg.sweep.encoders)}), got {len(cfg.sweep.encoder_specs)}")
     if not cfg.sweep.seeds:
         raise ConfigError("sweep.seeds must list at least one seed")
     from nds.models import UVIT_SIZES
 
     if cfg.model.size not in UVIT_SIZES:
         raise ConfigError(f"model.size='{cfg.model.size}' is not one of {sorted(UVIT_SIZES)}")
+    from nds.text import TEXT_ENCODERS
+
+    if cfg.model.text_encoder and cfg.model.text_encoder not in TEXT_ENCODERS:
+        raise ConfigError(f"model.text_encoder='{cfg.model.text_encoder}' must be empty (no text) or one of {list(TEXT_ENCODERS)}")
     if cfg.training.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"training.zero_stage={cfg.training.zero_stage} must be 0, 1, 2 or 3")
     if cfg.training.precision not in ("auto", "bf16", "fp32"):

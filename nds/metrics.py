@@ -47,10 +47,19 @@ def _inception_extractor(inception_dir: str):
     return lambda batch: model(batch)
 
 
+def inception_available(inception_dir: str) -> bool:
+    return (Path(inception_dir) / INCEPTION_FILE).is_file()
+
+
+def quality_metric_name(inception_dir: str) -> str:
+    """The metric tables rank by: true FID where Inception is cached, else the named substitute."""
+    return FID if inception_available(inception_dir) else SUBSTITUTE
+
+
 def extractors(inception_dir: str, substitute_image_size: int) -> dict:
     """The metrics this machine can compute: the substitute always, FID when Inception is cached."""
     found = {SUBSTITUTE: _substitute_extractor(substitute_image_size)}
-    if (Path(inception_dir) / INCEPTION_FILE).is_file():
+    if inception_available(inception_dir):
         found[FID] = _inception_extractor(inception_dir)
     return found
 

@@ -1,47 +1,42 @@
-"""Ray Tune sweeps: each trial is a driver that trains its levels (Ray Train + DeepSpeed),
-samples the chain top-down, scores the samples and closes its MLflow child run."""
+"""Ray Tune sweeps: a sweep is an MLflow run holding stages; a stage is one Tune run over variants;
+each trial is a small driver that gets its chain's levels from the level store (training the
+missing ones on Ray Train + DeepSpeed, concurrently), samples, scores and closes its MLflow run.
+
+A variant is ``{"name": str, "seed": int, "changes": {dotted.key: value}}`` applied to the
+sweep's base config, so every experiment script only says which configs to compare.
+"""
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nds import tracking
 from nds.config import Config, config_hash, flatten, from_dict, preflight, replace, to_dict, to_yaml
 
-
-@dataclass
-class SweepOutcome:
-    parent_run_id: str
-    experiment_id: str
-    trials: list[dict]  # one per trial: its variant, status, metrics
+# Config sections that say where and how a run is executed or logged, not what it computes.
+_NOT_THE_EXPERIMENT = ("paths", "tracking", "resources", "sweep")
 
 
-def sigma_variants(cfg: Config) -> list[dict]:
-    """Table 1 protocol for one stage: σ_L over sweep.sigmas for each depth L > 1; L = 1 has no σ."""
-    variants = []
-    for seed in cfg.sweep.seeds:
-        for depth in cfg.sweep.depths:
-            if depth == 1:
-                variants.append({"L": 1, "seed": seed})
-            else:
-                variants.extend({"L": depth, "sigma": s, "seed": seed} for s in cfg.sweep.sigmas)
-    return variants
+def variant(name: str, seed: int, **changes) -> dict:
+    return {"name": name, "seed": seed, "changes": changes}
 
 
-def trial_config(cfg: Config, variant: dict) -> Config:
-    changes = {"hierarchy.L": variant["L"], "seed": variant["seed"]}
-    if "sigma" in variant:
-        sigmas = list(cfg.hierarchy.sigmas)
-        sigmas[variant["L"] - 2] = variant["sigma"]
-        changes["hierarchy.sigmas"] = sigmas
-    return replace(cfg, **changes)
+def trial_config(cfg: Config, v: dict) -> Config:
+    return replace(cfg, **v["changes"], seed=v["seed"])
 
 
-def variant_name(variant: dict) -> str:
-    sigma = f"-sigma{variant['sigma']:g}" if "sigma" in variant else ""
-    return f"L{variant['L']}{sigma}-seed{variant['seed']}"
+def trial_name(v: dict) -> str:
+    return f"{v['name']}-seed{v['seed']}"
+
+
+def experiment_hash(cfg: Config, with_seed: bool = True) -> str:
+    """Identity of what a trial computes: equal hashes are the same experiment (``with_seed=False``:
+    the same setting, so its seeds are averaged)."""
+    d = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_THE_EXPERIMENT and (with_seed or k != "seed")}
+    return config_hash(d)
 
 
 def extensions_dir(cfg: Config) -> Path:
@@ -63,35 +58,107 @@ def init_ray(cfg: Config) -> None:
         ray.init(include_dashboard=False, runtime_env=runtime_env)
 
 
-def run_trial(params: dict, *, base: dict, data_refs: dict, metric_state: dict, mlflow_ctx: dict) -> None:
-    """One Tune trial; runs as a small Ray actor while its levels train on Train workers."""
-    import ray.tune
+# -- what a trial does ---------------------------------------------------------------------------
+
+
+@dataclass
+class TrialReport:
+    metrics: dict[str, float]
+    artifacts: list[Path] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrialKind:
+    """How one kind of experiment prepares shared inputs in the driver and runs a trial.
+
+    ``prepare(sweep, configs)`` returns a dict (Ray object refs and small values) shared by the
+    stage's trials; ``run(cfg, inputs, mlflow_run, trial_dir)`` returns the trial's TrialReport.
+    """
+
+    prepare: Callable[["Sweep", list[Config]], dict]
+    run: Callable[[Config, dict, dict, Path], TrialReport]
+
+
+def latents_key(cfg: Config) -> str:
+    """What the targets of every level depend on: the data, the encoders and the whole spec."""
+    d = to_dict(cfg)
+    return config_hash({"data": d["data"], "encoder": d["encoder"], "spec": cfg.hierarchy.spec})
+
+
+def prepare_chain_inputs(sweep: "Sweep", configs: list[Config]) -> dict:
+    """Every distinct hierarchy the stage needs (feature cache: an encoder runs once per key), in
+    the object store, and the metric's reference statistics."""
+    import ray
+
+    from nds.evaluate import prepare_metric
+    from nds.latents import prepare_latents
+
+    inputs = {"latents": {}}
+    for cfg in configs:
+        key = latents_key(cfg)
+        if key in inputs["latents"]:
+            continue
+
+        def put_latents(cfg=cfg):
+            prepared = prepare_latents(cfg)
+            refs = {"latents": {lvl: ray.put(z) for lvl, z in prepared.latents.items()},
+                    "labels": ray.put(prepared.labels)}
+            return refs, prepared.reference_images
+
+        inputs["latents"][key], reference = sweep.memo(("latents", key), put_latents)
+        inputs["metric_state"] = sweep.memo(("metric", config_hash(to_dict(cfg)["data"])),
+                                            lambda ref=reference, cfg=cfg: prepare_metric(cfg, ref))
+    return inputs
+
+
+def run_chain_trial(cfg: Config, inputs: dict, mlflow_run: dict, trial_dir: Path) -> TrialReport:
+    """Obtain levels 1..L (all at once: each is independent given its frozen targets), then evaluate."""
+    import ray
 
     from nds.evaluate import evaluate_chain
+    from nds.levels import load_level_model, obtain_level
 
-    variant = params["variant"]
-    cfg = trial_config(from_dict(base), variant)
-    uri = mlflow_ctx["uri"]
+    data_refs = inputs["latents"][latents_key(cfg)]
+    obtain = ray.remote(num_cpus=0)(obtain_level)
+    obtained = ray.get([obtain.remote(cfg, level, data_refs, mlflow_run) for level in range(1, cfg.hierarchy.L + 1)])
+    models = {o.level: load_level_model(cfg, o.entry) for o in obtained}
+    report = evaluate_chain(cfg, models, inputs["metric_state"], trial_dir)
+    trained = sum(o.trained for o in obtained)
+    metrics = {**report.metrics, "levels.trained": trained, "levels.reused": len(obtained) - trained}
+    metrics.update({f"level{o.level}/final_loss": o.entry.info["final_loss"] for o in obtained})
+    tags = {}
+    for o in obtained:  # the trial's link to the level-store entries it used
+        tags[f"nds.level.{o.level}"] = o.entry.level_id
+        tags[f"nds.level.{o.level}.path"] = str(o.entry.path)
+        tags[f"nds.level.{o.level}.trained_here"] = str(o.trained).lower()
+    return TrialReport(metrics, report.artifacts, tags)
+
+
+CHAIN = TrialKind(prepare_chain_inputs, run_chain_trial)
+
+
+def run_trial(params: dict, *, base: dict, kind: TrialKind, inputs: dict, ctx: dict) -> None:
+    """One Tune trial; runs as a small Ray actor while its training runs on Ray Train workers."""
+    import ray.tune
+
+    v = params["variant"]
+    cfg = trial_config(from_dict(base), v)
+    uri = ctx["uri"]
     run_id = tracking.start_run(
-        uri, mlflow_ctx["experiment_id"], variant_name(variant), params=flatten(cfg),
-        tags={"nds.config_hash": config_hash(cfg), "nds.sweep": mlflow_ctx["sweep"], "nds.kind": "trial"},
-        parent_run_id=mlflow_ctx["parent_run_id"],
+        uri, ctx["experiment_id"], trial_name(v), params=flatten(cfg),
+        tags={"nds.kind": "trial", "nds.sweep": ctx["sweep"], "nds.stage": ctx["stage"], "nds.variant": v["name"],
+              "nds.config_hash": experiment_hash(cfg), "nds.group_hash": experiment_hash(cfg, with_seed=False),
+              "nds.metric": ctx["metric"]},
+        parent_run_id=ctx["parent_run_id"],
     )
     try:
-        from nds.train import train_level
-
-        config_file = Path(ray.tune.get_context().get_trial_dir()) / "config.yaml"
-        config_file.write_text(to_yaml(cfg))
-        tracking.log_artifact(uri, run_id, config_file)
-        models = {}
-        for level in range(cfg.hierarchy.L, 0, -1):
-            result = train_level(cfg, level, data_refs,
-                                 run_name=f"{mlflow_ctx['parent_run_id'][:8]}-{config_hash(cfg)}-level{level}",
-                                 mlflow_run={"uri": uri, "run_id": run_id})
-            models[level] = result.model
-            tracking.log_metrics(uri, run_id, {f"level{level}/final_loss": result.final_loss})
-        report = evaluate_chain(cfg, models, metric_state, Path(ray.tune.get_context().get_trial_dir()))
+        trial_dir = Path(ray.tune.get_context().get_trial_dir())
+        (trial_dir / "config.yaml").write_text(to_yaml(cfg))
+        tracking.log_artifact(uri, run_id, trial_dir / "config.yaml")
+        report = kind.run(cfg, inputs, {"uri": uri, "run_id": run_id}, trial_dir)
         tracking.log_metrics(uri, run_id, report.metrics)
+        tracking.set_tags(uri, run_id, report.tags)
         for artifact in report.artifacts:
             tracking.log_artifact(uri, run_id, artifact)
         tracking.end_run(uri, run_id)
@@ -101,58 +168,120 @@ def run_trial(params: dict, *, base: dict, data_refs: dict, metric_state: dict, 
     ray.tune.report({**report.metrics, "mlflow_run_id": run_id})
 
 
-def run_sweep(cfg: Config, variants: list[dict], sweep_name: str) -> SweepOutcome:
-    """Run one Tune stage over ``variants`` (dicts with L, seed and optionally sigma)."""
-    import ray
-    from ray import tune
+# -- a sweep: stages of Tune runs under one MLflow run --------------------------------------------
 
-    from nds.evaluate import prepare_metric
-    from nds.latents import prepare_latents
-    from nds.train import prebuild_cpu_comm_op
 
-    preflight(cfg)
-    uri = cfg.tracking_uri
-    experiment_id = tracking.prepare_experiment(uri, cfg.tracking.experiment, cfg.runs_dir / "mlartifacts")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    parent_run_id = tracking.start_run(uri, experiment_id, f"{sweep_name}-{stamp}", params=flatten(cfg),
-                                       tags={"nds.kind": "sweep", "nds.sweep": sweep_name,
-                                             "nds.config_hash": config_hash(cfg)})
-    try:
-        print(f"[nds] MLflow: {uri}  experiment '{cfg.tracking.experiment}'  parent run {parent_run_id}", flush=True)
-        prepared = prepare_latents(cfg)
+@dataclass
+class StageOutcome:
+    name: str
+    run_id: str
+    trials: list[dict]  # one per trial: variant, ok, metrics, error
+
+    def count(self, metric: str) -> int:
+        return int(sum(t["metrics"].get(metric, 0) for t in self.trials))
+
+
+class Sweep:
+    """One sweep: its MLflow run (stages nest under it), the Ray instance, inputs shared by stages.
+
+    Use as a context manager: the sweep run ends FINISHED, or FAILED with the error.
+    """
+
+    def __init__(self, cfg: Config, name: str):
+        from nds.metrics import quality_metric_name
+        from nds.train import prebuild_cpu_comm_op
+
+        preflight(cfg)
+        self.cfg, self.name = cfg, name
+        self.uri = cfg.tracking_uri
+        self.metric = quality_metric_name(cfg.eval.inception_dir)
+        self.experiment = cfg.experiment_name(name)
+        self.experiment_id = tracking.prepare_experiment(self.uri, self.experiment, cfg.runs_dir / "mlartifacts")
+        self.stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.run_id = tracking.start_run(self.uri, self.experiment_id, f"{name}-{self.stamp}", params=flatten(cfg),
+                                         tags={"nds.kind": "sweep", "nds.sweep": name, "nds.metric": self.metric,
+                                               "nds.config_hash": experiment_hash(cfg)})
+        self.stages: list[StageOutcome] = []
+        self._memo: dict = {}
+        print(f"[nds] MLflow: {self.uri}  experiment '{self.experiment}'  sweep run {self.run_id}", flush=True)
         if cfg.resources.gpus_per_worker == 0:
             prebuild_cpu_comm_op(extensions_dir(cfg))
         init_ray(cfg)
-        data_refs = {"latents": {lvl: ray.put(z) for lvl, z in prepared.latents.items()},
-                     "labels": ray.put(prepared.labels)}
-        metric_state = prepare_metric(cfg, prepared.reference_images)
-        trainable = tune.with_parameters(
-            run_trial, base=to_dict(cfg), data_refs=data_refs, metric_state=metric_state,
-            mlflow_ctx={"uri": uri, "experiment_id": experiment_id, "parent_run_id": parent_run_id, "sweep": sweep_name},
-        )
-        tuner = tune.Tuner(
-            tune.with_resources(trainable, {"cpu": cfg.resources.driver_cpus}),
-            param_space={"variant": tune.grid_search(variants)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=cfg.resources.max_concurrent_trials),
-            run_config=tune.RunConfig(
-                name=f"{sweep_name}-{stamp}",
-                storage_path=str(cfg.runs_dir / "ray_results"),
-                failure_config=tune.FailureConfig(max_failures=cfg.training.max_failures),
-                verbose=1,
-            ),
-        )
-        grid = tuner.fit()
-        trials = []
-        for result in grid:
-            variant = result.config["variant"]
-            trials.append({"variant": variant, "ok": result.error is None,
-                           "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
-                           "error": repr(result.error) if result.error else None})
-        failed = sum(not t["ok"] for t in trials)
-        tracking.log_metrics(uri, parent_run_id, {"trials.total": len(trials), "trials.failed": failed})
-        tracking.end_run(uri, parent_run_id)
-    except BaseException as err:
-        tracking.end_run(uri, parent_run_id, error=err)
-        raise
-    return SweepOutcome(parent_run_id, experiment_id, trials)
 
+    def __enter__(self) -> "Sweep":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            trials = [t for s in self.stages for t in s.trials]
+            tracking.log_metrics(self.uri, self.run_id, {
+                "trials.total": len(trials), "trials.failed": sum(not t["ok"] for t in trials),
+                "levels.trained": sum(s.count("levels.trained") for s in self.stages),
+                "levels.reused": sum(s.count("levels.reused") for s in self.stages)})
+        tracking.end_run(self.uri, self.run_id, error=exc)
+
+    def memo(self, key, compute):
+        """A value computed once per sweep (latents in the object store, reference statistics)."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+    def stage(self, name: str, variants: list[dict], cfg: Config | None = None, kind: TrialKind = CHAIN) -> StageOutcome:
+        """Run ``variants`` of ``cfg`` (default: the sweep's config) as one Tune run; failed trials are recorded."""
+        from ray import tune
+
+        cfg = cfg or self.cfg
+        configs = [trial_config(cfg, v) for v in variants]  # every trial validates before compute is spent
+        for distinct in {experiment_hash(c, with_seed=False): c for c in configs}.values():
+            preflight(distinct)
+        run_id = tracking.start_run(self.uri, self.experiment_id, f"{self.name}-{name}", params=flatten(cfg),
+                                    tags={"nds.kind": "stage", "nds.sweep": self.name, "nds.stage": name},
+                                    parent_run_id=self.run_id)
+        try:
+            print(f"[nds] {self.name} stage {name}: {len(variants)} trials: "
+                  f"{', '.join(trial_name(v) for v in variants)}", flush=True)
+            inputs = kind.prepare(self, configs)
+            ctx = {"uri": self.uri, "experiment_id": self.experiment_id, "parent_run_id": run_id,
+                   "sweep": self.name, "stage": name, "metric": self.metric}
+            trainable = tune.with_parameters(run_trial, base=to_dict(cfg), kind=kind, inputs=inputs, ctx=ctx)
+            tuner = tune.Tuner(
+                tune.with_resources(trainable, {"cpu": cfg.resources.driver_cpus}),
+                param_space={"variant": tune.grid_search(variants)},
+                tune_config=tune.TuneConfig(max_concurrent_trials=cfg.resources.max_concurrent_trials),
+                run_config=tune.RunConfig(
+                    name=f"{self.name}-{self.stamp}-{name}",
+                    storage_path=str(cfg.runs_dir / "ray_results"),
+                    failure_config=tune.FailureConfig(max_failures=cfg.training.max_failures),
+                    verbose=1,
+                ),
+            )
+            trials = []
+            for result in tuner.fit():
+                trials.append({"variant": result.config["variant"], "ok": result.error is None,
+                               "metrics": {k: v for k, v in (result.metrics or {}).items()
+                                           if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                               "error": repr(result.error) if result.error else None})
+            outcome = StageOutcome(name, run_id, trials)
+            counts = {"levels.trained": outcome.count("levels.trained"), "levels.reused": outcome.count("levels.reused")}
+            tracking.log_metrics(self.uri, run_id, {"trials.total": len(trials),
+                                                    "trials.failed": sum(not t["ok"] for t in trials), **counts})
+            print(f"[nds] stage {name}: {sum(t['ok'] for t in trials)}/{len(trials)} trials finished; "
+                  f"levels trained {counts['levels.trained']}, reused {counts['levels.reused']}", flush=True)
+            tracking.end_run(self.uri, run_id)
+        except BaseException as err:
+            tracking.end_run(self.uri, run_id, error=err)
+            raise
+        self.stages.append(outcome)
+        return outcome
+
+    def tag_stage(self, outcome: StageOutcome, tags: dict[str, str]) -> None:
+        tracking.set_tags(self.uri, outcome.run_id, tags)
+
+
+def mean_metric(outcome: StageOutcome, metric: str) -> dict[str, float]:
+    """Mean of ``metric`` over seeds per variant name (finished trials only)."""
+    values: dict[str, list[float]] = {}
+    for t in outcome.trials:
+        if t["ok"] and metric in t["metrics"]:
+            values.setdefault(t["variant"]["name"], []).append(t["metrics"][metric])
+    return {name: sum(v) / len(v) for name, v in values.items()}

@@ -13,7 +13,7 @@ def test_dry_run_lists_trials_and_starts_nothing(tmp_path):
     proc = run("experiments/sweep_sigma.py", "--dry-run", "data.name=digits", "sweep.sigmas=[0,1]",
                f"paths.runs_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
-    assert "3 trials: L1-seed0, L2-sigma0-seed0, L2-sigma1-seed0" in proc.stdout
+    assert "stage L1+2: 3 trials: L1-seed0, L2-sigma0-seed0, L2-sigma1-seed0" in proc.stdout
     assert "spec: 28x28x1, 4x4x32, 2x2x16" in proc.stdout
     assert not any(tmp_path.iterdir())  # no store, no cache, no Ray results
 
@@ -40,3 +40,28 @@ def test_tables_from_an_empty_store_say_so(tmp_path):
     proc = run("analysis/make_tables.py", f"paths.runs_dir={tmp_path}")
     assert proc.returncode != 0
     assert "no finished trial runs" in proc.stderr
+
+
+def test_every_preset_validates_and_every_tiny_preset_plans_trials(tmp_path):
+    from nds.config import load_config
+
+    presets = sorted((REPO_ROOT / "configs").rglob("*.yaml"))
+    assert len(presets) >= 10
+    for path in presets:
+        load_config(path)  # the paper presets name cluster paths, so only the structure is checked here
+    for script in ("sweep_depth", "sweep_shapes", "sweep_encoders", "sweep_rcg"):
+        proc = run(f"experiments/{script}.py", "--dry-run", f"paths.runs_dir={tmp_path}")
+        assert proc.returncode == 0, proc.stderr
+        assert f"[nds] {script} stage" in proc.stdout
+
+
+def test_a_trial_that_cannot_run_stops_the_sweep_before_it_starts(tmp_path):
+    proc = run("experiments/sweep_encoders.py", "--dry-run", "sweep.encoders=[efficientnet_lite0,nope]")
+    assert proc.returncode == 2
+    assert "nope" in proc.stderr
+    proc = run("experiments/sweep_shapes.py", "--dry-run", "sweep.shapes=['28x28x1, 8x8x32']")
+    assert proc.returncode == 2
+    assert "8x8x32" in proc.stderr and "more dimensions" in proc.stderr
+    proc = run("experiments/sweep_encoders.py", "--dry-run", "sweep.encoders=[random_cnn]", "sweep.encoder_specs=[]",
+               f"paths.runs_dir={tmp_path}", "--config", str(tmp_path / "missing.yaml"))
+    assert proc.returncode == 2 and "config file not found" in proc.stderr

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from analysis.make_tables import make_tables
 from nds.config import REPO_ROOT, load_config
 from nds.metrics import FID, INCEPTION_FILE, SUBSTITUTE
-from nds.sweep import init_ray, run_sweep, sigma_variants
+from nds.protocols import run_sigma_chain, sigma_variants
+from nds.sweep import Sweep, init_ray
 
 pytestmark = pytest.mark.slow
 
@@ -42,65 +42,80 @@ def ray_instance(tmp_path_factory):
     ray.shutdown()
 
 
-def test_sigma_sweep_end_to_end(tmp_path):
+def trial_runs(client, experiment_id, stage_run_id):
+    return client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{stage_run_id}'")
+
+
+def test_sigma_sweep_chains_stages_and_trains_each_level_once(tmp_path):
     # The fault drill kills every level's workers once after the step-8 checkpoint; a run that
     # restarted from scratch would hit it again and fail, so finishing proves resume works.
-    cfg = tiny_config(tmp_path, "sweep.depths=[1,2]", "sweep.sigmas=[0.0,1.0]",
+    cfg = tiny_config(tmp_path, "hierarchy.spec='8x8x1, 2x2x8, 1x1x4'", "hierarchy.sigmas=[0.5,0.5]",
+                      "sweep.depths=[1,2,3]", "sweep.sigmas=[0.0,1.0]",
                       "training.fail_once_at_step=8", "training.max_failures=1")
-    variants = sigma_variants(cfg)
-    assert [v["L"] for v in variants] == [1, 2, 2]
+    k = len(cfg.sweep.sigmas)
+    with Sweep(cfg, "sweep_sigma") as sweep:
+        first, second = run_sigma_chain(sweep)
+    assert [t["ok"] for t in first.trials + second.trials] == [True] * 5, first.trials + second.trials
 
-    outcome = run_sweep(cfg, variants, "sweep_sigma")
-    assert [t["ok"] for t in outcome.trials] == [True, True, True], outcome.trials
+    # Stage L1+2 (empty store): L = 1 trains its one level; the σ_2 sweep trains k conditioned
+    # copies of level 1 plus the σ-free top level once: k + (L - 1), not k * L.
+    assert first.count("levels.trained") == 1 + k + 1
+    assert first.count("levels.reused") == (1 + 2 * k) - (1 + k + 1)
+    # Stage L3 carries the best σ_2, so level 1 (conditioned on it) is already in the store:
+    # only the k copies of level 2 and the new top level train.
+    assert second.count("levels.trained") == k + 1
+    assert second.count("levels.reused") == 3 * k - (k + 1)
 
     client = MlflowClient(cfg.tracking_uri)
-    parent = client.get_run(outcome.parent_run_id)
-    assert parent.info.status == "FINISHED"
-    assert parent.data.metrics["trials.total"] == 3 and parent.data.metrics["trials.failed"] == 0
-    children = client.search_runs([outcome.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'")
-    assert len(children) == 3
-    for run in children:
+    sweep_run = client.get_run(sweep.run_id)
+    assert sweep_run.info.status == "FINISHED"
+    assert sweep_run.data.metrics["trials.total"] == 5 and sweep_run.data.metrics["trials.failed"] == 0
+    assert sweep_run.data.metrics["levels.trained"] == 1 + k + 1 + k + 1
+    stage = client.get_run(first.run_id)
+    best = stage.data.tags["nds.best_sigma"]
+    by_sigma = {float(r.data.params["hierarchy.sigma.2"]): r.data.metrics[SUBSTITUTE]
+                for r in trial_runs(client, sweep.experiment_id, first.run_id) if r.data.params["hierarchy.L"] == "2"}
+    assert float(best) == min(by_sigma, key=by_sigma.get)
+
+    deep = trial_runs(client, sweep.experiment_id, second.run_id)
+    assert {r.data.params["hierarchy.sigma.2"] for r in deep} == {str(float(best))}
+    for run in trial_runs(client, sweep.experiment_id, first.run_id) + deep:
         assert run.info.status == "FINISHED"
-        params, metrics = run.data.params, run.data.metrics
+        params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
         depth = int(params["hierarchy.L"])
-        assert params["encoder.name"] == "efficientnet_lite0"
-        assert params["hierarchy.shape.1"] == "8x8x1"
+        assert params["encoder.name"] == "efficientnet_lite0" and params["hierarchy.shape.1"] == "8x8x1"
         assert math.isfinite(metrics[SUBSTITUTE]) and metrics[SUBSTITUTE] > 0
         assert (FID in metrics) == (Path(cfg.eval.inception_dir) / INCEPTION_FILE).is_file()
+        assert metrics["levels.trained"] + metrics["levels.reused"] == depth
         for level in range(1, depth + 1):
-            history = client.get_metric_history(run.info.run_id, f"level{level}/train_loss")
-            assert max(m.step for m in history) == cfg.training.steps
-            assert all(math.isfinite(m.value) for m in history)
             assert metrics[f"level{level}/gflops"] > 0 and metrics[f"level{level}/params"] > 0
-        if depth == 2:
-            assert params["hierarchy.sigma.2"] in ("0.0", "1.0")
-        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"sample_grid.png", "config.yaml"} <= artifacts
+            entry = Path(tags[f"nds.level.{level}.path"])  # the link to the level store entry it used
+            assert entry.parent == cfg.levels_dir and (entry / "ema_weights.pt").is_file()
+            if tags[f"nds.level.{level}.trained_here"] == "true":
+                history = client.get_metric_history(run.info.run_id, f"level{level}/train_loss")
+                assert max(m.step for m in history) == cfg.training.steps
+                assert all(math.isfinite(m.value) for m in history)
+        assert {"sample_grid.png", "config.yaml"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
 
-    markdown = make_tables(cfg.tracking_uri, [cfg.tracking.experiment], tmp_path / "tables")
-    rows = [line for line in markdown.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
-    assert len(rows) == 2
-    assert "missing" not in markdown
-    by_sigma = {float(r.data.params["hierarchy.sigma.2"]): r.data.metrics[SUBSTITUTE]
-                for r in children if r.data.params["hierarchy.L"] == "2"}
-    for value in by_sigma.values():
-        assert f"{value:.2f}" in rows[1]
-    assert (tmp_path / "tables" / "table1_sigma.csv").is_file()
+    # a second sweep over the same settings trains nothing
+    with Sweep(cfg, "sweep_sigma") as again:
+        stage = again.stage("again", sigma_variants(cfg, [2]))
+    assert stage.count("levels.trained") == 0 and stage.count("levels.reused") == 2 * k
 
 
 def test_failing_trial_is_recorded_and_sweep_goes_on(tmp_path):
-    cfg = tiny_config(tmp_path, "sweep.depths=[1]", "sweep.seeds=[0,1]", "resources.workers_per_level=1",
+    cfg = tiny_config(tmp_path, "sweep.seeds=[0,1]", "resources.workers_per_level=1",
                       "resources.max_concurrent_trials=1", "training.steps=4",
                       "training.fail_once_at_step=2", "training.max_failures=0")
-    outcome = run_sweep(cfg, sigma_variants(cfg), "sweep_sigma")
-    assert len(outcome.trials) == 2 and not any(t["ok"] for t in outcome.trials)
+    with Sweep(cfg, "sweep_sigma") as sweep:
+        stage = sweep.stage("L1", sigma_variants(cfg, [1]))
+    assert len(stage.trials) == 2 and not any(t["ok"] for t in stage.trials)
 
     client = MlflowClient(cfg.tracking_uri)
-    children = client.search_runs([outcome.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'")
+    children = trial_runs(client, sweep.experiment_id, stage.run_id)
     assert len(children) == 2
     for run in children:
         assert run.info.status == "FAILED"
         assert "fail_once_at_step=2" in run.data.tags["error"]
-    assert client.get_run(outcome.parent_run_id).data.metrics["trials.failed"] == 2
+    assert client.get_run(stage.run_id).data.metrics["trials.failed"] == 2
+    assert client.get_run(sweep.run_id).info.status == "FINISHED"

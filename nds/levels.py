@@ -1,0 +1,140 @@
+"""The trained-level store: a level of the chain is trained once and reused by every trial of every sweep.
+
+Given its frozen targets, level l's model depends only on the data, the encoder, its own
+shape, the shape and σ of its condition ẑ_{l+1}, the model/diffusion/training config and the
+seed (``level_key``). A σ sweep over k values at depth L therefore trains k conditioned
+copies of level L-1 and shares every other level. Entries live under ``cfg.levels_dir``
+(on storage every node sees), are written atomically, and a file lock per entry makes a
+second trial that needs a level wait for the first to train it instead of training it again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+from nds.config import Config, config_hash, to_dict
+from nds.hierarchy import parse_spec
+
+ENTRY_FILE = "level.json"
+WEIGHTS_FILE = "ema_weights.pt"
+# Keys that change how a run is logged or resumed, not the weights it ends with.
+_TRAINING_BOOKKEEPING = ("log_every", "checkpoint_every", "max_failures", "fail_once_at_step")
+_SAMPLING_ONLY = ("sample_steps", "cfg_scale", "eta", "clip_images")
+
+
+def level_key(cfg: Config, level: int) -> dict:
+    """Exactly what determines level ``level``'s trained weights in ``cfg``'s chain."""
+    d = to_dict(cfg)
+    shapes = parse_spec(cfg.hierarchy.spec)
+    conditioned = level < cfg.hierarchy.L
+    encoder = d["encoder"]
+    key = {
+        "data": {k: v for k, v in d["data"].items() if k != "eval_limit"},
+        "shape": str(shapes[level - 1]),
+        "condition": {"shape": str(shapes[level]), "sigma": cfg.sigma(level + 1)} if conditioned else None,
+        "model": d["model"],
+        "diffusion": {k: v for k, v in d["diffusion"].items() if k not in _SAMPLING_ONLY},
+        "training": {k: v for k, v in d["training"].items() if k not in _TRAINING_BOOKKEEPING},
+        "workers": cfg.resources.workers_per_level,  # sets the global batch
+        "seed": cfg.seed,
+    }
+    if level > 1 or conditioned:  # the encoder forms z_2.. (targets above level 1, or the condition)
+        key["encoder"] = {k: encoder[k] for k in ("name", "weights", "image_size", "bf16")}
+    if level == 1:  # z_1 is pixels or VAE latents
+        key["level1"] = {k: encoder[k] for k in ("level1", "level1_weights")}
+    return key
+
+
+def level_id(cfg: Config, level: int) -> str:
+    return config_hash(level_key(cfg, level))
+
+
+@dataclass
+class LevelEntry:
+    level_id: str
+    path: Path
+    info: dict  # level.json: the key, final loss, which MLflow run trained it, when
+
+    @property
+    def weights(self) -> Path:
+        return self.path / WEIGHTS_FILE
+
+
+class LevelStore:
+    """Directory of trained levels: ``<root>/<level_id>/{ema_weights.pt, level.json}``."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def get(self, level_id: str) -> LevelEntry | None:
+        path = self.root / level_id
+        if not (path / ENTRY_FILE).is_file():
+            return None
+        if not (path / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"level store entry {path} has {ENTRY_FILE} but no {WEIGHTS_FILE}; "
+                                    f"delete the directory to retrain the level")
+        return LevelEntry(level_id, path, json.loads((path / ENTRY_FILE).read_text()))
+
+    def lock(self, level_id: str) -> FileLock:
+        """Held while a level is trained, so concurrent trials that need it wait instead of training it too."""
+        return FileLock(str(self.root / f"{level_id}.lock"))
+
+    def put(self, level_id: str, weights: dict[str, torch.Tensor], info: dict) -> LevelEntry:
+        """Write the entry beside the store and publish it with one rename: a crash leaves no half entry."""
+        staging = self.root / f".staging-{level_id}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        try:
+            torch.save(weights, staging / WEIGHTS_FILE)
+            (staging / ENTRY_FILE).write_text(json.dumps({**info, "level_id": level_id, "created": time.time()},
+                                                         indent=2, default=str))
+            os.replace(staging, self.root / level_id)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return self.get(level_id)
+
+
+@dataclass
+class ObtainedLevel:
+    level: int
+    entry: LevelEntry
+    trained: bool  # False: reused from the store
+
+
+def obtain_level(cfg: Config, level: int, data_refs: dict, mlflow_run: dict | None = None) -> ObtainedLevel:
+    """The store's entry for this level of ``cfg``'s chain, training it first if no trial has yet."""
+    from nds.train import train_level
+
+    store = LevelStore(cfg.levels_dir)
+    key = level_key(cfg, level)
+    ident = config_hash(key)
+    with store.lock(ident):
+        entry = store.get(ident)
+        if entry is not None:
+            return ObtainedLevel(level, entry, trained=False)
+        result = train_level(cfg, level, data_refs, run_name=f"level{level}-{ident}", mlflow_run=mlflow_run)
+        info = {"key": key, "level": level, "final_loss": result.final_loss,
+                "ray_checkpoint": result.checkpoint_path,
+                "trained_by_mlflow_run": mlflow_run["run_id"] if mlflow_run else None}
+        return ObtainedLevel(level, store.put(ident, result.model.state_dict(), info), trained=True)
+
+
+def load_level_model(cfg: Config, entry: LevelEntry) -> torch.nn.Module:
+    """The level's U-ViT with the stored EMA weights, on CPU in eval mode."""
+    from nds.train import build_level_model
+
+    model = build_level_model(cfg, entry.info["level"])
+    try:
+        state = torch.load(entry.weights, map_location="cpu")
+    except Exception as err:  # a truncated or foreign file: name it, say how to recover
+        raise RuntimeError(f"cannot read level weights {entry.weights} ({err}); delete {entry.path} to retrain") from err
+    model.load_state_dict(state)
+    return model.eval()

@@ -1,0 +1,107 @@
+"""The papers' experiment protocols as lists of variants (see nds.sweep.variant).
+
+Each function reads the ``sweep`` section of the config and returns the trials of one Tune
+stage; ``sweep_sigma`` chains stages, carrying the best σ of depth L into depth L+1 as the
+nested-diffusion paper does (Table 1: "we select the optimal σ_l values for l < L from earlier
+levels").
+"""
+from __future__ import annotations
+
+from nds.config import Config, replace
+from nds.sweep import StageOutcome, Sweep, mean_metric, variant
+
+
+def sigma_name(depth: int, sigma: float) -> str:
+    return f"L{depth}-sigma{sigma:g}"
+
+
+def sigma_stages(depths: list[int]) -> list[list[int]]:
+    """Depths 1 and 2 need no σ chosen at an earlier depth, so they share the first stage; each
+    deeper depth L waits for the best σ_{L-1} of the stage before it."""
+    depths = sorted(set(depths))
+    first = [d for d in depths if d <= 2]
+    return ([first] if first else []) + [[d] for d in depths if d > 2]
+
+
+def sigma_variants(cfg: Config, depths: list[int]) -> list[dict]:
+    """σ_L over ``sweep.sigmas`` at each depth L > 1 (σ_l for l < L as in ``cfg``); L = 1 has no σ."""
+    variants = []
+    for seed in cfg.sweep.seeds:
+        for depth in depths:
+            if depth == 1:
+                variants.append(variant("L1", seed, **{"hierarchy.L": 1}))
+                continue
+            for sigma in cfg.sweep.sigmas:
+                sigmas = list(cfg.hierarchy.sigmas)
+                sigmas[depth - 2] = sigma
+                variants.append(variant(sigma_name(depth, sigma), seed, **{"hierarchy.L": depth, "hierarchy.sigmas": sigmas}))
+    return variants
+
+
+def best_sigma(outcome: StageOutcome, cfg: Config, depth: int, metric: str) -> float | None:
+    """The σ_depth with the lowest mean metric over seeds, or None if no trial at that depth finished."""
+    means = mean_metric(outcome, metric)
+    scored = [(means[sigma_name(depth, s)], s) for s in cfg.sweep.sigmas if sigma_name(depth, s) in means]
+    return min(scored)[1] if scored else None
+
+
+def with_sigma(cfg: Config, depth: int, sigma: float) -> Config:
+    sigmas = list(cfg.hierarchy.sigmas)
+    sigmas[depth - 2] = sigma
+    return replace(cfg, **{"hierarchy.sigmas": sigmas})
+
+
+def sigma_stage_name(depths: list[int]) -> str:
+    return "L" + "+".join(map(str, depths))
+
+
+def run_sigma_chain(sweep: Sweep) -> list[StageOutcome]:
+    """The σ sweep's stages in order, each deeper stage with the best σ found before it."""
+    cfg = sweep.cfg
+    outcomes = []
+    for depths in sigma_stages(cfg.sweep.depths):
+        outcome = sweep.stage(sigma_stage_name(depths), sigma_variants(cfg, depths), cfg)
+        outcomes.append(outcome)
+        depth = max(depths)
+        if depth < 2 or not cfg.sweep.carry_best_sigma:
+            continue
+        best = best_sigma(outcome, cfg, depth, sweep.metric)
+        if best is None:
+            print(f"[nds] no trial at L={depth} finished; deeper stages keep σ_{depth} = {cfg.sigma(depth)}", flush=True)
+            continue
+        sweep.tag_stage(outcome, {"nds.best_sigma": f"{best:g}"})
+        print(f"[nds] best σ_{depth} = {best:g} ({sweep.metric}); carried into deeper stages", flush=True)
+        cfg = with_sigma(cfg, depth, best)
+    return outcomes
+
+
+def depth_variants(cfg: Config) -> list[dict]:
+    """L over ``sweep.depths`` at the σ in ``hierarchy.sigmas``."""
+    return [variant(f"L{d}", seed, **{"hierarchy.L": d}) for seed in cfg.sweep.seeds for d in cfg.sweep.depths]
+
+
+def shape_variants(cfg: Config) -> list[dict]:
+    """Whole ``hierarchy.spec`` strings from ``sweep.shapes`` at depth ``hierarchy.L``."""
+    return [variant(f"spec={spec}", seed, **{"hierarchy.spec": spec})
+            for seed in cfg.sweep.seeds for spec in cfg.sweep.shapes]
+
+
+def encoder_variants(cfg: Config) -> list[dict]:
+    """Table 4a: the same chain and hyperparameters with each encoder of ``sweep.encoders``; an
+    encoder whose map cannot hold the spec (a VAE has 4 channels) gets its own from ``sweep.encoder_specs``."""
+    specs = cfg.sweep.encoder_specs or [""] * len(cfg.sweep.encoders)
+    variants = []
+    for seed in cfg.sweep.seeds:
+        for name, spec in zip(cfg.sweep.encoders, specs):
+            changes = {"encoder.name": name, **({"hierarchy.spec": spec} if spec else {})}
+            variants.append(variant(f"encoder={name}", seed, **changes))
+    return variants
+
+
+def rcg_variants(cfg: Config) -> list[dict]:
+    """Table 4b: our L = 2 spatial hierarchy (the config as it is) against RCG's global vector on
+    top (``sweep.rcg_encoder`` with ``sweep.rcg_spec``), which RCG conditions on without noise."""
+    rcg = {"encoder.name": cfg.sweep.rcg_encoder, "hierarchy.spec": cfg.sweep.rcg_spec, "hierarchy.L": 2,
+           "hierarchy.sigmas": [0.0] * (len(cfg.sweep.rcg_spec.split(",")) - 1)}
+    return [v for seed in cfg.sweep.seeds
+            for v in (variant("spatial", seed, **{"hierarchy.L": 2}), variant("rcg", seed, **rcg))]

@@ -1,0 +1,73 @@
+"""The trained-level store: what keys a level, and how entries are written and read back."""
+import json
+
+import pytest
+import torch
+
+from nds.config import load_config, replace
+from nds.levels import ENTRY_FILE, WEIGHTS_FILE, LevelStore, level_id, load_level_model
+from nds.protocols import sigma_variants
+from nds.sweep import trial_config
+from nds.train import build_level_model
+
+SPEC = ["hierarchy.spec='8x8x1, 2x2x8, 1x1x4'", "model.width=16", "model.depth=2", "model.heads=2"]
+
+
+def config(*overrides):
+    return load_config(None, [*SPEC, *overrides])
+
+
+def test_a_level_depends_on_its_condition_not_on_the_sigma_above_it():
+    two = [trial_config(config("hierarchy.L=2"), v) for v in sigma_variants(config("sweep.sigmas=[0,1]"), [2])]
+    assert level_id(two[0], 2) == level_id(two[1], 2)  # the top level has no condition
+    assert level_id(two[0], 1) != level_id(two[1], 1)  # level 1 sees ẑ_2 with σ_2 = 0 vs 1
+    top_of_one = config("hierarchy.L=1")
+    assert level_id(top_of_one, 1) != level_id(two[0], 1)  # unconditional vs conditional level 1
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_a_sigma_sweep_needs_k_plus_the_levels_that_ignore_sigma_L(depth):
+    cfg = config("sweep.sigmas=[0,0.5,1]", "hierarchy.sigmas=[0.5,0.5]")
+    trials = [trial_config(cfg, v) for v in sigma_variants(cfg, [depth])]
+    needed = {level_id(t, level) for t in trials for level in range(1, depth + 1)}
+    k = len(cfg.sweep.sigmas)
+    assert len(needed) == k + (depth - 1)  # not k * depth
+
+
+def test_logging_sampling_and_execution_keys_do_not_change_a_level():
+    cfg = config("hierarchy.L=2")
+    same = replace(cfg, **{"training.log_every": 7, "training.fail_once_at_step": 3, "diffusion.sample_steps": 9,
+                           "eval.num_samples": 11, "resources.max_concurrent_trials": 5, "paths.runs_dir": "/elsewhere"})
+    assert [level_id(same, lvl) for lvl in (1, 2)] == [level_id(cfg, lvl) for lvl in (1, 2)]
+    for change in ({"seed": 1}, {"training.lr": 1e-4}, {"encoder.name": "random_cnn"}, {"model.width": 32},
+                   {"resources.workers_per_level": 2}):
+        assert level_id(replace(cfg, **change), 2) != level_id(cfg, 2), change
+    # level 1 of a one-level chain is pixels only: the encoder cannot matter
+    one = replace(cfg, **{"hierarchy.L": 1})
+    assert level_id(replace(one, **{"encoder.name": "random_cnn"}), 1) == level_id(one, 1)
+
+
+def test_store_round_trip_and_half_written_entries(tmp_path):
+    cfg = config("hierarchy.L=2")
+    store = LevelStore(tmp_path)
+    ident = level_id(cfg, 2)
+    assert store.get(ident) is None
+    model = build_level_model(cfg, 2)
+    entry = store.put(ident, model.state_dict(), {"level": 2, "final_loss": 0.5})
+    assert store.get(ident).info["final_loss"] == 0.5
+    loaded = load_level_model(cfg, entry)
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".staging")]
+
+    # a crash before the rename leaves only a staging directory, which is never read as an entry
+    (tmp_path / f".staging-{level_id(cfg, 1)}-dead").mkdir()
+    assert store.get(level_id(cfg, 1)) is None
+
+    (entry.path / WEIGHTS_FILE).write_bytes(b"truncated")
+    with pytest.raises(RuntimeError, match=f"cannot read level weights .*{WEIGHTS_FILE}.*delete"):
+        load_level_model(cfg, store.get(ident))
+    (entry.path / WEIGHTS_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="no ema_weights.pt; delete the directory"):
+        store.get(ident)
+    assert json.loads((entry.path / ENTRY_FILE).read_text())["level_id"] == ident

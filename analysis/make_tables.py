@@ -1,42 +1,88 @@
-"""Regenerate the σ-sweep table (paper Table 1 layout) from the runs in MLflow.
+"""Regenerate the papers' ablation tables (Markdown, LaTeX, CSV) and plots (PNG) from the MLflow runs.
 
-    python analysis/make_tables.py [--config FILE] [--experiment NAME ...] [--out-dir DIR] [key=value ...]
+    python analysis/make_tables.py [--config FILE] [--tracking-uri URI] [--experiments NAME ...]
+                                   [--out-dir DIR] [--format md,latex,csv,png] [key=value ...]
+
+Reads the finished trial runs of every nds-* experiment (or the named ones; or the config's
+tracking.experiment when it sets one), counts a config hash once (newest run) and averages the
+seeds of a setting. Writes, per table, <name>.md/.tex/.csv (and .png where there is a plot):
+table1_sigma, table2_sigma, depth, shapes, table4a_encoders, table4b_rcg, mdm (+ mdm_*.png), and
+tables.md with all of them. A sweep without runs is skipped with a line saying so.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
-from analysis.runs import load_trials, quality_metric
-from analysis.tables import sigma_table, to_markdown, to_wide
+from analysis.plots import depth_plot, mdm_plots, sigma_plot
+from analysis.render import to_csv, to_latex, to_markdown
+from analysis.runs import EXPERIMENT_PREFIX, load_trials, metric_history
+from analysis.tables import (Table, depth_table, encoders_table, mdm_table, rcg_table, shapes_table,
+                             sigma_tables)
 from nds.config import ConfigError, load_config
-from nds.metrics import SUBSTITUTE
 
-METRIC_TITLES = {
-    "fid": "FID (clean-fid, Inception-v3)",
-    SUBSTITUTE: "Fréchet distance in EfficientNet-Lite0 features (substitute: Inception weights absent; not FID)",
-}
+FORMATS = ("md", "latex", "csv", "png")
+WRITERS = {"md": (".md", to_markdown), "latex": (".tex", to_latex), "csv": (".csv", to_csv)}
+PLOTS = {"table1_sigma": sigma_plot, "table2_sigma": sigma_plot, "depth": depth_plot}
 
 
-def make_tables(tracking_uri: str, experiments: list[str], out_dir: Path) -> str:
+def build_tables(tracking_uri: str, experiments: list[str] | None = None) -> tuple[list[Table], list[str]]:
+    """Every table with runs behind it, and one line per table skipped or per setting set aside."""
+    experiments = [name for name in experiments or [] if name] or None  # "": the config's unset name
     trials = load_trials(tracking_uri, experiments)
     if trials.empty:
-        raise SystemExit(f"no finished trial runs in experiment(s) {experiments} at {tracking_uri}")
-    metric = quality_metric(trials)
-    wide = to_wide(sigma_table(trials, metric))
+        where = f"experiment(s) {experiments}" if experiments else f"the {EXPERIMENT_PREFIX}* experiments"
+        raise SystemExit(f"no finished trial runs in {where} at {tracking_uri}")
+    tables, messages = sigma_tables(trials)
+    for table, skipped in [depth_table(trials), shapes_table(trials), encoders_table(trials), rcg_table(trials),
+                           mdm_table(trials, partial(metric_history, tracking_uri))]:
+        tables += [table] if table else []
+        messages += [skipped] if skipped else []
+    if not tables:
+        raise SystemExit("no table to make: " + "; ".join(messages))
+    return tables, messages + [note for table in tables for note in table.notes]
+
+
+def make_tables(tracking_uri: str, experiments: list[str] | None, out_dir: Path,
+                formats: tuple[str, ...] = FORMATS) -> str:
+    """Write every table in ``formats`` under ``out_dir``; returns them all as Markdown."""
+    tables, messages = build_tables(tracking_uri, experiments)
     out_dir.mkdir(parents=True, exist_ok=True)
-    markdown = to_markdown(wide, f"Table 1 layout — {METRIC_TITLES[metric]} (lower is better; best σ_L per row in bold)")
-    (out_dir / "table1_sigma.md").write_text(markdown)
-    wide.to_csv(out_dir / "table1_sigma.csv", index=False)
-    return markdown
+    for table in tables:
+        for fmt in formats:
+            if fmt in WRITERS:
+                suffix, write = WRITERS[fmt]
+                (out_dir / f"{table.name}{suffix}").write_text(write(table))
+        if "png" in formats and table.name in PLOTS:
+            PLOTS[table.name](table, out_dir / f"{table.name}.png")
+        if "png" in formats and table.curves is not None:
+            mdm_plots(table, out_dir)
+    report = "\n".join(to_markdown(table) for table in tables)
+    if "md" in formats:
+        (out_dir / "tables.md").write_text(report)
+    for message in messages:
+        print(f"[nds] {message}", file=sys.stderr)
+    return report
+
+
+def _formats(text: str) -> tuple[str, ...]:
+    chosen = tuple(f.strip() for f in text.split(",") if f.strip())
+    unknown = set(chosen) - set(FORMATS)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown format(s) {sorted(unknown)}; choose from {','.join(FORMATS)}")
+    return chosen
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (for the tracking URI and experiment name)")
-    parser.add_argument("--experiment", action="append", help="MLflow experiment name (repeatable)")
+    parser.add_argument("--config", help="YAML config (for the tracking URI, runs_dir and experiment name)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: from the config)")
+    parser.add_argument("--experiments", nargs="+", metavar="NAME",
+                        help=f"MLflow experiments to read (default: every {EXPERIMENT_PREFIX}* experiment)")
     parser.add_argument("--out-dir", help="where to write the tables (default: <runs_dir>/tables)")
+    parser.add_argument("--format", type=_formats, default=FORMATS, help="comma-separated subset of md,latex,csv,png")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = parser.parse_args(argv)
     try:
@@ -45,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     out_dir = Path(args.out_dir) if args.out_dir else cfg.runs_dir / "tables"
-    print(make_tables(cfg.tracking_uri, args.experiment or [cfg.tracking.experiment], out_dir))
-    print(f"written to {out_dir}/table1_sigma.{{md,csv}}")
+    experiments = args.experiments or [cfg.tracking.experiment]
+    print(make_tables(args.tracking_uri or cfg.tracking_uri, experiments, out_dir, args.format))
+    print(f"written to {out_dir}/ ({', '.join(args.format)})")
     return 0
 
 

@@ -1,10 +1,13 @@
-"""Read trial runs from MLflow into one pandas frame, one row per distinct config."""
+"""Read trial runs from MLflow into pandas: one row per distinct config, seeds aggregated per setting."""
 from __future__ import annotations
 
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from nds.metrics import FID, SUBSTITUTE
+
+EXPERIMENT_PREFIX = "nds-"
+IDENTITY = ["tags.nds.sweep", "tags.nds.variant", "tags.nds.config_hash"]
 
 
 def _frame(runs) -> pd.DataFrame:
@@ -19,22 +22,39 @@ def _frame(runs) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def load_trials(tracking_uri: str, experiments: list[str]) -> pd.DataFrame:
-    """Finished trial runs; a config run twice counts once (the newest run of its config hash)."""
-    client = MlflowClient(tracking_uri)
-    ids = [e.experiment_id for name in experiments if (e := client.get_experiment_by_name(name)) is not None]
-    runs, token = [], None
-    while ids:
-        page = client.search_runs(ids, filter_string="tags.`nds.kind` = 'trial' and attributes.status = 'FINISHED'",
-                                  max_results=1000, page_token=token)
-        runs.extend(page)
+def _pages(search, **kwargs) -> list:
+    items, token = [], None
+    while True:
+        page = search(page_token=token, **kwargs)
+        items.extend(page)
         token = page.token
         if not token:
-            break
+            return items
+
+
+def experiment_names(client: MlflowClient) -> list[str]:
+    """Every experiment a sweep wrote with the default naming (nds-sweep-sigma, ...)."""
+    found = _pages(client.search_experiments, filter_string=f"name LIKE '{EXPERIMENT_PREFIX}%'")
+    return sorted(e.name for e in found)
+
+
+def load_trials(tracking_uri: str, experiments: list[str] | None = None) -> pd.DataFrame:
+    """Finished trial runs (default: of every nds-* experiment). A config a sweep ran twice counts
+    once: the newest run per (``nds.sweep``, ``nds.variant``, ``nds.config_hash``). The same config
+    in another sweep, or under another label (MDM's "nested" baseline may equal a Fig. 8a
+    schedule), keeps its own row for its own table or curve."""
+    client = MlflowClient(tracking_uri)
+    names = experiments or experiment_names(client)
+    ids = [e.experiment_id for name in names if (e := client.get_experiment_by_name(name)) is not None]
+    if not ids:
+        return pd.DataFrame()
+    runs = _pages(client.search_runs, experiment_ids=ids, max_results=1000,
+                  filter_string="tags.`nds.kind` = 'trial' and attributes.status = 'FINISHED'")
     frame = _frame(runs)
     if frame.empty:
         return frame
-    frame = frame.sort_values("start_time").drop_duplicates("tags.nds.config_hash", keep="last")
+    frame = frame.reindex(columns=[*frame.columns, *(c for c in IDENTITY if c not in frame)])  # older runs lack tags
+    frame = frame.sort_values("start_time").drop_duplicates(IDENTITY, keep="last")
     return frame.reset_index(drop=True)
 
 
@@ -44,3 +64,23 @@ def quality_metric(frame: pd.DataFrame) -> str:
     if fid_col in frame and frame[fid_col].notna().all():
         return FID
     return SUBSTITUTE
+
+
+def metric_history(tracking_uri: str, run_ids: list[str], metric: str) -> pd.DataFrame:
+    """The metric at every step it was logged (MDM: training iterations): run_id, step, value."""
+    client = MlflowClient(tracking_uri)
+    rows = [{"run_id": run_id, "step": m.step, "value": m.value}
+            for run_id in run_ids for m in client.get_metric_history(run_id, metric)]
+    return pd.DataFrame(rows, columns=["run_id", "step", "value"])
+
+
+def settings(frame: pd.DataFrame, keys: list[str]) -> tuple[pd.DataFrame, int]:
+    """Seeds of one setting (same ``group``: variant label and ``nds.group_hash``) → mean, std, n of ``value``;
+    the other columns from its newest run. Where several settings fall on the same ``keys`` (a
+    sweep re-run with other hyperparameters), the newest is kept; returns how many were set aside."""
+    frame = frame.sort_values("start_time")
+    stats = frame.groupby("group")["value"].agg(["mean", "std", "count"]).rename(columns={"count": "n"})
+    newest = frame.drop_duplicates("group", keep="last").set_index("group").drop(columns="value")
+    cells = newest.join(stats).sort_values("start_time")
+    kept = cells.drop_duplicates(keys, keep="last")
+    return kept.reset_index(), len(cells) - len(kept)

@@ -1,68 +1,333 @@
-"""Table 1 / Table 2 layout: a row per depth L, a column per σ_L, cells = metric (mean ± std over seeds)."""
+"""The papers' ablation tables from trial runs: Table 1/2 (L × σ_L), depth, shapes, Table 4a/4b, MDM.
+
+Each builder takes the trials (analysis.runs.load_trials: finished, a re-run config counted once),
+aggregates the seeds of each setting and returns a Table: parts of display strings, one per
+dataset and conditioning, then the papers' published numbers as parts of their own.
+"""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import pandas as pd
 
-NO_SIGMA = "—"  # L = 1 has no conditioning level, hence no σ
+from analysis import paper
+from analysis.runs import quality_metric, settings
+from nds.metrics import FID, SUBSTITUTE
+
+NA = "—"  # not applicable: L = 1 has no σ_L
+MISSING = "missing"  # no finished run with the metric for this cell
+NO_SIGMA = "no σ (L=1)"
+UNCONDITIONAL = "unconditional"
+METRIC_TITLES = {
+    FID: "FID (clean-fid, Inception-v3)",
+    SUBSTITUTE: ("fd_effnet_lite0 — Fréchet distance in EfficientNet-Lite0 feature space, a substitute "
+                 "because the Inception weights were absent; its values are not comparable with Inception FIDs"),
+}
+PAPER_NOTE = ("Parts marked 'paper' are published numbers at full scale on the paper's dataset (their metric: "
+              "Inception FID), not our runs: compare trends, not values.")
 
 
-def _sigma_of_top(row: pd.Series) -> str:
-    depth = int(row["params.hierarchy.L"])
-    return NO_SIGMA if depth == 1 else row[f"params.hierarchy.sigma.{depth}"]
+@dataclass
+class Part:
+    title: str
+    frame: pd.DataFrame  # display strings; bold as **x**
 
 
-def sigma_table(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Rows L with shape of z_L, GFLOPs and params of level L's model; columns σ_L; mean/std/n per cell."""
+@dataclass
+class Table:
+    name: str  # file stem in the output folder
+    title: str
+    caption: str
+    parts: list[Part]
+    cells: pd.DataFrame  # the aggregated settings shown (mean, std, n per setting), for plots
+    metric: str
+    notes: list[str] = field(default_factory=list)
+    curves: pd.DataFrame | None = None  # MDM: mean/std over seeds per training step
+
+
+def metric_header(metric: str) -> str:
+    return ("FID" if metric == FID else metric) + " ↓"
+
+
+# -- runs → one described row per run ------------------------------------------------------------
+
+
+def _condition(get) -> str:
+    text, classes = get("params.model.text_encoder", ""), int(get("params.model.num_classes", 0))
+    if text:
+        return f"text ({text})"
+    return f"class ({classes} classes)" if classes > 0 else UNCONDITIONAL
+
+
+def _mdm_family(variant: str) -> str:
+    """Which MDM figure a variant belongs to, from the sweep's variant names."""
+    if variant.startswith("phase"):
+        return "Fig. 8a: progressive-training schedules"
+    if variant.startswith("res"):
+        return "Fig. 8b: number of nested resolutions"
+    return "NestedUNet vs cascaded vs plain"
+
+
+def describe(trials: pd.DataFrame) -> pd.DataFrame:
+    """The fields the tables show, one row per run, index kept (missing values are NaN)."""
+    rows = {}
+    for index, run in trials.iterrows():
+        def get(key, default=math.nan, run=run):
+            value = run.get(key)
+            return default if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+        depth = int(get("params.hierarchy.L", 1))
+        sigmas = [float(get(f"params.hierarchy.sigma.{level}")) for level in range(2, depth + 1)]
+        variant = get("tags.nds.variant", "")
+        rows[index] = {
+            "run_id": run["run_id"], "start_time": run["start_time"],
+            "group": f'{variant}|{get("tags.nds.group_hash", None) or get("tags.nds.config_hash")}',  # a setting's seeds
+            "variant": variant, "dataset": get("params.data.name", "?"), "condition": _condition(get),
+            "L": depth, "sigma_L": sigmas[-1] if sigmas else math.nan, "sigmas": ", ".join(f"{s:g}" for s in sigmas),
+            "z_L": get(f"params.hierarchy.shape.{depth}", "n/a"), "spec": get("params.hierarchy.spec", "n/a"),
+            "encoder": get("params.encoder.name", "n/a"),
+            "gflops_L": get(f"metrics.level{depth}/gflops"), "params_L": get(f"metrics.level{depth}/params"),
+            "gflops_total": get("metrics.total/gflops"), "params_total": get("metrics.total/params"),
+            "family": _mdm_family(variant), "baseline": get("tags.nds.mdm_baseline", "n/a"),
+            "resolutions": get("params.mdm.resolutions", "n/a"), "phase_steps": get("params.mdm.phase_steps", "n/a"),
+            "mdm_gflops": get("metrics.mdm/gflops"), "mdm_params": get("metrics.mdm/params"),
+        }
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def _scored(trials: pd.DataFrame, sweep: str, keep: Callable[[pd.DataFrame], pd.Series] | None = None):
+    """The described runs of one sweep (optionally filtered), with ``value`` = the table's quality metric."""
+    runs = trials[trials["tags.nds.sweep"] == sweep]
+    frame = describe(runs)
+    if keep is not None and not frame.empty:
+        frame = frame[keep(frame)]
+    runs = runs.loc[frame.index]
+    metric = quality_metric(runs)
+    column = f"metrics.{metric}"
+    frame = frame.assign(value=runs[column] if column in runs else math.nan)
+    return frame, metric
+
+
+# -- formatting ----------------------------------------------------------------------------------
+
+
+def _num(x, spec: str = ".4g") -> str:
+    return "n/a" if pd.isna(x) else format(x, spec)
+
+
+def _millions(x) -> str:
+    return "n/a" if pd.isna(x) else f"{x / 1e6:.3g}M"
+
+
+def _growth(total, base) -> str:
+    return "n/a" if pd.isna(total) or pd.isna(base) or base == 0 else f"{(total / base - 1) * 100:+.1f}%"
+
+
+def cell(setting: pd.Series | None, bold: bool = False) -> str:
+    """mean ± std over seeds (n shown when n > 1); 'missing' when no run has the metric."""
+    if setting is None or pd.isna(setting["mean"]):
+        return MISSING
+    n = int(setting["n"])
+    text = f"{setting['mean']:.2f}" if n < 2 else f"{setting['mean']:.2f} ± {setting['std']:.2f} (n={n})"
+    return f"**{text}**" if bold else text
+
+
+def _is_best(setting: pd.Series, scored: pd.Series) -> bool:
+    """Bold the lowest where there is a choice (two or more scored cells)."""
+    return scored.count() > 1 and setting["mean"] == scored.min()
+
+
+def _sigma_label(sigma: float) -> str:
+    return f"σ_L={float(sigma)}"
+
+
+# -- Table 1 / Table 2: rows L, columns σ_L ------------------------------------------------------
+
+
+def _with_growth(cells: pd.DataFrame) -> pd.DataFrame:
+    """Total GFLOPs relative to the L = 1 setting of the same dataset and conditioning (the paper's growth)."""
+    base = cells[cells["L"] == 1].groupby(["dataset", "condition"])["gflops_total"].last()
+    return cells.assign(growth=[NA if depth == 1 else _growth(total, base.get(key))
+                                for depth, total, key in zip(cells["L"], cells["gflops_total"],
+                                                             zip(cells["dataset"], cells["condition"]))])
+
+
+def _sigma_part(cells: pd.DataFrame) -> pd.DataFrame:
+    sigmas = sorted(cells["sigma_L"].dropna().unique())
+    has_l1 = (cells["L"] == 1).any()
     rows = []
-    for _, run in trials.iterrows():
-        depth = int(run["params.hierarchy.L"])
-        rows.append({
-            "L": depth,
-            "z_L": run[f"params.hierarchy.shape.{depth}"],
-            "GFLOPs": run[f"metrics.level{depth}/gflops"],
-            "params_M": run[f"metrics.level{depth}/params"] / 1e6,
-            "sigma_L": _sigma_of_top(run),
-            "seed": run["params.seed"],
-            "value": run[f"metrics.{metric}"],
-        })
-    long = pd.DataFrame(rows)
-    if long.empty:
-        return long
-    cells = long.groupby(["L", "z_L", "GFLOPs", "params_M", "sigma_L"])["value"].agg(["mean", "std", "count"])
-    return cells.reset_index()
+    for depth, at in cells.groupby("L"):
+        info = at.iloc[-1]
+        row = {"L": depth, "z_L": info["z_L"], "GFLOPs (level L)": _num(info["gflops_L"]),
+               "GFLOPs total": _num(info["gflops_total"]), "GFLOPs growth vs L=1": info["growth"],
+               "params (level L)": _millions(info["params_L"])}
+        if has_l1:
+            row[NO_SIGMA] = cell(info) if depth == 1 else NA
+        for sigma in sigmas:
+            hit = at[at["sigma_L"] == sigma]
+            found = hit.iloc[0] if len(hit) else None
+            row[_sigma_label(sigma)] = NA if depth == 1 else cell(found, found is not None and _is_best(found, at["mean"]))
+        best = at.loc[at["mean"].idxmin()] if depth > 1 and at["mean"].notna().any() else None
+        row["best σ_L"] = NA if best is None else str(float(best["sigma_L"]))
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
-def _format_cell(mean: float, std: float, count: int, best: bool) -> str:
-    text = f"{mean:.2f}" if count < 2 or math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
-    return f"**{text}**" if best else text
+def _paper_table1b() -> Part:
+    source = paper.TABLE1B
+    rows = []
+    for depth, shape, gflops, params, fids in source["rows"]:
+        row = {"source": "paper T1(b)", "L": depth, "z_L": shape, "growth GFLOPs (as printed)": f"{gflops:.2f}",
+               "growth params (as printed)": params, NO_SIGMA: f"{fids[0]:.2f}" if depth == 1 else NA}
+        best = min(fids)
+        for sigma in source["sigmas"]:
+            row[_sigma_label(sigma)] = NA
+        if depth > 1:
+            for sigma, fid in zip(source["sigmas"], fids):
+                row[_sigma_label(sigma)] = f"**{fid:.2f}**" if fid == best else f"{fid:.2f}"
+        row["best σ_L"] = NA if depth == 1 else str(source["sigmas"][fids.index(best)])
+        rows.append(row)
+    return Part(f"paper — {source['source']} (published, not our runs)", pd.DataFrame(rows))
 
 
-def to_wide(cells: pd.DataFrame, bold_best: bool = True) -> pd.DataFrame:
-    """One row per L; a column per σ_L; cells with no run say 'missing'; the best (lowest) per row in bold."""
-    sigmas = sorted({s for s in cells["sigma_L"] if s != NO_SIGMA}, key=float)
-    columns = ([NO_SIGMA] if (cells["sigma_L"] == NO_SIGMA).any() else []) + sigmas
-    table = []
-    for (depth, shape, gflops, params), group in cells.groupby(["L", "z_L", "GFLOPs", "params_M"]):
-        best = group["mean"].min()
-        row = {"L": depth, "z_L": shape, "GFLOPs": round(gflops, 4), "Params (M)": round(params, 3)}
-        for sigma in columns:
-            hit = group[group["sigma_L"] == sigma]
-            if (sigma == NO_SIGMA) != (depth == 1):
-                row[f"σ_L={sigma}"] = ""  # not applicable: L = 1 has no σ_L, deeper chains always do
-            elif hit.empty:
-                row[f"σ_L={sigma}"] = "missing"
-            else:
-                cell = hit.iloc[0]
-                row[f"σ_L={sigma}"] = _format_cell(cell["mean"], cell["std"], cell["count"],
-                                                   bold_best and cell["mean"] == best and len(group) > 1)
-        table.append(row)
-    return pd.DataFrame(table)
+def _paper_imagenet1k() -> Part:
+    source = paper.IMAGENET1K_CONDITIONAL
+    frame = pd.DataFrame([{"source": "paper §4.3", "L": depth, "FID": f"{fid:.1f}"} for depth, fid in source["rows"]])
+    return Part(f"paper — {source['source']} (published, not our runs)", frame)
 
 
-def to_markdown(table: pd.DataFrame, title: str) -> str:
-    header = "| " + " | ".join(table.columns) + " |"
-    rule = "|" + "|".join("---" for _ in table.columns) + "|"
-    body = ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join([f"### {title}", "", header, rule, *body, ""])
+def _by_dataset(cells: pd.DataFrame, build: Callable[[pd.DataFrame], pd.DataFrame]) -> list[Part]:
+    return [Part(f"{dataset} — {condition} — ours", build(group))
+            for (dataset, condition), group in cells.groupby(["dataset", "condition"], sort=True)]
+
+
+def _caption(metric: str, cells: pd.DataFrame, what: str, paper_note: str = PAPER_NOTE) -> str:
+    datasets = ", ".join(sorted(cells["dataset"].unique()))
+    return (f"Ours on {datasets}: {METRIC_TITLES[metric]}. Cells: mean ± std over seeds (n = seeds when > 1), "
+            f"lower is better; {what} 'missing' = no finished run. {paper_note}")
+
+
+def _notes(name: str, hidden: int) -> list[str]:
+    return [f"{name}: {hidden} older setting(s) on the same cells not shown (the newest is)"] if hidden else []
+
+
+def sigma_tables(trials: pd.DataFrame) -> tuple[list[Table], list[str]]:
+    """Table 1 (unconditional) and Table 2 (class- or text-conditional) from sweep_sigma."""
+    specs = [("table1_sigma", "Table 1: unconditional generation, L × σ_L", False, [_paper_table1b()]),
+             ("table2_sigma", "Table 2: conditional generation (class or text), L × σ_L", True, [_paper_imagenet1k()])]
+    tables, skipped = [], []
+    for name, title, conditional, paper_parts in specs:
+        frame, metric = _scored(trials, "sweep_sigma", lambda f, c=conditional: (f["condition"] != UNCONDITIONAL) == c)
+        if frame.empty:
+            kind = "conditional" if conditional else "unconditional"
+            skipped.append(f"{name}: no finished sweep_sigma trials ({kind}) — skipped")
+            continue
+        cells, hidden = settings(frame, ["dataset", "condition", "L", "sigma_L"])
+        cells = _with_growth(cells)
+        caption = _caption(metric, cells, "bold = best σ_L per row (the σ carried to depth L+1); "
+                                          "'—' = not applicable (L = 1 has no σ_L);")
+        tables.append(Table(name, title, caption, _by_dataset(cells, _sigma_part) + paper_parts,
+                            cells, metric, _notes(name, hidden)))
+    return tables, skipped
+
+
+# -- one row per setting: depth, shapes, encoders (Table 4a), RCG (Table 4b) ---------------------
+
+
+FIELD_FORMAT = {"gflops_L": _num, "gflops_total": _num, "mdm_gflops": _num, "params_total": _millions,
+                "mdm_params": _millions, "iterations": lambda x: _num(x, ".0f"), "sigmas": lambda x: x or NA}
+
+
+def _rows(columns: dict[str, str], metric: str, sort: list[str]):
+    """A part builder: the ``columns`` (header → field of describe) per setting, then the metric, the lowest in bold."""
+    def build(cells: pd.DataFrame) -> pd.DataFrame:
+        cells = cells.sort_values(sort)
+        return pd.DataFrame([{**{header: FIELD_FORMAT.get(f, lambda x: x)(s[f]) for header, f in columns.items()},
+                              metric_header(metric): cell(s, _is_best(s, cells["mean"]))}
+                             for _, s in cells.iterrows()])
+    return build
+
+
+def _row_table(trials, sweep, name, title, keys, columns, what, paper_parts=(), paper_note=PAPER_NOTE):
+    frame, metric = _scored(trials, sweep)
+    if frame.empty:
+        return None, f"{name}: no finished {sweep} trials — skipped"
+    cells, hidden = settings(frame, ["dataset", "condition", *keys])
+    cells = _with_growth(cells)
+    parts = _by_dataset(cells, _rows(columns, metric, keys)) + list(paper_parts)
+    return Table(name, title, _caption(metric, cells, what, paper_note), parts, cells, metric, _notes(name, hidden)), None
+
+
+def _paper_best_per_depth() -> Part:
+    source = paper.TABLE1B
+    rows = [{"source": "paper T1(b)", "L": depth, "z_L": shape,
+             "FID at best σ_L": f"{min(fids):.2f}",
+             "best σ_L": NA if depth == 1 else str(source["sigmas"][fids.index(min(fids))])}
+            for depth, shape, _, _, fids in source["rows"]]
+    return Part(f"paper — {source['source']}, best σ_L per depth (published, not our runs)", pd.DataFrame(rows))
+
+
+def depth_table(trials):
+    columns = {"L": "L", "z_L": "z_L", "σ_2..σ_L": "sigmas", "GFLOPs (level L)": "gflops_L",
+               "GFLOPs total": "gflops_total", "GFLOPs growth vs L=1": "growth", "params total": "params_total"}
+    return _row_table(trials, "sweep_depth", "depth", "Depth ablation: metric per L", ["L"], columns,
+                      "bold = best depth;", [_paper_best_per_depth()])
+
+
+def shapes_table(trials):
+    columns = {"spec": "spec", "L": "L", "z_L": "z_L", "GFLOPs total": "gflops_total", "params total": "params_total"}
+    return _row_table(trials, "sweep_shapes", "shapes", "Latent-shape ablation: metric per hierarchy spec",
+                      ["L", "spec"], columns, "bold = best spec;",
+                      paper_note="The papers give no numbers for this ablation.")
+
+
+def encoders_table(trials):
+    columns = {"encoder": "encoder", "L": "L", "spec": "spec", "GFLOPs total": "gflops_total",
+               "params total": "params_total"}
+    return _row_table(trials, "sweep_encoders", "table4a_encoders", "Table 4a: visual representation (encoder) at fixed L",
+                      ["L", "encoder"], columns, "bold = best encoder;",
+                      paper_note="The paper's Table 4a numbers are not legible in its text, so none are shown.")
+
+
+def rcg_table(trials):
+    columns = {"variant": "variant", "encoder": "encoder", "spec": "spec", "L": "L", "σ_2..σ_L": "sigmas"}
+    return _row_table(trials, "sweep_rcg", "table4b_rcg", "Table 4b: spatial hierarchy vs RCG's global vector (L = 2)",
+                      ["variant"], columns, "bold = best variant;",
+                      paper_note="The paper's Table 4b numbers are not legible in its text, so none are shown.")
+
+
+# -- MDM: final values per variant, curves over training iterations ------------------------------
+
+
+def _paper_mdm() -> list[Part]:
+    cost = paper.MDM_SEC_PER_ITER
+    fid = paper.MDM_FID
+    return [Part(f"paper — {cost['source']} (published, not our runs)",
+                 pd.DataFrame([{"source": "paper MDM App. D.3", "baseline": b, "paper's model": m, "sec/iter": f"{t:.2f}"}
+                               for b, m, t in cost["rows"]])),
+            Part(f"paper — {fid['source']} (published, not our runs)",
+                 pd.DataFrame([{"source": "paper MDM T1", "setting": s, "FID": f"{v:.2f}"} for s, v in fid["rows"]]))]
+
+
+def mdm_table(trials: pd.DataFrame, history: Callable[[list[str], str], pd.DataFrame]):
+    """Final metric, iterations and cost per MDM variant; ``history(run_ids, metric)`` gives the curves."""
+    frame, metric = _scored(trials, "sweep_mdm")
+    if frame.empty:
+        return None, "mdm: no finished sweep_mdm trials — skipped"
+    steps = history(list(frame["run_id"]), metric).merge(frame[["run_id", "group"]], on="run_id")
+    frame = frame.assign(iterations=frame["run_id"].map(steps.groupby("run_id")["step"].max()))
+    cells, hidden = settings(frame, ["dataset", "family", "variant"])
+    curves = (steps[steps["group"].isin(cells["group"])]
+              .merge(cells[["group", "dataset", "family", "variant"]], on="group")
+              .groupby(["dataset", "family", "variant", "step"])["value"].agg(["mean", "std"]).reset_index())
+    build = _rows({"variant": "variant", "baseline": "baseline", "resolutions": "resolutions",
+                   "phase steps": "phase_steps", "iterations": "iterations", "GFLOPs": "mdm_gflops",
+                   "params": "mdm_params"}, metric, ["variant"])
+    parts = [Part(f"{dataset} — {family} — ours (final values)", build(group))
+             for (dataset, family), group in cells.groupby(["dataset", "family"])]
+    caption = _caption(metric, cells, "final value = the last evaluation (curves: mdm_*.png); bold = best per part;")
+    table = Table("mdm", "MDM ablations: progressive training, nested resolutions, baselines", caption,
+                  parts + _paper_mdm(), cells, metric, _notes("mdm", hidden), curves)
+    return table, None

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from analysis.make_tables import make_tables
 from nds.config import REPO_ROOT, load_config
 from nds.metrics import FID, INCEPTION_FILE, SUBSTITUTE
 from nds.protocols import run_sigma_chain, sigma_variants
@@ -96,6 +97,14 @@ def test_sigma_sweep_chains_stages_and_trains_each_level_once(tmp_path):
                 assert max(m.step for m in history) == cfg.training.steps
                 assert all(math.isfinite(m.value) for m in history)
         assert {"sample_grid.png", "config.yaml"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+
+    markdown = make_tables(cfg.tracking_uri, None, tmp_path / "tables")
+    ours = markdown.split("### paper")[0]
+    rows = {line.split("|")[1].strip(): line for line in ours.splitlines() if line.startswith("| ")}
+    assert {"1", "2", "3"} <= set(rows)
+    for run in deep:  # L = 3 trials land in the L = 3 row under their σ_3
+        assert f"{run.data.metrics[SUBSTITUTE]:.2f}" in rows["3"]
+    assert (tmp_path / "tables" / "table1_sigma.csv").is_file() and (tmp_path / "tables" / "table1_sigma.png").is_file()
 
     # a second sweep over the same settings trains nothing
     with Sweep(cfg, "sweep_sigma") as again:

@@ -1,26 +1,235 @@
-import pandas as pd
+"""The analysis package against a real (sqlite) MLflow store holding runs in the sweeps' schema."""
+import hashlib
+import json
+import time
 
-from analysis.tables import sigma_table, to_markdown, to_wide
+import pytest
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from analysis.make_tables import build_tables, main, make_tables
+from nds.metrics import FID, SUBSTITUTE
+
+SPEC = "28x28x1, 4x4x32, 2x2x16"
+GFLOPS = {1: 1.0, 2: 0.1, 3: 0.05}
 
 
-def run(depth, sigma, seed, value, shape="4x4x32"):
-    row = {"params.hierarchy.L": str(depth), "params.seed": str(seed), f"metrics.fd": value,
-           "params.hierarchy.shape.1": "28x28x1", f"params.hierarchy.shape.{depth}": shape if depth > 1 else "28x28x1",
-           f"metrics.level{depth}/gflops": 0.5 / depth, f"metrics.level{depth}/params": 1e6}
-    if depth > 1:
-        row[f"params.hierarchy.sigma.{depth}"] = str(sigma)
-    return row
+def _hash(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def test_seeds_average_best_is_bold_and_gaps_are_missing():
-    trials = pd.DataFrame([run(1, None, 0, 40.0), run(1, None, 1, 42.0),
-                           run(2, 0.0, 0, 30.0), run(2, 0.0, 1, 32.0), run(2, 1.0, 0, 20.0),
-                           run(3, 1.0, 0, 25.0, shape="2x2x16")])
-    wide = to_wide(sigma_table(trials, "fd"))
-    rows = {r["L"]: r for r in wide.to_dict("records")}
-    assert rows[1]["σ_L=—"] == "41.00 ± 1.41"
-    assert rows[1]["σ_L=0.0"] == ""  # not applicable at L = 1
-    assert rows[2]["σ_L=0.0"] == "31.00 ± 1.41" and rows[2]["σ_L=1.0"] == "**20.00**"
+def chain_params(dataset="fashion_mnist", depth=1, sigma=None, seed=0, classes=0, encoder="efficientnet_lite0",
+                 spec=SPEC, steps=100) -> dict:
+    """Flat params as nds.config.flatten writes them (σ of levels below L fixed at 0.5)."""
+    params = {"data.name": dataset, "hierarchy.L": str(depth), "hierarchy.spec": spec, "encoder.name": encoder,
+              "model.num_classes": str(classes), "model.text_encoder": "", "seed": str(seed),
+              "training.steps": str(steps)}
+    params.update({f"hierarchy.shape.{i}": s.strip() for i, s in enumerate(spec.split(","), start=1)})
+    params.update({f"hierarchy.sigma.{level}": str(float(sigma if level == depth else 0.5))
+                   for level in range(2, depth + 1)})
+    return params
+
+
+def chain_metrics(depth: int, value: float, metric: str = SUBSTITUTE) -> dict:
+    metrics = {SUBSTITUTE: value, "levels.trained": depth, "levels.reused": 0}
+    if metric == FID:
+        metrics[FID] = value + 100
+    for level in range(1, depth + 1):
+        metrics[f"level{level}/gflops"] = GFLOPS[level]
+        metrics[f"level{level}/params"] = 2e5 / level
+    metrics["total/gflops"] = sum(GFLOPS[level] for level in range(1, depth + 1))
+    metrics["total/params"] = sum(2e5 / level for level in range(1, depth + 1))
+    return metrics
+
+
+def log_trial(client: MlflowClient, sweep: str, variant: str, params: dict, metrics: dict, *,
+              status: str = "FINISHED", history: list[tuple[int, float]] = (), tags: dict | None = None,
+              metric: str = SUBSTITUTE) -> str:
+    """A trial run as nds.sweep.run_trial logs it, under its sweep's stage run (made on first use)."""
+    name = "nds-" + sweep.replace("_", "-")
+    found = client.get_experiment_by_name(name)
+    experiment_id = found.experiment_id if found else client.create_experiment(name)
+    stages = client.search_runs([experiment_id], f"tags.`nds.kind` = 'stage' and tags.`nds.sweep` = '{sweep}'")
+    if stages:
+        stage = stages[0].info.run_id
+    else:
+        stage_tags = {"nds.kind": "stage", "nds.sweep": sweep, "nds.stage": "s"}
+        stage = client.create_run(experiment_id, run_name=f"{sweep}-stage", tags=stage_tags).info.run_id
+        client.set_terminated(stage)
+    run_tags = {"nds.kind": "trial", "nds.sweep": sweep, "nds.stage": "s", "nds.variant": variant, "nds.metric": metric,
+                "nds.config_hash": _hash(params), "nds.group_hash": _hash({k: v for k, v in params.items() if k != "seed"}),
+                "mlflow.parentRunId": stage, **(tags or {})}
+    run_id = client.create_run(experiment_id, run_name=f"{variant}-seed{params['seed']}", tags=run_tags).info.run_id
+    now = int(time.time() * 1000)
+    logged = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+    logged += [Metric(metric, float(v), now + i, step) for i, (step, v) in enumerate(history)]
+    client.log_batch(run_id, metrics=logged, params=[Param(k, v) for k, v in params.items()])
+    client.set_terminated(run_id, status)
+    return run_id
+
+
+def log_sigma_sweep(client: MlflowClient, dataset: str = "fashion_mnist", metric: str = SUBSTITUTE) -> None:
+    """Table 1 and 2 runs: two seeds of L=1, a re-run config, a re-run setting, a FAILED run, gaps at L=3."""
+    def log(variant, depth, sigma, seed, value, classes=0, steps=100, status="FINISHED"):
+        log_trial(client, "sweep_sigma", variant, chain_params(dataset, depth, sigma, seed, classes, steps=steps),
+                  chain_metrics(depth, value, metric), metric=metric, status=status)
+
+    log("L1", 1, None, 0, 40.0)
+    log("L1", 1, None, 1, 42.0)
+    log("L2-sigma0", 2, 0.0, 0, 30.0)
+    log("L2-sigma0.5", 2, 0.5, 0, 20.0)
+    log("L2-sigma0.5", 2, 0.5, 0, 21.0)  # the same config re-run: the newest counts, once
+    log("L2-sigma1", 2, 1.0, 0, 25.0)
+    log("L2-sigma1", 2, 1.0, 0, 23.0, steps=200)  # the sweep re-run with other settings: the newest shows
+    log("L3-sigma0.5", 3, 0.5, 0, 24.0)
+    log("L3-sigma1", 3, 1.0, 0, 1.0, status="FAILED")  # ignored: L3 σ=1.0 is missing
+    log("L1", 1, None, 0, 35.0, classes=10)
+    log("L2-sigma0.5", 2, 0.5, 0, 18.0, classes=10)
+
+
+def log_other_sweeps(client: MlflowClient) -> None:
+    for depth, value in [(1, 40.0), (2, 22.0), (3, 19.0)]:
+        log_trial(client, "sweep_depth", f"L{depth}", chain_params(depth=depth, sigma=0.5), chain_metrics(depth, value))
+    for encoder, value in [("vae", 33.0), ("efficientnet_lite0", 19.0)]:
+        log_trial(client, "sweep_encoders", f"encoder={encoder}", chain_params(depth=3, sigma=0.5, encoder=encoder),
+                  chain_metrics(3, value))
+    log_trial(client, "sweep_rcg", "spatial", chain_params(depth=2, sigma=0.5), chain_metrics(2, 22.0))
+    log_trial(client, "sweep_rcg", "rcg", chain_params(depth=2, sigma=0.0, encoder="rcg_moco_v3", spec="28x28x1, 1x1x256"),
+              chain_metrics(2, 27.0))
+    for variant, baseline, phases, res, curve in [
+        ("phase200-200", "nested", "[200, 200]", "[14, 28]", [60.0, 40.0, 30.0, 26.0]),
+        ("phase0-400", "nested", "[0, 400]", "[14, 28]", [70.0, 50.0, 38.0, 31.0]),
+        ("res7-14-28", "nested", "[200, 200]", "[7, 14, 28]", [58.0, 39.0, 29.0, 24.0]),
+        ("nested", "nested", "[200, 200]", "[14, 28]", [60.0, 40.0, 30.0, 26.0]),  # = phase200-200's config
+        ("cascaded", "cascaded", "[200, 200]", "[14, 28]", [80.0, 60.0, 45.0, 35.0]),
+        ("plain", "plain", "[0, 400]", "[28]", [75.0, 55.0, 42.0, 33.0]),
+    ]:
+        params = {"data.name": "fashion_mnist", "seed": "0", "mdm.phase_steps": phases, "mdm.resolutions": res,
+                  "model.num_classes": "0", "model.text_encoder": ""}
+        log_trial(client, "sweep_mdm", variant, params, {"mdm/gflops": 0.3, "mdm/params": 1.5e6},
+                  history=list(zip([100, 200, 300, 400], curve)), tags={"nds.mdm_baseline": baseline})
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """Every sweep's runs in one sqlite store (nds-sweep-shapes has none: it is skipped)."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    log_sigma_sweep(client)
+    log_other_sweeps(client)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def tables(store):
+    built, messages = build_tables(store)
+    return {t.name: t for t in built}, messages
+
+
+def rows_by(part, column="L"):
+    return {row[column]: row for row in part.frame.to_dict("records")}
+
+
+def test_table1_dedupes_averages_seeds_bolds_best_and_says_missing(tables):
+    table = tables[0]["table1_sigma"]
+    ours = table.parts[0]
+    assert ours.title == "fashion_mnist — unconditional — ours"
+    rows = rows_by(ours)
+    assert rows[1]["no σ (L=1)"] == "41.00 ± 1.41 (n=2)" and rows[1]["σ_L=0.5"] == "—"
+    assert rows[2]["σ_L=0.5"] == "**21.00**"  # the re-run replaced the first run, not averaged with it
+    assert rows[2]["σ_L=0.0"] == "30.00" and rows[2]["best σ_L"] == "0.5" and rows[2]["no σ (L=1)"] == "—"
+    assert rows[2]["σ_L=1.0"] == "23.00" and table.notes == [
+        "table1_sigma: 1 older setting(s) on the same cells not shown (the newest is)"]
+    assert rows[3]["σ_L=1.0"] == "missing"  # only a FAILED run there
     assert rows[3]["σ_L=0.0"] == "missing" and rows[3]["z_L"] == "2x2x16"
-    markdown = to_markdown(wide, "t")
-    assert markdown.count("\n| ") == 4  # header + three rows
+    assert rows[2]["GFLOPs total"] == "1.1" and rows[2]["GFLOPs growth vs L=1"] == "+10.0%"
+    assert rows[2]["params (level L)"] == "0.1M"
+
+
+def test_table2_holds_the_conditional_runs(tables):
+    table = tables[0]["table2_sigma"]
+    rows = rows_by(table.parts[0])
+    assert table.parts[0].title == "fashion_mnist — class (10 classes) — ours"
+    assert rows[1]["no σ (L=1)"] == "35.00" and rows[2]["σ_L=0.5"] == "18.00"
+
+
+def test_paper_numbers_are_shown_and_labelled_as_the_papers(tables):
+    by_name = tables[0]
+    paper = by_name["table1_sigma"].parts[-1]
+    assert paper.title.startswith("paper — Nested Diffusion Models") and "Table 1(b)" in paper.title
+    rows = rows_by(paper)
+    assert rows[1]["no σ (L=1)"] == "44.40"
+    assert rows[3]["σ_L=1.0"] == "**11.12**" and rows[2]["σ_L=1.5"] == "15.40"
+    assert rows_by(by_name["depth"].parts[-1])[4]["FID at best σ_L"] == "11.21"
+    assert "3.2" in by_name["table2_sigma"].parts[-1].frame["FID"].tolist()
+    mdm_cost = rows_by(by_name["mdm"].parts[-2], "paper's model")
+    assert mdm_cost["Cascaded DM"]["sec/iter"] == "0.96"
+    assert "not comparable" in by_name["table1_sigma"].caption
+
+
+def test_substitute_metric_is_never_called_fid(tables):
+    for table in tables[0].values():
+        assert table.metric == SUBSTITUTE
+        assert "substitute" in table.caption
+        for part in table.parts:
+            if not part.title.startswith("paper"):
+                assert not any("FID" in str(column) for column in part.frame.columns), (table.name, part.title)
+                assert "FID" not in part.title
+
+
+def test_row_tables_and_skipped_sweep(tables):
+    by_name, messages = tables
+    assert "shapes: no finished sweep_shapes trials — skipped" in messages
+    depth = rows_by(by_name["depth"].parts[0])
+    assert depth[3]["fd_effnet_lite0 ↓"] == "**19.00**" and depth[2]["σ_2..σ_L"] == "0.5"
+    encoders = rows_by(by_name["table4a_encoders"].parts[0], "encoder")
+    assert encoders["vae"]["fd_effnet_lite0 ↓"] == "33.00" and encoders["vae"]["L"] == 3
+    rcg = rows_by(by_name["table4b_rcg"].parts[0], "variant")
+    assert rcg["spatial"]["fd_effnet_lite0 ↓"] == "**22.00**" and rcg["rcg"]["spec"] == "28x28x1, 1x1x256"
+
+
+def test_mdm_final_values_and_curves(tables):
+    mdm = tables[0]["mdm"]
+    parts = {p.title: p for p in mdm.parts}
+    baselines = rows_by(parts["fashion_mnist — NestedUNet vs cascaded vs plain — ours (final values)"], "variant")
+    assert baselines["nested"]["fd_effnet_lite0 ↓"] == "**26.00**" and baselines["cascaded"]["iterations"] == "400"
+    assert baselines["plain"]["GFLOPs"] == "0.3" and baselines["plain"]["params"] == "1.5M"
+    phases = rows_by(parts["fashion_mnist — Fig. 8a: progressive-training schedules — ours (final values)"], "variant")
+    assert set(phases) == {"phase200-200", "phase0-400"}
+    curve = mdm.curves[mdm.curves["variant"] == "cascaded"].sort_values("step")
+    assert curve["step"].tolist() == [100, 200, 300, 400] and curve["mean"].tolist() == [80.0, 60.0, 45.0, 35.0]
+
+
+def test_make_tables_writes_every_format(store, tmp_path):
+    markdown = make_tables(store, None, tmp_path)
+    for name in ["table1_sigma", "table2_sigma", "depth", "table4a_encoders", "table4b_rcg", "mdm"]:
+        for suffix in (".md", ".tex", ".csv"):
+            assert (tmp_path / f"{name}{suffix}").stat().st_size > 0, name + suffix
+    assert not (tmp_path / "shapes.md").exists()
+    for png in ["table1_sigma", "table2_sigma", "depth", "mdm_fig8a_phases", "mdm_fig8b_resolutions", "mdm_baselines"]:
+        assert (tmp_path / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    assert (tmp_path / "tables.md").read_text() == markdown
+    assert "| 2 | 4x4x32 |" in markdown and "**21.00**" in markdown
+    latex = (tmp_path / "table1_sigma.tex").read_text()
+    assert r"\textbf{21.00}" in latex and r"41.00 $\pm$ 1.41 (n=2)" in latex and "**" not in latex
+    assert r"\caption{Table 1" in latex and r"fd\_effnet\_lite0" in latex and r"$\sigma_L$=0.5" in latex
+    csv = (tmp_path / "table1_sigma.csv").read_text()
+    assert csv.startswith("part,source,L,z_L,") and "missing" in csv and "**" not in csv and "44.40" in csv
+
+
+def test_cli_formats_and_exit_codes(store, tmp_path, capsys):
+    assert main(["--tracking-uri", store, "--out-dir", str(tmp_path), "--format", "csv",
+                 "--experiments", "nds-sweep-rcg", f"paths.runs_dir={tmp_path}"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table4b_rcg.csv"]
+    assert "table1_sigma: no finished sweep_sigma trials" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no finished trial runs in experiment"):
+        main(["--tracking-uri", store, "--out-dir", str(tmp_path), "--experiments", "nds-nothing-here"])
+
+
+def test_true_fid_is_labelled_fid(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'fid.db'}")
+    log_sigma_sweep(client, dataset="digits", metric=FID)
+    tables, _ = build_tables(f"sqlite:///{tmp_path / 'fid.db'}")
+    table1 = next(t for t in tables if t.name == "table1_sigma")
+    assert table1.metric == FID and "Ours on digits: FID (clean-fid" in table1.caption
+    assert rows_by(table1.parts[0])[2]["σ_L=0.5"] == "**121.00**"

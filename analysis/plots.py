@@ -1,0 +1,81 @@
+"""PNG figures beside the tables: metric vs σ_L (a line per L), metric vs L, MDM metric vs iterations."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on cluster nodes or CI
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from analysis.tables import Table, metric_header  # noqa: E402
+
+
+def _panels(groups: list, width: float = 4.5):
+    fig, axes = plt.subplots(1, len(groups), figsize=(width * len(groups), 3.6), squeeze=False)
+    return fig, axes[0]
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _errorbar(ax, x, cells: pd.DataFrame, label: str) -> None:
+    ax.errorbar(x, cells["mean"], yerr=cells["std"].fillna(0), marker="o", capsize=3, label=label)
+
+
+def sigma_plot(table: Table, path: Path) -> Path:
+    """A panel per dataset/conditioning: a line per depth L over σ_L; L = 1 (no σ) dashed."""
+    groups = list(table.cells.groupby(["dataset", "condition"]))
+    fig, axes = _panels(groups)
+    for ax, ((dataset, condition), cells) in zip(axes, groups):
+        for depth, at in cells.groupby("L"):
+            if depth == 1:
+                ax.axhline(at["mean"].iloc[-1], linestyle="--", color="grey", label="L=1 (no σ)")
+            else:
+                at = at.sort_values("sigma_L")
+                _errorbar(ax, at["sigma_L"], at, f"L={depth}")
+        ax.set(title=f"{dataset} — {condition}", xlabel="σ_L", ylabel=metric_header(table.metric))
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def depth_plot(table: Table, path: Path) -> Path:
+    """Metric vs depth L, a line per dataset/conditioning."""
+    fig, axes = _panels([None])
+    ax = axes[0]
+    for (dataset, condition), cells in table.cells.groupby(["dataset", "condition"]):
+        cells = cells.sort_values("L")
+        _errorbar(ax, cells["L"], cells, f"{dataset} — {condition}")
+    ax.set(xlabel="depth L", ylabel=metric_header(table.metric), title="metric vs depth (sweep_depth)")
+    ax.set_xticks(sorted(table.cells["L"].unique()))
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+MDM_FILES = {"Fig. 8a": "mdm_fig8a_phases.png", "Fig. 8b": "mdm_fig8b_resolutions.png",
+             "NestedUNet": "mdm_baselines.png"}
+
+
+def mdm_plots(table: Table, out_dir: Path) -> list[Path]:
+    """A figure per MDM ablation: metric vs training iterations, a line per variant (band: ± std over seeds)."""
+    paths = []
+    for family, curves in table.curves.groupby("family"):
+        fig, axes = _panels([None], width=5.5)
+        ax = axes[0]
+        many = curves["dataset"].nunique() > 1
+        for (dataset, variant), curve in curves.groupby(["dataset", "variant"]):
+            curve = curve.sort_values("step")
+            line, = ax.plot(curve["step"], curve["mean"], marker="o", label=f"{dataset}: {variant}" if many else variant)
+            spread = curve["std"].fillna(0)
+            ax.fill_between(curve["step"], curve["mean"] - spread, curve["mean"] + spread,
+                            color=line.get_color(), alpha=0.2)
+        ax.set(title=family, xlabel="training iterations", ylabel=metric_header(table.metric))
+        ax.legend(fontsize=8)
+        name = next(file for key, file in MDM_FILES.items() if family.startswith(key))
+        paths.append(_save(fig, out_dir / name))
+    return paths

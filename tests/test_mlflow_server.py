@@ -1,0 +1,110 @@
+"""Against a real `mlflow server`: the runs line up in the UI's compare view (same flat param names
+across sweeps, trials under their stage) and make_tables reads the server's REST API."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from analysis.make_tables import make_tables
+from test_tables import chain_metrics, chain_params, log_sigma_sweep, log_trial
+
+pytestmark = pytest.mark.slow  # the server takes 20 s or more to start on a 2-core machine
+MLFLOW = Path(sys.executable).parent / "mlflow"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A tracking server on a fresh sqlite store; its process group is ended afterwards."""
+    tmp = tmp_path_factory.mktemp("server")
+    port = _free_port()
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen(
+        [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp / 'db'}", "--default-artifact-root", str(tmp / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # its own group: the server and its workers
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job runner: one process less to start
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180  # generous: other work may load the machine
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not come up:\n{(tmp / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def _rest(url: str, path: str, body: dict | None = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def logged(server):
+    client = MlflowClient(server)
+    log_sigma_sweep(client)
+    log_trial(client, "sweep_encoders", "encoder=vae", chain_params(depth=3, sigma=0.5, encoder="vae"),
+              chain_metrics(3, 33.0))
+    return server
+
+
+def test_runs_line_up_for_the_compare_view(logged):
+    experiment = _rest(logged, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=nds-sweep-sigma")["experiment"]
+    encoders = _rest(logged, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=nds-sweep-encoders")["experiment"]
+    ids = [experiment["experiment_id"], encoders["experiment_id"]]
+    trials = _rest(logged, "/api/2.0/mlflow/runs/search",
+                   {"experiment_ids": ids, "filter": "tags.`nds.kind` = 'trial'", "max_results": 100})["runs"]
+    sigma_trials = _rest(logged, "/api/2.0/mlflow/runs/search",
+                         {"experiment_ids": ids, "filter": "tags.`nds.sweep` = 'sweep_sigma'", "max_results": 100})["runs"]
+    assert len(trials) == 12 and len(sigma_trials) == 12  # 11 + 1 trials; the sweep_sigma stage and its 11
+    tags = lambda run: {t["key"]: t["value"] for t in run["data"]["tags"]}  # noqa: E731
+    params = lambda run: {p["key"]: p["value"] for p in run["data"]["params"]}  # noqa: E731
+
+    by_id = {run["info"]["run_id"]: run for run in sigma_trials}
+    for run in trials:
+        parent = tags(run)["mlflow.parentRunId"]
+        stage = by_id.get(parent) or _rest(logged, f"/api/2.0/mlflow/runs/get?run_id={parent}")["run"]
+        assert tags(stage)["nds.kind"] == "stage" and tags(stage)["nds.sweep"] == tags(run)["nds.sweep"]
+
+    deepest = [params(r) for r in trials if params(r)["hierarchy.L"] == "3"]
+    sweeps = {tags(r)["nds.sweep"] for r in trials if params(r)["hierarchy.L"] == "3"}
+    assert sweeps == {"sweep_sigma", "sweep_encoders"}  # the same columns in the compare view across sweeps
+    shared = set.intersection(*(set(p) for p in deepest))
+    assert {"hierarchy.L", "hierarchy.sigma.2", "hierarchy.sigma.3", "hierarchy.shape.3", "encoder.name",
+            "data.name", "seed"} <= shared
+    assert {p["encoder.name"] for p in deepest} == {"efficientnet_lite0", "vae"}
+
+
+def test_make_tables_reads_the_server(logged, tmp_path):
+    markdown = make_tables(logged, None, tmp_path, formats=("md",))
+    assert "**21.00**" in markdown and "| 3 | 2x2x16 |" in markdown
+    assert {p.name for p in tmp_path.iterdir()} >= {"table1_sigma.md", "table2_sigma.md", "table4a_encoders.md"}

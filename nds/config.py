@@ -446,16 +446,30 @@ def _validate_mdm(cfg: Config) -> None:
 def preflight(cfg: Config) -> None:
     """File checks, run before Ray starts so no compute is spent on a run that cannot finish."""
     from nds.data import check_dataset
-    from nds.encoders import check_encoder
+    from nds.encoders import RANDOM_WEIGHTS, SD_VAE_HUB, check_encoder
 
     try:
         check_dataset(cfg.data.name, cfg.data.root)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:
         raise ConfigError(f"data.name: {err}") from None
     try:
         check_encoder(cfg.encoder.name, cfg.encoder.weights or None)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:
         raise ConfigError(f"encoder.name: {err}") from None
+
+    vae = cfg.encoder.level1_weights
+    if cfg.encoder.level1 == "vae" and vae and vae != RANDOM_WEIGHTS and not Path(vae).expanduser().is_file():
+        raise ConfigError(f"encoder.level1_weights: no AutoencoderKL weights file at {vae}: put the VAE's "
+                          f"{SD_VAE_HUB[1]} (Hugging Face repo {SD_VAE_HUB[0]}) there, or leave "
+                          "encoder.level1_weights empty to use the Hugging Face cache")
+    m = cfg.model
+    if m.text_encoder:
+        from nds.text import encoder_dir
+
+        try:
+            encoder_dir(m.text_encoder, m.text_encoder_path or None)
+        except (ValueError, FileNotFoundError) as err:
+            raise ConfigError(f"model.text_encoder_path: {err}") from None
 
 
 # -- writing -----------------------------------------------------------------------------

@@ -11,9 +11,10 @@ from torch import nn
 from nds import metrics
 from nds.config import Config
 from nds.diffusion import make_schedule
-from nds.hierarchy import images_from_level1
+from nds.latents import level1_decoder
 from nds.models import count_params, forward_flops
 from nds.sampling import nested_sample
+from nds.text import CaptionBank
 
 
 @dataclass
@@ -28,14 +29,22 @@ def prepare_metric(cfg: Config, reference_images: np.ndarray) -> dict:
     return {"ref_stats": metrics.reference_stats(reference_images, e.inception_dir, e.substitute_image_size, e.batch_size)}
 
 
-def level_costs(models: dict[int, nn.Module]) -> dict[str, float]:
-    """GFLOPs of one forward (batch 1) and parameters of each level: the tables' cost columns."""
+def level_costs(models: dict[int, nn.Module], text_bank: CaptionBank | None = None) -> dict[str, float]:
+    """GFLOPs of one forward (batch 1) and parameters of each level: the tables' cost columns.
+
+    Text-conditional levels are counted with the bank's padded caption length."""
     costs = {}
+    text = {}
+    if text_bank is not None:
+        text = {"text": text_bank.tokens[:1, 0], "text_mask": text_bank.mask[:1, 0]}
     for level, model in models.items():
+        if model.text_dim and text_bank is None:
+            raise ValueError(f"level {level} is text-conditional: level_costs needs its text_bank")
         h, w, c = model.input_shape
         cond = torch.zeros(1, model.cond_shape[2], *model.cond_shape[:2]) if model.cond_shape else None
         labels = torch.zeros(1, dtype=torch.long) if model.num_classes else None
-        flops = forward_flops(model, torch.zeros(1, c, h, w), torch.zeros(1), cond=cond, labels=labels)
+        flops = forward_flops(model, torch.zeros(1, c, h, w), torch.zeros(1), cond=cond, labels=labels,
+                              **(text if model.text_dim else {}))
         costs[f"level{level}/gflops"] = flops / 1e9
         costs[f"level{level}/params"] = float(count_params(model))
     costs["total/gflops"] = sum(v for k, v in costs.items() if k.endswith("/gflops"))
@@ -51,31 +60,58 @@ def image_grid(images: np.ndarray, side: int) -> np.ndarray:
     return tiles.transpose(0, 2, 1, 3, 4).reshape(side * h, side * w, c)
 
 
-def generate_images(cfg: Config, models: dict[int, nn.Module], n: int) -> np.ndarray:
-    """n images from the chain, in batches, with a fixed seed."""
+def sample_levels(cfg: Config, models: dict[int, nn.Module], n: int,
+                  text_bank: CaptionBank | None = None) -> dict[int, torch.Tensor]:
+    """n samples of every level of the chain, in batches, with a fixed seed.
+
+    Classes are drawn uniformly; class-conditional levels see them and, with ``text_bank``, one of
+    their captions conditions every level."""
     d = cfg.diffusion
     alphas = make_schedule(d.schedule, d.timesteps, beta_start=d.beta_start, beta_end=d.beta_end)
     sigmas = {level: cfg.sigma(level) for level in range(2, cfg.hierarchy.L + 1)}
+    classes = cfg.model.num_classes or (len(text_bank.captions) if text_bank is not None else 0)
+    clip_images = d.clip_images and cfg.encoder.level1 == "pixels"  # VAE latents have no [-1, 1] range
     generator = torch.Generator().manual_seed(cfg.seed)
     batches = []
     for start in range(0, n, cfg.eval.batch_size):
         size = min(cfg.eval.batch_size, n - start)
-        labels = torch.randint(cfg.model.num_classes, (size,), generator=generator) if cfg.model.num_classes else None
-        samples = nested_sample(models, sigmas, size, alphas, d.sample_steps, cfg_scale=d.cfg_scale, eta=d.eta,
-                                labels=labels, clip_images=d.clip_images, generator=generator)
-        batches.append(images_from_level1(samples[1]))
-    return np.concatenate(batches)
+        labels = torch.randint(classes, (size,), generator=generator) if classes else None
+        batches.append(nested_sample(models, sigmas, size, alphas, d.sample_steps, cfg_scale=d.cfg_scale, eta=d.eta,
+                                     labels=labels, clip_images=clip_images, generator=generator,
+                                     text_bank=text_bank))
+    return {level: torch.cat([b[level] for b in batches]) for level in batches[0]}
 
 
-def evaluate_chain(cfg: Config, models: dict[int, nn.Module], metric_state: dict, out_dir: Path) -> EvalReport:
+def generate_images(cfg: Config, models: dict[int, nn.Module], n: int,
+                    text_bank: CaptionBank | None = None) -> np.ndarray:
+    """n uint8 images from the chain: level 1 decoded to pixels as :func:`nds.latents.prepare_latents`
+    formed it (rescaled pixels, or the VAE's decoder)."""
+    return level1_decoder(cfg)(sample_levels(cfg, models, n, text_bank)[1])
+
+
+def _save_png(image: np.ndarray, path: Path) -> Path:
     from PIL import Image
 
-    images = generate_images(cfg, models, cfg.eval.num_samples)
-    sample_dir = metrics.write_pngs(images, out_dir / "samples")
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+    return path
+
+
+def evaluate_chain(cfg: Config, models: dict[int, nn.Module], metric_state: dict, out_dir: Path,
+                   text_bank: CaptionBank | None = None,
+                   train_latents: dict[int, np.ndarray] | None = None) -> EvalReport:
+    """Metric, per-level costs, a sample grid and, given the training latents of a chain with L > 1,
+    the Fig. 1-style per-level grid (``nds.figures.level_grid``)."""
+    from nds.figures import level_grid
+
     e = cfg.eval
+    levels = sample_levels(cfg, models, e.num_samples, text_bank)
+    decode = level1_decoder(cfg)
+    images = decode(levels[1])
+    sample_dir = metrics.write_pngs(images, out_dir / "samples")
     scores = metrics.sample_quality(sample_dir, metric_state["ref_stats"], e.inception_dir, e.substitute_image_size,
                                     e.batch_size)
-    grid = image_grid(images, e.grid_size)
-    grid_path = out_dir / "sample_grid.png"
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(grid_path)
-    return EvalReport({**scores, **level_costs(models)}, [grid_path])
+    artifacts = [_save_png(image_grid(images, e.grid_size), out_dir / "sample_grid.png")]
+    if train_latents is not None and len(levels) > 1:
+        columns = {level: z[: e.grid_size] for level, z in levels.items()}
+        artifacts.append(_save_png(level_grid(columns, train_latents, decode), out_dir / "level_grid.png"))
+    return EvalReport({**scores, **level_costs(models, text_bank)}, artifacts)

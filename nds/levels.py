@@ -22,6 +22,7 @@ from filelock import FileLock
 
 from nds.config import Config, config_hash, to_dict
 from nds.hierarchy import parse_spec
+from nds.models import ARCHITECTURE_VERSION
 
 ENTRY_FILE = "level.json"
 WEIGHTS_FILE = "ema_weights.pt"
@@ -40,7 +41,7 @@ def level_key(cfg: Config, level: int) -> dict:
         "data": {k: v for k, v in d["data"].items() if k != "eval_limit"},
         "shape": str(shapes[level - 1]),
         "condition": {"shape": str(shapes[level]), "sigma": cfg.sigma(level + 1)} if conditioned else None,
-        "model": d["model"],
+        "model": {**d["model"], "architecture_version": ARCHITECTURE_VERSION},
         "diffusion": {k: v for k, v in d["diffusion"].items() if k not in _SAMPLING_ONLY},
         "training": {k: v for k, v in d["training"].items() if k not in _TRAINING_BOOKKEEPING},
         "workers": cfg.resources.workers_per_level,  # sets the global batch

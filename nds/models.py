@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+ARCHITECTURE_VERSION = 2  # bump when a change makes stored weights incompatible (keys the level store)
+
 UVIT_SIZES = {
     "tiny": dict(width=64, depth=4, heads=2),
     "small": dict(width=512, depth=12, heads=8),
@@ -182,7 +184,9 @@ class UViT(nn.Module):
         if cond_shape is not None:
             h, w, c = cond_shape
             (kh, sh), (kw, sw) = upsample_geometry(h, H), upsample_geometry(w, W)
-            self.cond_upsample = nn.ConvTranspose2d(c, c, kernel_size=(kh, kw), stride=(sh, sw))
+            # depthwise: a full c x c kernel of the level's size would dominate the model for a small,
+            # wide condition (1x1x256 -> 28x28: 51M weights); the MLP below mixes the channels
+            self.cond_upsample = nn.ConvTranspose2d(c, c, kernel_size=(kh, kw), stride=(sh, sw), groups=c)
             self.cond_mlp = nn.Sequential(
                 nn.Linear(c * patch_size**2, width), nn.GELU(), nn.Linear(width, width)
             )

@@ -7,6 +7,7 @@ from torch import nn
 
 from nds.diffusion import Denoiser, cfg_denoiser, ddim_sample
 from nds.hierarchy import add_condition_noise
+from nds.text import CaptionBank
 
 
 def clipped(denoiser: Denoiser, alphas_cumprod: torch.Tensor, bound: float = 1.0) -> Denoiser:
@@ -28,12 +29,21 @@ def clipped(denoiser: Denoiser, alphas_cumprod: torch.Tensor, bound: float = 1.0
 @torch.no_grad()
 def nested_sample(models: dict[int, nn.Module], sigmas: dict[int, float], n: int, alphas_cumprod: torch.Tensor,
                   steps: int, cfg_scale: float = 1.0, eta: float = 0.0, labels: torch.Tensor | None = None,
-                  clip_images: bool = True, generator: torch.Generator | None = None) -> dict[int, torch.Tensor]:
+                  clip_images: bool = True, generator: torch.Generator | None = None,
+                  text_bank: CaptionBank | None = None) -> dict[int, torch.Tensor]:
     """Sample every level of an L-level chain; returns ``{level: [n, c, h, w]}``.
 
     ``models[l]`` is level l's denoiser (l = 1..L); ``sigmas[l]`` is σ_l for l = 2..L.
+    ``labels`` are the classes to sample: class-conditional levels get them as class tokens and,
+    with ``text_bank``, one caption per example (drawn with ``generator``) conditions every level;
+    guidance (``cfg_scale``) applies to all conditions at once.
     """
     depth = max(models)
+    text = {}
+    if text_bank is not None:
+        if labels is None:
+            raise ValueError("nested_sample with text_bank needs labels: the captions are drawn for them")
+        text["text"], text["text_mask"], _ = text_bank.sample(labels, generator)
     samples: dict[int, torch.Tensor] = {}
     for level in range(depth, 0, -1):
         model = models[level]
@@ -42,7 +52,7 @@ def nested_sample(models: dict[int, nn.Module], sigmas: dict[int, float], n: int
             cond = add_condition_noise(samples[level + 1], sigmas[level + 1], generator=generator)
         h, w, c = model.input_shape
         noise = torch.randn((n, c, h, w), generator=generator)
-        denoiser = cfg_denoiser(model, cond, labels, cfg_scale)
+        denoiser = cfg_denoiser(model, cond, labels if model.num_classes else None, cfg_scale, **text)
         if level == 1 and clip_images:
             denoiser = clipped(denoiser, alphas_cumprod)
         samples[level] = ddim_sample(denoiser, noise, alphas_cumprod, steps, eta=eta, generator=generator)

@@ -80,33 +80,37 @@ class TrialKind:
     run: Callable[[Config, dict, dict, Path], TrialReport]
 
 
-def latents_key(cfg: Config) -> str:
-    """What the targets of every level depend on: the data, the encoders and the whole spec."""
+def data_key(cfg: Config) -> str:
+    """What a chain's inputs depend on: the data, the encoders, the whole spec and the text encoder."""
     d = to_dict(cfg)
-    return config_hash({"data": d["data"], "encoder": d["encoder"], "spec": cfg.hierarchy.spec})
+    text = {k: d["model"][k] for k in ("text_encoder", "text_encoder_path")}
+    return config_hash({"data": d["data"], "encoder": d["encoder"], "spec": cfg.hierarchy.spec, "text": text})
 
 
 def prepare_chain_inputs(sweep: "Sweep", configs: list[Config]) -> dict:
-    """Every distinct hierarchy the stage needs (feature cache: an encoder runs once per key), in
-    the object store, and the metric's reference statistics."""
+    """Every distinct hierarchy the stage needs (feature cache: an encoder runs once per key) and,
+    for text-conditional configs, its caption bank, in the object store; the metric's reference
+    statistics."""
     import ray
 
     from nds.evaluate import prepare_metric
     from nds.latents import prepare_latents
+    from nds.text import prepare_text_condition
 
-    inputs = {"latents": {}}
+    inputs = {"data": {}}
     for cfg in configs:
-        key = latents_key(cfg)
-        if key in inputs["latents"]:
+        key = data_key(cfg)
+        if key in inputs["data"]:
             continue
 
-        def put_latents(cfg=cfg):
+        def put_data(cfg=cfg):
             prepared = prepare_latents(cfg)
+            bank = prepare_text_condition(cfg, prepared.class_names)
             refs = {"latents": {lvl: ray.put(z) for lvl, z in prepared.latents.items()},
-                    "labels": ray.put(prepared.labels)}
+                    "labels": ray.put(prepared.labels), "text": ray.put(bank) if bank is not None else None}
             return refs, prepared.reference_images
 
-        inputs["latents"][key], reference = sweep.memo(("latents", key), put_latents)
+        inputs["data"][key], reference = sweep.memo(("data", key), put_data)
         inputs["metric_state"] = sweep.memo(("metric", config_hash(to_dict(cfg)["data"])),
                                             lambda ref=reference, cfg=cfg: prepare_metric(cfg, ref))
     return inputs
@@ -119,11 +123,13 @@ def run_chain_trial(cfg: Config, inputs: dict, mlflow_run: dict, trial_dir: Path
     from nds.evaluate import evaluate_chain
     from nds.levels import load_level_model, obtain_level
 
-    data_refs = inputs["latents"][latents_key(cfg)]
+    data_refs = inputs["data"][data_key(cfg)]
     obtain = ray.remote(num_cpus=0)(obtain_level)
     obtained = ray.get([obtain.remote(cfg, level, data_refs, mlflow_run) for level in range(1, cfg.hierarchy.L + 1)])
     models = {o.level: load_level_model(cfg, o.entry) for o in obtained}
-    report = evaluate_chain(cfg, models, inputs["metric_state"], trial_dir)
+    text_bank = ray.get(data_refs["text"]) if data_refs["text"] is not None else None
+    train_latents = {level: ray.get(data_refs["latents"][level]) for level in models}
+    report = evaluate_chain(cfg, models, inputs["metric_state"], trial_dir, text_bank, train_latents)
     trained = sum(o.trained for o in obtained)
     metrics = {**report.metrics, "levels.trained": trained, "levels.reused": len(obtained) - trained}
     metrics.update({f"level{o.level}/final_loss": o.entry.info["final_loss"] for o in obtained})

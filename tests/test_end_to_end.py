@@ -96,7 +96,8 @@ def test_sigma_sweep_chains_stages_and_trains_each_level_once(tmp_path):
                 history = client.get_metric_history(run.info.run_id, f"level{level}/train_loss")
                 assert max(m.step for m in history) == cfg.training.steps
                 assert all(math.isfinite(m.value) for m in history)
-        assert {"sample_grid.png", "config.yaml"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"sample_grid.png", "config.yaml"} <= artifacts and (("level_grid.png" in artifacts) == (depth > 1))
 
     markdown = make_tables(cfg.tracking_uri, None, tmp_path / "tables")
     ours = markdown.split("### paper")[0]
@@ -110,6 +111,17 @@ def test_sigma_sweep_chains_stages_and_trains_each_level_once(tmp_path):
     with Sweep(cfg, "sweep_sigma") as again:
         stage = again.stage("again", sigma_variants(cfg, [2]))
     assert stage.count("levels.trained") == 0 and stage.count("levels.reused") == 2 * k
+
+
+def test_text_and_class_conditional_chains_run_through_the_sweep(tmp_path):
+    cfg = tiny_config(tmp_path, "resources.workers_per_level=1", "training.steps=4", "sweep.sigmas=[0.5]",
+                      "model.text_encoder=minilm", "model.num_classes=10", "diffusion.cfg_scale=2.0")
+    with Sweep(cfg, "sweep_sigma") as sweep:
+        stage = sweep.stage("L2", sigma_variants(cfg, [2]))
+    assert [t["ok"] for t in stage.trials] == [True], stage.trials
+    run = trial_runs(MlflowClient(cfg.tracking_uri), sweep.experiment_id, stage.run_id)[0]
+    assert run.data.params["model.text_encoder"] == "minilm" and run.data.params["model.num_classes"] == "10"
+    assert math.isfinite(run.data.metrics[SUBSTITUTE]) and run.data.metrics["levels.trained"] == 2
 
 
 def test_failing_trial_is_recorded_and_sweep_goes_on(tmp_path):

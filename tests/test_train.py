@@ -1,8 +1,15 @@
+import math
+from pathlib import Path
+
 import pytest
 import torch
 
-from nds.config import load_config
+from nds.config import REPO_ROOT, load_config
+from nds.diffusion import make_schedule
+from nds.sampling import nested_sample
 from nds.train import EMA, build_level_model, deepspeed_config, patch_size_for
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
 def test_patch_size_keeps_token_grid_small():
@@ -49,3 +56,53 @@ def test_ema_warms_up_tracks_and_round_trips():
     last = EMA(0.0)
     last.update(module)
     assert torch.equal(last.shadow["weight"], module.weight.detach())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").is_file(),
+                    reason=f"Fashion-MNIST not installed at {FASHION} (apt-get install dataset-fashion-mnist)")
+def test_text_conditional_level_trains_on_ray_deepspeed_and_samples_with_captions(tmp_path):
+    """Level 1 of a two-level Fashion-MNIST chain, conditioned on ẑ_2 and on MiniLM captions made from
+    the class names: the real path (a Ray Train worker running DeepSpeed ZeRO-2 on gloo), two steps."""
+    import ray
+
+    from nds.latents import prepare_latents
+    from nds.sweep import init_ray
+    from nds.text import prepare_text_condition
+    from nds.train import train_level
+
+    cfg = load_config(None, [
+        "data.train_limit=64", "data.eval_limit=8", "encoder.name=random_cnn", "encoder.image_size=32",
+        "hierarchy.spec='28x28x1, 4x4x8'", "hierarchy.L=2", "hierarchy.sigmas=[0.5]",
+        "model.width=32", "model.depth=2", "model.heads=2", "model.text_encoder=minilm",
+        "training.steps=2", "training.batch_size=8", "training.warmup_steps=1", "training.log_every=2",
+        "training.checkpoint_every=2", "diffusion.sample_steps=3", "diffusion.cfg_scale=2.0",
+        f"paths.runs_dir={tmp_path}", f"paths.cache_dir={REPO_ROOT / 'runs' / 'test-cache'}",
+    ])
+    prepared = prepare_latents(cfg)
+    bank = prepare_text_condition(cfg, prepared.class_names)
+    init_ray(cfg)
+    try:
+        refs = {"latents": {level: ray.put(z) for level, z in prepared.latents.items()},
+                "labels": ray.put(prepared.labels)}
+        with pytest.raises(ValueError, match="model.text_encoder='minilm' but data_refs.*missing"):
+            train_level(cfg, 1, refs, run_name="text-level1")
+        result = train_level(cfg, 1, {**refs, "text": ray.put(bank)}, run_name="text-level1")
+    finally:
+        ray.shutdown()
+
+    model = result.model
+    assert result.level == 1 and math.isfinite(result.final_loss)
+    assert model.text_dim == bank.tokens.shape[-1] == 384 and model.cond_shape == (4, 4, 8)
+    labels = torch.tensor([0, 7, 9])  # T-shirt/top, sneaker, ankle boot
+    alphas = make_schedule("linear", cfg.diffusion.timesteps)
+    chain = {1: model, 2: build_level_model(cfg, 2).eval()}
+    samples = nested_sample(chain, {2: 0.5}, 3, alphas, 3, cfg_scale=2.0, labels=labels,
+                            generator=torch.Generator().manual_seed(0), text_bank=bank)
+    assert samples[1].shape == (3, 1, 28, 28) and torch.isfinite(samples[1]).all()
+    x, t, cond = torch.randn(3, 1, 28, 28), torch.full((3,), 500), torch.randn(3, 8, 4, 4)
+    keep = torch.zeros(3, dtype=torch.bool)
+    with torch.no_grad():
+        outs = [model(x, t, cond=cond, drop_cond=keep, text=tokens, text_mask=mask)
+                for tokens, mask, _ in (bank.sample(labels), bank.sample(labels.flip(0)))]
+    assert not torch.allclose(outs[0], outs[1])  # the trained level listens to the caption

@@ -16,6 +16,8 @@ from pathlib import Path
 from nds import tracking
 from nds.config import Config, config_hash, flatten, from_dict, preflight, replace, to_dict, to_yaml
 
+WORKER_START_TIMEOUT_S = 6 * 3600  # how long a queued level's Train workers may wait for resources
+
 # Config sections that say where and how a run is executed or logged, not what it computes.
 _NOT_THE_EXPERIMENT = ("paths", "tracking", "resources", "sweep")
 
@@ -50,7 +52,11 @@ def init_ray(cfg: Config) -> None:
 
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": {"TORCH_EXTENSIONS_DIR": str(extensions_dir(cfg))}}
+    # A trial starts all its missing levels at once; fits beyond the free CPUs/GPUs queue until
+    # others finish, which takes far longer than Ray Train's default 60 s worker-start timeout.
+    start_timeout = os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(WORKER_START_TIMEOUT_S))
+    runtime_env = {"env_vars": {"TORCH_EXTENSIONS_DIR": str(extensions_dir(cfg)),
+                                "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": start_timeout}}
     address = cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env=runtime_env)

@@ -14,6 +14,10 @@ MDM grows its models by hand between runs (App. B) and does not drop labels (App
 phases are one schedule (`make_phases`, `phase_for_step`, `model_for_step`), and class / text
 conditions are dropped with probability cond_drop_prob for classifier-free guidance.
 
+The same blocks build MDM's controlled baselines (§4.1): `nested=False` is the plain UNet of the
+same size, and `cond_channels` turns that into a cascade's super-resolution stage, which sees the
+upsampled, noise-augmented low-resolution image next to its noisy input (`noised_upsample`).
+
 Resolutions are listed innermost first, and so are a model's inputs and outputs.
 """
 
@@ -41,7 +45,8 @@ class NestedUNetSpec:
     """The full architecture; a model built with `levels=k` has the k innermost resolutions.
 
     nested=False builds the plain UNet of the same size (MDM App. D.1): the same blocks, but
-    input and output at the top resolution only.
+    input and output at the top resolution only. cond_channels > 0 adds an image condition at the
+    top resolution and the embedding of its noise level (a cascade's super-resolution stage).
     """
 
     resolutions: tuple[int, ...] = (16, 32)  # innermost first; each a power-of-two multiple of the last
@@ -56,6 +61,7 @@ class NestedUNetSpec:
     text_dim: int = 0
     cond_drop_prob: float = 0.1
     nested: bool = True
+    cond_channels: int = 0  # > 0: an image condition (a cascade's low-res image) joins the top input
 
     def __post_init__(self) -> None:  # lists from a YAML config become tuples: hashable, comparable
         for name in ("resolutions", "core_widths", "attention_levels", "stage_widths"):
@@ -88,8 +94,9 @@ class NestedUNetSpec:
         for name in ("channels", "core_blocks", "stage_blocks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_classes < 0 or self.text_dim < 0:
-            raise ValueError(f"num_classes and text_dim must be >= 0, got {self.num_classes}, {self.text_dim}")
+        if self.num_classes < 0 or self.text_dim < 0 or self.cond_channels < 0:
+            raise ValueError(f"num_classes, text_dim and cond_channels must be >= 0, got {self.num_classes}, "
+                             f"{self.text_dim}, {self.cond_channels}")
         if not 0.0 <= self.cond_drop_prob <= 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1], got {self.cond_drop_prob}")
 
@@ -271,6 +278,11 @@ class NestedUNet(nn.Module):
         if spec.text_dim:
             self.text_proj = nn.Linear(spec.text_dim, emb_dim)
             self.null_text = nn.Parameter(0.02 * torch.randn(1, 1, emb_dim))
+        if spec.cond_channels:
+            # Concatenating the condition to the noisy input before the input conv is the same as
+            # adding a conv of the condition to that conv's output; the input convs stay as they are.
+            self.cond_input = nn.Conv2d(spec.cond_channels, spec.width(levels - 1), 3, padding=1)
+            self.cond_level_embed = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.core = UNetCore(spec, emb_dim, emb_dim if spec.text_dim else 0)
         self.stages = nn.ModuleList(
             OuterStage(spec.width(i), spec.width(i - 1), spec.resolutions[i] // spec.resolutions[i - 1],
@@ -289,7 +301,7 @@ class NestedUNet(nn.Module):
         })
 
     def _check_inputs(self, xs: Sequence[Tensor], labels: Tensor | None, text: Tensor | None,
-                      text_mask: Tensor | None) -> None:
+                      text_mask: Tensor | None, cond_image: Tensor | None, cond_t: Tensor | None) -> None:
         if len(xs) != len(self.io_resolutions):
             raise ValueError(f"model expects {len(self.io_resolutions)} inputs at resolutions "
                              f"{list(self.io_resolutions)}, got {len(xs)}")
@@ -303,6 +315,14 @@ class NestedUNet(nn.Module):
             got = None if labels is None else list(labels.shape)
             raise ValueError(f"model expects labels of shape [{b}], got {got}")
         check_text(self.spec.text_dim, b, text, text_mask)
+        cc, top = self.spec.cond_channels, self.resolutions[-1]
+        if not cc and (cond_image is not None or cond_t is not None):
+            raise ValueError("cond_image / cond_t were passed to a model built with cond_channels=0")
+        if cc and (cond_image is None or tuple(cond_image.shape) != (b, cc, top, top)):
+            got = None if cond_image is None else list(cond_image.shape)
+            raise ValueError(f"model expects cond_image of shape [{b}, {cc}, {top}, {top}], got {got}")
+        if cc and (cond_t is None or torch.as_tensor(cond_t).shape not in ((), (b,))):
+            raise ValueError(f"model expects cond_t (the condition's noise level) of shape [{b}], got {cond_t}")
 
     def forward(
         self,
@@ -312,11 +332,15 @@ class NestedUNet(nn.Module):
         drop_cond: Tensor | None = None,
         text: Tensor | None = None,
         text_mask: Tensor | None = None,
+        cond_image: Tensor | None = None,
+        cond_t: Tensor | None = None,
     ) -> list[Tensor]:
         """t: [B] timesteps shared by all resolutions; labels: [B] long; text: [B, N, text_dim]
         with text_mask [B, N] bool (False = padding); drop_cond: [B] bool, True = null class and
-        null text. drop_cond=None drops with cond_drop_prob in training and nothing in eval."""
-        self._check_inputs(xs, labels, text, text_mask)
+        null text. drop_cond=None drops with cond_drop_prob in training and nothing in eval.
+        cond_image [B, cond_channels, R, R] at the top resolution R, noised to timestep cond_t [B]:
+        the image condition of a model built with cond_channels (never dropped)."""
+        self._check_inputs(xs, labels, text, text_mask, cond_image, cond_t)
         b, device = xs[0].shape[0], xs[0].device
         t = torch.as_tensor(t, device=device)
         t = t.expand(b) if t.ndim == 0 else t
@@ -331,6 +355,9 @@ class NestedUNet(nn.Module):
             emb = emb + self.label_embed(torch.where(drop_cond, self.spec.num_classes, labels))
         if self.spec.text_dim:
             text, text_mask = null_text_tokens(self.text_proj(text), text_mask, drop_cond, self.null_text)
+        if self.spec.cond_channels:
+            cond_t = torch.as_tensor(cond_t, device=device).expand(b)
+            emb = emb + self.cond_level_embed(timestep_embedding(cond_t, self.spec.core_widths[0]))
 
         inputs = dict(zip(self.io_resolutions, xs))
 
@@ -338,6 +365,8 @@ class NestedUNet(nn.Module):
             if r not in inputs:
                 return h
             x = self.inputs[str(r)](inputs[r])
+            if self.spec.cond_channels and r == self.resolutions[-1]:
+                x = x + self.cond_input(cond_image)
             return x if h is None else h + x
 
         h, skips = None, []
@@ -407,6 +436,17 @@ def multires_loss(
     return sum(w * loss for w, loss in zip(weights, losses)), losses
 
 
+def noised_upsample(low: Tensor, size: int, t: Tensor, alphas_cumprod: Tensor,
+                    generator: torch.Generator | None = None) -> Tensor:
+    """A cascade's condition (Ho et al. 2022b; MDM App. E.1): the low-resolution image upsampled
+    (bilinear) to size x size and noised to timestep t [B] under the super-resolution model's own
+    schedule. Random t in training is noise augmentation; sampling uses one fixed level, so the
+    super-resolution model does not depend on the exact pixels of the first stage's samples."""
+    up = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+    noise = torch.randn(up.shape, generator=generator, device=up.device, dtype=up.dtype)
+    return q_sample(up, t, noise, alphas_cumprod.to(up.device)).to(up.dtype)
+
+
 class PackedSchedule:
     """ᾱ_t per element of a packed multi-resolution state: resolution i's schedule repeated over
     its sizes[i] elements. Indexed like a [T] schedule but built per step, so no [T, D] table."""
@@ -449,10 +489,13 @@ def mdm_sample(
     text_mask: Tensor | None = None,
     threshold: float | None = None,
     generator: torch.Generator | None = None,
+    cond_image: Tensor | None = None,
+    cond_t: Tensor | None = None,
     **sampler_kwargs,
 ) -> list[Tensor]:
     """Sample every output resolution in parallel (MDM App. C): one model call per step denoises
-    all of them, each under its own shifted schedule. Returns [n, C, r, r] per io resolution."""
+    all of them, each under its own shifted schedule. Returns [n, C, r, r] per io resolution.
+    cond_image / cond_t: the image condition of a cascade's super-resolution model."""
     shapes = [(model.spec.channels, r, r) for r in model.io_resolutions]
     schedules = resolution_schedules(alphas_cumprod, model.io_resolutions, model.spec.resolutions[0], power)
     schedule = PackedSchedule(schedules, [math.prod(s) for s in shapes])
@@ -460,7 +503,8 @@ def mdm_sample(
     def packed_model(x: Tensor, t: Tensor, **kwargs) -> Tensor:
         return pack(model(unpack(x, shapes), t, **kwargs))
 
-    denoiser = cfg_denoiser(packed_model, labels=labels, scale=cfg_scale, text=text, text_mask=text_mask)
+    denoiser = cfg_denoiser(packed_model, labels=labels, scale=cfg_scale, text=text, text_mask=text_mask,
+                            cond_image=cond_image, cond_t=cond_t)
     device = next(model.parameters()).device
     noise = torch.randn(n, sum(math.prod(s) for s in shapes), generator=generator, device=device)
     if sampler in ("ddpm", "ddim"):

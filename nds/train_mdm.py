@@ -1,26 +1,65 @@
-"""Matryoshka Diffusion: one NestedUNet trained progressively through Ray Train + DeepSpeed ZeRO.
+"""Matryoshka Diffusion: one NestedUNet trained progressively through Ray Train + DeepSpeed ZeRO,
+and MDM's controlled baselines trained the same way (MDM §4.1).
 
 The phase schedule (``mdm.phase_steps``) runs as one TorchTrainer fit per phase, in order. Phase k
 builds its model by ``grow``ing the previous phase's EMA weights (the new outer stage starts fresh
 and joins the inner network through zero-initialised convs, so what was learned is kept), trains its
 steps with a fresh optimiser and warm-up, and reports checkpoints exactly as a U-ViT level does
 (nds.train): the run name is stable per phase, so a restarted worker resumes its own phase.
+
+Baselines, at the NestedUNet's size and iteration budget (``baseline_phases``):
+
+- ``plain``: the plain UNet of the same blocks (spec ``nested=False``: input and output at the full
+  resolution only), one phase of all the schedule's iterations. MDM's "Simple DM".
+- ``cascaded``: a two-stage cascade (Ho et al. 2022b, as MDM App. E.1 builds it). Stage 1 is the
+  NestedUNet's innermost UNet alone, trained on downsampled images for the iterations the schedule
+  spends before its last phase (MDM's cascade starts from the same low-resolution model). Stage 2,
+  trained separately for the last phase's iterations, is the plain UNet of the same size with the
+  low-resolution image, upsampled and noise-augmented, as an extra input (spec ``cond_channels``)
+  and its noise level embedded. Sampling runs stage 1, then stage 2 conditioned on its samples
+  noised to a fixed level (``CASCADE_NOISE_LEVEL``), so a cascade takes twice the steps.
+
+``MDM`` is the sweep machinery's TrialKind (nds.sweep): a trial trains one of these and logs the
+quality metric at given total iteration counts, the curves of MDM Fig. 4 and Fig. 8.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import itertools
+import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from nds import tracking
 from nds.config import Config, ConfigError, config_hash, flatten, from_dict, to_dict, to_yaml
 from nds.diffusion import make_schedule
 from nds.models import count_params, forward_flops
-from nds.nested_unet import NestedUNet, NestedUNetSpec, Phase, make_phases, mdm_sample, model_for_step, multires_loss
+from nds.nested_unet import (
+    NestedUNet,
+    NestedUNetSpec,
+    Phase,
+    downsample_pyramid,
+    grow,
+    make_phases,
+    mdm_sample,
+    multires_loss,
+    noised_upsample,
+    resolution_schedules,
+)
+from nds.sweep import TrialKind, TrialReport
 from nds.train import EMA, _autocast, batch_indices, deepspeed_config, fit, load_ema_weights, resume, run_steps, worker_device
+
+BASELINES = ("nested", "cascaded", "plain")
+# The cascade's conditioning noise at sampling time, as a fraction of diffusion.timesteps. MDM App. E.1
+# sweeps {1, 100, 500, 700, 1000} of 1000 and finds that 500 or 700 is needed; one level is used here.
+CASCADE_NOISE_LEVEL = 0.5
 
 
 def mdm_spec(cfg: Config) -> NestedUNetSpec:
@@ -43,62 +82,115 @@ def phase_name(phase: Phase) -> str:
     return f"phase{phase.levels}"
 
 
+def baseline_phases(cfg: Config, baseline: str) -> list[Phase]:
+    """What ``baseline`` fits, in order, on the budget of the NestedUNet's schedule (module docstring)."""
+    phases = mdm_phases(cfg)
+    levels, total = len(cfg.mdm.resolutions), sum(p.steps for p in phases)
+    if baseline == "nested":
+        return phases
+    if baseline == "plain":
+        return [Phase(levels, total)]
+    if baseline == "cascaded":
+        low = total - phases[-1].steps
+        if low < 1:
+            raise ConfigError(f"the cascaded baseline trains its {cfg.mdm.resolutions[0]}px stage for the iterations "
+                              f"mdm.phase_steps={cfg.mdm.phase_steps} spends before its last phase: there are none "
+                              "(needs two resolutions and low-resolution steps)")
+        return [Phase(1, low), Phase(levels, phases[-1].steps)]
+    raise ConfigError(f"unknown MDM baseline '{baseline}'; known: {', '.join(BASELINES)}")
+
+
+def phase_module(cfg: Config, baseline: str, index: int) -> NestedUNet:
+    """A freshly initialised model of the architecture that phase ``index`` of ``baseline`` trains."""
+    spec, phase = mdm_spec(cfg), baseline_phases(cfg, baseline)[index]
+    if baseline == "plain":
+        return NestedUNet(dataclasses.replace(spec, nested=False))
+    if baseline == "cascaded" and index == 1:
+        return NestedUNet(dataclasses.replace(spec, nested=False, cond_channels=spec.channels))
+    return NestedUNet(spec, phase.levels)
+
+
 def prepare_images(cfg: Config) -> tuple[np.ndarray, np.ndarray | None]:
-    """Training images as float32 [N, C, R, R] in [-1, 1] at the full resolution R, and the labels
-    (None when unconditional)."""
+    """Training images as uint8 [N, H, W, C] (file datasets: decoded lazily, per batch, in the
+    workers) and the labels (None when unconditional); ``model_input`` brings a batch to the
+    full resolution."""
     from nds.data import load_dataset
-    from nds.hierarchy import LevelShape, image_level
 
     d, m = cfg.data, cfg.mdm
-    top = m.resolutions[-1]
-    data = load_dataset(d.name, d.root, "train", limit=d.train_limit or None, image_size=d.image_size or top)
+    data = load_dataset(d.name, d.root, "train", limit=d.train_limit or None, image_size=d.image_size or m.resolutions[-1])
     channels = data.images.shape[-1]
     if channels != m.channels:
         raise ConfigError(f"mdm.channels={m.channels}, but data.name={d.name} has {channels}-channel images")
     if m.num_classes and data.labels.max() >= m.num_classes:
         raise ConfigError(f"mdm.num_classes={m.num_classes}, but data.name={d.name} has label {data.labels.max()}")
-    images = image_level(data.images, LevelShape(top, top, channels))
-    return images, (data.labels.astype(np.int64) if m.num_classes else None)
+    return data.images, (data.labels.astype(np.int64) if m.num_classes else None)
+
+
+def model_input(images: np.ndarray, resolution: int) -> np.ndarray:
+    """uint8 [B, H, W, C] -> float32 [B, C, R, R] in [-1, 1] at the full resolution R."""
+    from nds.hierarchy import LevelShape, image_level
+
+    images = np.asarray(images)
+    return image_level(images, LevelShape(resolution, resolution, images.shape[-1]))
+
+
+def reference_images(cfg: Config) -> np.ndarray:
+    """The metric's reference: data.eval_limit test images at the full resolution, uint8 [M, R, R, C]."""
+    from nds.data import load_dataset
+    from nds.hierarchy import images_from_level1
+
+    d, top = cfg.data, cfg.mdm.resolutions[-1]
+    images = load_dataset(d.name, d.root, "test", limit=d.eval_limit or None, image_size=d.image_size or top).images
+    if images.shape[1:3] == (top, top):
+        return images
+    return np.concatenate([images_from_level1(model_input(images[i : i + 1024], top)) for i in range(0, len(images), 1024)])
 
 
 def phase_loop(loop_config: dict) -> None:
-    """Runs inside each Ray Train worker: one phase of the schedule."""
+    """Runs inside each Ray Train worker: one phase of a baseline's schedule, up to step ``stop``."""
     import deepspeed
     import ray
     import ray.train
 
     cfg = from_dict(loop_config["config"])
-    index: int = loop_config["phase"]
-    phases, spec = mdm_phases(cfg), mdm_spec(cfg)
-    phase = phases[index]
+    baseline, index = loop_config["baseline"], loop_config["phase"]
+    phase = baseline_phases(cfg, baseline)[index]
     rank = ray.train.get_context().get_world_rank()
     device = worker_device(cfg)
     images = ray.get(loop_config["images"])
     labels = ray.get(loop_config["labels"])
 
     torch.manual_seed(cfg.seed + 1000 * index)  # the same fresh outer stage on every rank
-    previous = None
-    if index:
-        previous = NestedUNet(spec, phases[index - 1].levels)
+    if loop_config["previous_weights"] is not None:
+        previous = phase_module(cfg, baseline, index - 1)
         previous.load_state_dict(ray.get(loop_config["previous_weights"]))
-    model = model_for_step(previous, spec, phases, sum(p.steps for p in phases[:index]))
+        model = grow(previous, phase.levels)
+    else:
+        model = phase_module(cfg, baseline, index)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg))
     d, m = cfg.diffusion, cfg.mdm
+    top = m.resolutions[-1]
     alphas = make_schedule(d.schedule, d.timesteps, beta_start=d.beta_start, beta_end=d.beta_end).to(device)
-    weights = m.loss_weights[: phase.levels] or None
+    weights = [w for r, w in zip(m.resolutions, m.loss_weights) if r in model.io_resolutions] or None
+    # a super-resolution stage's condition is noised on its own (full-resolution) schedule
+    cond_schedule = resolution_schedules(alphas, [top], m.resolutions[0], m.snr_power)[0] if model.spec.cond_channels else None
     ema = EMA(cfg.training.ema_decay)
     start = resume(engine, ema)
     batch = cfg.training.batch_size
 
     def loss_at(step: int):
         idx = batch_indices(cfg.seed, index, rank, step, len(images), batch)
-        x = torch.as_tensor(images[idx], device=device)
-        y = torch.as_tensor(labels[idx], device=device) if labels is not None else None
+        x = torch.as_tensor(model_input(images[idx], top), device=device)
+        conditions = {"labels": torch.as_tensor(labels[idx], device=device) if labels is not None else None}
+        if cond_schedule is not None:  # noise augmentation: a random level per example
+            level = torch.randint(0, len(alphas), (len(x),), device=device)
+            low = downsample_pyramid(x, m.resolutions[:1])[0]
+            conditions.update(cond_image=noised_upsample(low, top, level, cond_schedule), cond_t=level)
         with _autocast(cfg, device):
-            loss, per_res = multires_loss(engine, x, alphas, m.snr_power, weights, m.prediction, labels=y)
+            loss, per_res = multires_loss(engine, x, alphas, m.snr_power, weights, m.prediction, **conditions)
         return loss, {f"loss_{r}": float(v.detach()) for r, v in zip(model.io_resolutions, per_res)}
 
-    run_steps(cfg, engine, ema, loss_at, start=start, steps=phase.steps, tags={"levels": phase.levels},
+    run_steps(cfg, engine, ema, loss_at, start=start, steps=loop_config["stop"], tags={"levels": phase.levels},
               metric_prefix=phase_name(phase), mlflow_run=loop_config.get("mlflow"))
 
 
@@ -110,52 +202,120 @@ class PhaseResult:
     checkpoint_path: str
 
 
-def train_phases(cfg: Config, data_refs: dict, run_prefix: str, mlflow_run: dict | None = None) -> list[PhaseResult]:
-    """Fit the phases in order; each phase's run is ``{run_prefix}-{phase_name}``, stable across retries.
+Evaluate = Callable[[int, list[NestedUNet]], None]
 
-    ``data_refs``: Ray object refs of ``images`` and ``labels`` (from ``prepare_images``).
+
+def train_phases(cfg: Config, data_refs: dict, run_prefix: str, mlflow_run: dict | None = None,
+                 baseline: str = "nested", eval_at: Sequence[int] = (), evaluate: Evaluate | None = None) -> list[PhaseResult]:
+    """Fit the phases of ``baseline`` in order; each phase's run is ``{run_prefix}-{phase_name}``, stable across retries.
+
+    ``data_refs``: Ray object refs of ``images`` and ``labels`` (from ``prepare_images``). A phase is
+    fitted in pieces ending at the total iteration counts in ``eval_at`` that fall inside it; each
+    piece is a fit of the phase's run that resumes the last piece's checkpoint (optimiser and EMA
+    included), and ``evaluate(done, models)`` then gets the EMA models after ``done`` iterations in
+    all: the latest of every phase so far.
     """
     import ray
 
     results: list[PhaseResult] = []
-    for index, phase in enumerate(mdm_phases(cfg)):
+    before = 0  # iterations of the earlier phases
+    for index, phase in enumerate(baseline_phases(cfg, baseline)):
+        grows = baseline == "nested" and index > 0
         loop_config = {
             "config": to_dict(cfg),
+            "baseline": baseline,
             "phase": index,
             "images": data_refs["images"],
             "labels": data_refs["labels"],
-            "previous_weights": ray.put(results[-1].model.state_dict()) if results else None,
+            "previous_weights": ray.put(results[-1].model.state_dict()) if grows else None,
             "mlflow": mlflow_run,
         }
         name = phase_name(phase)
-        result = fit(cfg, phase_loop, loop_config, f"{run_prefix}-{name}", what=f"MDM {name}")
-        model = load_ema_weights(NestedUNet(mdm_spec(cfg), phase.levels), result)
+        stops = sorted({s - before for s in eval_at if 0 < s - before < phase.steps} | {phase.steps})
+        for stop in stops:
+            result = fit(cfg, phase_loop, {**loop_config, "stop": stop}, f"{run_prefix}-{name}", what=f"MDM {name}")
+            model = load_ema_weights(phase_module(cfg, baseline, index), result)
+            if evaluate is not None and before + stop in eval_at:
+                evaluate(before + stop, [r.model for r in results] + [model])
         results.append(PhaseResult(phase, model, float(result.metrics["loss"]), result.checkpoint.path))
+        before += phase.steps
     return results
 
 
-def model_costs(model: NestedUNet) -> dict[str, float]:
-    """GFLOPs of one forward (batch 1) and parameters of the NestedUNet and of the plain UNet of the
-    same size (nested=False: the same blocks, input and output at the top resolution only)."""
-    plain = NestedUNet(dataclasses.replace(model.spec, nested=False), model.levels)
-    costs = {}
-    for name, net in (("mdm", model), ("unet", plain)):
-        xs = [torch.zeros(1, net.spec.channels, r, r) for r in net.io_resolutions]
-        labels = torch.zeros(1, dtype=torch.long) if net.spec.num_classes else None
-        costs[f"{name}/gflops"] = forward_flops(net, xs, torch.zeros(1), labels=labels) / 1e9
-        costs[f"{name}/params"] = float(count_params(net))
-    return costs
+def _forward_cost(net: NestedUNet) -> tuple[float, float]:
+    """GFLOPs of one forward per example, and parameters. Counted at batch 2: a GroupNorm with one
+    channel per group cannot normalise a single 1x1 feature map (a deep core's bottleneck)."""
+    spec, top, b = net.spec, net.resolutions[-1], 2
+    xs = [torch.zeros(b, spec.channels, r, r) for r in net.io_resolutions]
+    conditions = {"labels": torch.zeros(b, dtype=torch.long)} if spec.num_classes else {}
+    if spec.cond_channels:
+        conditions.update(cond_image=torch.zeros(b, spec.cond_channels, top, top), cond_t=torch.zeros(b))
+    return forward_flops(net, xs, torch.zeros(b), **conditions) / b / 1e9, float(count_params(net))
 
 
-def sample_images(cfg: Config, model: NestedUNet, n: int) -> list[torch.Tensor]:
-    """n samples of every resolution (innermost first), with a fixed seed; labels cycle over the classes."""
+def model_costs(*models: NestedUNet) -> dict[str, float]:
+    """GFLOPs of one forward (per example) and parameters of a trial's models together (``mdm/``: a
+    cascade counts both stages, as every sample runs both) and of the plain UNet the size of the
+    last one (``unet/``: the same blocks, input and output at the top resolution only)."""
+    costs = [_forward_cost(m) for m in models]
+    last = models[-1]
+    plain = NestedUNet(dataclasses.replace(last.spec, nested=False, cond_channels=0), last.levels)
+    unet_gflops, unet_params = _forward_cost(plain)
+    return {"mdm/gflops": sum(c[0] for c in costs), "mdm/params": sum(c[1] for c in costs),
+            "unet/gflops": unet_gflops, "unet/params": unet_params}
+
+
+def sample_images(cfg: Config, model: NestedUNet, n: int, labels: torch.Tensor | None = None,
+                  generator: torch.Generator | None = None, **conditions: torch.Tensor) -> list[torch.Tensor]:
+    """n samples of every resolution (innermost first); by default with a fixed seed and labels
+    cycling over the classes. ``conditions``: a super-resolution stage's cond_image and cond_t."""
     d, m = cfg.diffusion, cfg.mdm
     alphas = make_schedule(d.schedule, d.timesteps, beta_start=d.beta_start, beta_end=d.beta_end)
-    labels = torch.arange(n) % m.num_classes if m.num_classes else None
+    if labels is None and m.num_classes:
+        labels = torch.arange(n) % m.num_classes
     extra = {"eta": d.eta} if m.sampler == "ddim" else {}
     return mdm_sample(model, n, alphas, d.sample_steps, sampler=m.sampler, power=m.snr_power,
                       prediction=m.prediction, cfg_scale=d.cfg_scale, labels=labels,
-                      generator=torch.Generator().manual_seed(cfg.seed), **extra)
+                      generator=generator or torch.Generator().manual_seed(cfg.seed), **conditions, **extra)
+
+
+def generate_images(cfg: Config, baseline: str, models: list[NestedUNet], n: int) -> np.ndarray:
+    """n full-resolution uint8 [n, R, R, C] images from a trial's latest models, in eval.batch_size
+    batches with a fixed seed (labels drawn at random, as MDM's FID protocol does). A model that
+    does not reach the full resolution yet (an early phase, a cascade without its second stage)
+    shows its top resolution upsampled: what it can offer at that point of training."""
+    from nds.hierarchy import images_from_level1
+
+    d, m = cfg.diffusion, cfg.mdm
+    top = m.resolutions[-1]
+    alphas = make_schedule(d.schedule, d.timesteps, beta_start=d.beta_start, beta_end=d.beta_end)
+    cond_schedule = resolution_schedules(alphas, [top], m.resolutions[0], m.snr_power)[0]
+    cond_level = min(round(CASCADE_NOISE_LEVEL * d.timesteps), d.timesteps - 1)
+    first = models[0] if baseline == "cascaded" else models[-1]
+    generator = torch.Generator().manual_seed(cfg.seed)
+    batches = []
+    for start in range(0, n, cfg.eval.batch_size):
+        size = min(cfg.eval.batch_size, n - start)
+        labels = torch.randint(m.num_classes, (size,), generator=generator) if m.num_classes else None
+        x = sample_images(cfg, first, size, labels, generator)[-1].clamp(-1, 1)
+        if baseline == "cascaded" and len(models) == 2:
+            level = torch.full((size,), cond_level)
+            cond = noised_upsample(x, top, level, cond_schedule, generator)
+            x = sample_images(cfg, models[1], size, labels, generator, cond_image=cond, cond_t=level)[-1]
+        if x.shape[-1] < top:
+            x = F.interpolate(x, size=(top, top), mode="bilinear", align_corners=False)
+        batches.append(images_from_level1(x))
+    return np.concatenate(batches)
+
+
+def save_grid(images: np.ndarray, side: int, path: Path) -> Path:
+    from PIL import Image
+
+    from nds.evaluate import image_grid
+
+    grid = image_grid(images, side)
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+    return path
 
 
 @dataclass
@@ -170,19 +330,18 @@ def run_mdm(cfg: Config) -> MDMOutcome:
     """The whole run under one MLflow run (tag nds.kind=mdm): data into the object store, the phases
     in order, then samples and costs of the final model. The run is closed FAILED on any error."""
     import ray
-    from PIL import Image
 
-    from nds.evaluate import image_grid
     from nds.hierarchy import images_from_level1
     from nds.sweep import extensions_dir, init_ray
     from nds.train import prebuild_cpu_comm_op
 
     uri = cfg.tracking_uri
-    experiment_id = tracking.prepare_experiment(uri, cfg.tracking.experiment, cfg.runs_dir / "mlartifacts")
+    experiment = cfg.experiment_name("train_mdm")
+    experiment_id = tracking.prepare_experiment(uri, experiment, cfg.runs_dir / "mlartifacts")
     run_id = tracking.start_run(uri, experiment_id, f"mdm-{time.strftime('%Y%m%d-%H%M%S')}", params=flatten(cfg),
                                 tags={"nds.kind": "mdm", "nds.config_hash": config_hash(cfg)})
     try:
-        print(f"[nds] MLflow: {uri}  experiment '{cfg.tracking.experiment}'  run {run_id}", flush=True)
+        print(f"[nds] MLflow: {uri}  experiment '{experiment}'  run {run_id}", flush=True)
         out_dir = cfg.runs_dir / "mdm" / run_id
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -198,9 +357,7 @@ def run_mdm(cfg: Config) -> MDMOutcome:
         metrics.update(model_costs(model))
         side = cfg.eval.grid_size
         samples = sample_images(cfg, model, side * side)
-        grid = image_grid(images_from_level1(samples[-1]), side)
-        grid_path = out_dir / "samples.png"
-        Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(grid_path)
+        grid_path = save_grid(images_from_level1(samples[-1]), side, out_dir / "samples.png")
         tracking.log_metrics(uri, run_id, metrics)
         tracking.log_artifact(uri, run_id, grid_path)
         tracking.end_run(uri, run_id)
@@ -208,3 +365,90 @@ def run_mdm(cfg: Config) -> MDMOutcome:
         tracking.end_run(uri, run_id, error=err)
         raise
     return MDMOutcome(run_id, experiment_id, phases, samples)
+
+
+# -- MDM trials in a sweep (nds.sweep) -------------------------------------------------------------
+
+
+def trial_baseline(cfg: Config) -> str:
+    """The baseline a sweep trial trains: sweep_mdm gives every trial's config exactly one entry
+    in sweep.mdm_baselines; a config with none or several trains the NestedUNet."""
+    chosen = cfg.sweep.mdm_baselines
+    return chosen[0] if len(chosen) == 1 else "nested"
+
+
+def trial_iterations(cfg: Config) -> list[int]:
+    """Total iterations at the end of each phase of the trial's baseline."""
+    return list(itertools.accumulate(p.steps for p in baseline_phases(cfg, trial_baseline(cfg))))
+
+
+def data_key(cfg: Config) -> str:
+    """What ``prepare_images`` returns depends on."""
+    m = cfg.mdm
+    return config_hash({"data": to_dict(cfg)["data"], "resolution": m.resolutions[-1], "channels": m.channels,
+                        "num_classes": m.num_classes})
+
+
+def metric_key(cfg: Config) -> str:
+    """What the reference statistics depend on."""
+    d = to_dict(cfg)
+    return config_hash({"data": d["data"], "eval": d["eval"], "resolution": cfg.mdm.resolutions[-1]})
+
+
+def prepare_mdm_inputs(sweep, configs: list[Config]) -> dict:
+    """Images and labels in the object store and the metric's reference statistics at the full
+    resolution, once per sweep for each data setting; and the stage's evaluation points: the end of
+    every phase of every trial (in total iterations), so all its curves share the same x values."""
+    import ray
+
+    from nds.evaluate import prepare_metric
+
+    inputs = {"data": {}, "metric": {}, "eval_at": sorted({n for cfg in configs for n in trial_iterations(cfg)})}
+    for cfg in configs:
+        def put_data(cfg=cfg):
+            images, labels = prepare_images(cfg)
+            return {"images": ray.put(images), "labels": ray.put(labels)}
+
+        inputs["data"][data_key(cfg)] = sweep.memo(("mdm-data", data_key(cfg)), put_data)
+        inputs["metric"][metric_key(cfg)] = sweep.memo(("mdm-metric", metric_key(cfg)),
+                                                       lambda cfg=cfg: prepare_metric(cfg, reference_images(cfg)))
+    return inputs
+
+
+def run_mdm_trial(cfg: Config, inputs: dict, mlflow_run: dict, trial_dir: Path) -> TrialReport:
+    """Train the trial's baseline, scoring it at the stage's evaluation points: the quality metric
+    goes to the trial's MLflow run with step = total training iterations.
+
+    The quality metric is not in the returned metrics: the sweep logs those at step 0, which would
+    add a false first point to the curve; the run's latest value of the metric is the final one.
+    """
+    from nds import metrics as quality
+
+    baseline = trial_baseline(cfg)
+    total = trial_iterations(cfg)[-1]
+    eval_at = [n for n in inputs["eval_at"] if n <= total]
+    metric_state = inputs["metric"][metric_key(cfg)]
+    e = cfg.eval
+    last = {}
+
+    def evaluate(done: int, models: list[NestedUNet]) -> None:
+        images = generate_images(cfg, baseline, models, e.num_samples)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = quality.write_pngs(images, Path(tmp))
+            scores = quality.sample_quality(folder, metric_state["ref_stats"], e.inception_dir,
+                                            e.substitute_image_size, e.batch_size)
+        tracking.log_metrics(mlflow_run["uri"], mlflow_run["run_id"], scores, step=done)
+        print(f"[nds] {baseline} after {done} iterations: "
+              f"{', '.join(f'{k} {v:.2f}' for k, v in scores.items())}", flush=True)
+        last["images"] = images
+
+    run_prefix = "mdm-" + hashlib.sha1(str(trial_dir).encode()).hexdigest()[:12]  # stable when Tune retries the trial
+    phases = train_phases(cfg, inputs["data"][data_key(cfg)], run_prefix, mlflow_run, baseline, eval_at, evaluate)
+    models = [p.model for p in phases] if baseline == "cascaded" else [phases[-1].model]
+    metrics = {f"{phase_name(p.phase)}/final_loss": p.final_loss for p in phases}
+    metrics.update(model_costs(*models), iterations=total)
+    grid = save_grid(last["images"], e.grid_size, trial_dir / "sample_grid.png")
+    return TrialReport(metrics, [grid], {"nds.mdm_baseline": baseline})
+
+
+MDM = TrialKind(prepare_mdm_inputs, run_mdm_trial)

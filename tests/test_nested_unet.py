@@ -17,6 +17,7 @@ from nds.nested_unet import (
     mdm_sample,
     model_for_step,
     multires_loss,
+    noised_upsample,
     pack,
     phase_for_step,
     resolution_schedules,
@@ -95,6 +96,44 @@ def test_plain_unet_of_the_same_size():
     assert f_plain < f_nested < 1.05 * f_plain
 
 
+def test_super_resolution_stage_sees_its_noised_condition():
+    """A cascade's second stage: the plain UNet with the low-res image (upsampled, noised to level
+    cond_t) as an extra input; both the image and its level change the prediction."""
+    sr = make(replace(SPEC, nested=False, cond_channels=2))
+    xs, t, conds = inputs(sr)
+    g = torch.Generator().manual_seed(1)
+    low = torch.randn(2, 2, 4, 4, generator=g)
+    level = torch.tensor([10, 500])
+    cond = noised_upsample(low, 16, level, linear_schedule(1000), generator=g)
+    assert cond.shape == (2, 2, 16, 16)
+    out = sr(xs, t, **conds, cond_image=cond, cond_t=level)[0]
+    assert out.shape == (2, 2, 16, 16)
+    assert not torch.allclose(out, sr(xs, t, **conds, cond_image=-cond, cond_t=level)[0])
+    assert not torch.allclose(out, sr(xs, t, **conds, cond_image=cond, cond_t=level.flip(0))[0])
+    # a new input conv: the plain UNet's weights are all there, so it grows by little
+    plain = make(replace(SPEC, nested=False))
+    assert set(plain.state_dict()) < set(sr.state_dict())
+    assert count_params(sr) < 1.05 * count_params(plain)
+    with pytest.raises(ValueError, match=r"expects cond_image of shape \[2, 2, 16, 16\]"):
+        sr(xs, t, **conds, cond_image=cond[..., :8, :8], cond_t=level)
+    with pytest.raises(ValueError, match="expects cond_t"):
+        sr(xs, t, **conds, cond_image=cond)
+    with pytest.raises(ValueError, match="cond_channels=0"):
+        plain(xs, t, **conds, cond_image=cond, cond_t=level)
+    samples = mdm_sample(sr.eval(), 2, linear_schedule(100), 3, cfg_scale=2.0, labels=conds["labels"],
+                         text=conds["text"], text_mask=conds["text_mask"], cond_image=cond, cond_t=level)
+    assert [tuple(s.shape) for s in samples] == [(2, 2, 16, 16)]
+
+
+def test_noised_upsample_is_the_bilinear_upsample_at_low_noise():
+    low = torch.rand(3, 1, 4, 4) * 2 - 1
+    schedule = linear_schedule(1000)
+    clean = torch.nn.functional.interpolate(low, size=(8, 8), mode="bilinear", align_corners=False)
+    at = lambda level: noised_upsample(low, 8, torch.full((3,), level), schedule, torch.Generator().manual_seed(0))
+    assert (at(0) - clean).abs().max() < 0.05  # σ = 0.01 at t = 0
+    assert (at(999) - clean).abs().mean() > 0.5  # almost pure noise
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
@@ -108,6 +147,7 @@ def test_plain_unet_of_the_same_size():
         (dict(core_blocks=0), "core_blocks must be >= 1"),
         (dict(cond_drop_prob=2.0), "cond_drop_prob"),
         (dict(num_classes=-1), "num_classes"),
+        (dict(cond_channels=-1), "cond_channels"),
     ],
 )
 def test_bad_specs_raise(changes, message):

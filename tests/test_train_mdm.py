@@ -12,7 +12,17 @@ from mlflow.tracking import MlflowClient
 
 from nds.config import REPO_ROOT, ConfigError, flatten, load_config
 from nds.nested_unet import NestedUNet, Phase
-from nds.train_mdm import mdm_phases, mdm_spec, prepare_images
+from nds.train_mdm import (
+    baseline_phases,
+    generate_images,
+    mdm_phases,
+    mdm_spec,
+    model_costs,
+    model_input,
+    phase_module,
+    prepare_images,
+    trial_baseline,
+)
 
 TINY = [
     "data.name=digits", "data.train_limit=64",
@@ -71,11 +81,56 @@ def test_bad_mdm_config_is_named(overrides, names):
 def test_images_at_the_full_resolution_and_channels_checked(tmp_path):
     cfg = tiny_config(tmp_path)
     images, labels = prepare_images(cfg)
-    assert images.shape == (64, 1, 8, 8) and images.dtype == np.float32
-    assert images.min() >= -1.0 and images.max() <= 1.0 and labels.shape == (64,)
+    assert images.shape == (64, 8, 8, 1) and images.dtype == np.uint8 and labels.shape == (64,)
+    x = model_input(images[:5], 16)  # a batch as the workers see it, at the full resolution
+    assert x.shape == (5, 1, 16, 16) and x.dtype == np.float32 and -1.0 <= x.min() < x.max() <= 1.0
     assert prepare_images(tiny_config(tmp_path, "mdm.num_classes=0"))[1] is None
     with pytest.raises(ConfigError, match="mdm.channels=3"):
         prepare_images(tiny_config(tmp_path, "mdm.channels=3"))
+
+
+def test_baselines_train_on_the_nested_schedules_budget():
+    cfg = load_config()  # 14 -> 28, phase_steps [200, 200]
+    assert baseline_phases(cfg, "nested") == [Phase(1, 200), Phase(2, 200)]
+    assert baseline_phases(cfg, "plain") == [Phase(2, 400)]
+    assert baseline_phases(cfg, "cascaded") == [Phase(1, 200), Phase(2, 200)]
+    three = load_config(None, ["mdm.resolutions=[7,14,28]", "mdm.core_widths=[32]", "mdm.stage_widths=[16,8]",
+                               "mdm.phase_steps=[100,50,250]"])
+    assert baseline_phases(three, "cascaded") == [Phase(1, 150), Phase(3, 250)]
+    with pytest.raises(ConfigError, match="cascaded baseline.*phase_steps=\\[0, 400\\]"):
+        baseline_phases(load_config(None, ["mdm.phase_steps=[0,400]"]), "cascaded")
+    with pytest.raises(ConfigError, match="unknown MDM baseline 'latent'"):
+        baseline_phases(cfg, "latent")
+    assert trial_baseline(cfg) == "nested"
+    assert trial_baseline(load_config(None, ["sweep.mdm_baselines=[plain]"])) == "plain"
+
+
+def test_baseline_models_and_their_costs():
+    cfg = load_config()
+    nested = phase_module(cfg, "nested", 1)
+    plain = phase_module(cfg, "plain", 0)
+    low, sr = phase_module(cfg, "cascaded", 0), phase_module(cfg, "cascaded", 1)
+    assert nested.io_resolutions == (14, 28) and plain.io_resolutions == (28,) and not plain.spec.nested
+    assert low.io_resolutions == (14,) and sr.io_resolutions == (28,) and sr.spec.cond_channels == 1
+    costs = {name: model_costs(*models) for name, models in
+             {"nested": [nested], "plain": [plain], "cascaded": [low, sr]}.items()}
+    assert costs["plain"]["mdm/params"] == costs["plain"]["unet/params"] == costs["nested"]["unet/params"]
+    assert costs["plain"]["unet/params"] < costs["nested"]["mdm/params"] < 1.01 * costs["plain"]["unet/params"]
+    # a cascade holds two models: more parameters than the NestedUNet, which shares them (MDM §4.2)
+    assert costs["cascaded"]["mdm/params"] > 1.5 * costs["nested"]["mdm/params"]
+    assert costs["cascaded"]["mdm/gflops"] > costs["cascaded"]["unet/gflops"] == costs["nested"]["unet/gflops"]
+
+
+def test_every_baseline_generates_full_resolution_images(tmp_path):
+    cfg = tiny_config(tmp_path, "eval.batch_size=3")
+    torch.manual_seed(0)
+    low, sr = phase_module(cfg, "cascaded", 0).eval(), phase_module(cfg, "cascaded", 1).eval()
+    first = generate_images(cfg, "cascaded", [low], 5)  # stage 1 only: its 4px samples, upsampled
+    both = generate_images(cfg, "cascaded", [low, sr], 5)
+    assert first.shape == both.shape == (5, 8, 8, 1) and first.dtype == np.uint8
+    assert not np.array_equal(first, both)
+    assert np.array_equal(first, generate_images(cfg, "nested", [low], 5))
+    assert generate_images(cfg, "plain", [phase_module(cfg, "plain", 0).eval()], 4).shape == (4, 8, 8, 1)
 
 
 def test_cli_dry_run_lists_phases_and_starts_nothing(tmp_path):

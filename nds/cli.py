@@ -13,8 +13,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from nds.config import REPO_ROOT, Config, ConfigError, load_config, preflight, to_yaml
-from nds.sweep import Sweep, experiment_hash, trial_config, trial_name
+from nds.config import REPO_ROOT, Config, ConfigError, load_config, to_yaml
+from nds.sweep import Sweep, preflight_trials, trial_name
 
 Plan = list[tuple[str, list[dict]]]  # (stage name, variants) in the order they run
 
@@ -41,11 +41,8 @@ def sweep_main(script: str, doc: str, plan: Callable[[Config], Plan], argv: list
     try:
         cfg = load_config(args.config or default_config, args.overrides)
         stages = plan(cfg)
-        configs = [trial_config(cfg, v) for _, variants in stages for v in variants]
-        if not configs:
+        if not preflight_trials(cfg, [v for _, variants in stages for v in variants]):
             raise ConfigError(f"{script}: the config gives no trials (see the sweep.* keys this script reads)")
-        for distinct in {experiment_hash(c, with_seed=False): c for c in configs}.values():
-            preflight(distinct)
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

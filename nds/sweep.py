@@ -41,6 +41,15 @@ def experiment_hash(cfg: Config, with_seed: bool = True) -> str:
     return config_hash(d)
 
 
+def preflight_trials(cfg: Config, variants: list[dict]) -> list[Config]:
+    """Every trial's config, validated, with the files of each distinct setting checked, before
+    any compute is spent."""
+    configs = [trial_config(cfg, v) for v in variants]
+    for distinct in {experiment_hash(c, with_seed=False): c for c in configs}.values():
+        preflight(distinct)
+    return configs
+
+
 def extensions_dir(cfg: Config) -> Path:
     """Where DeepSpeed's JIT-built ops live, so they are compiled once per machine, not per run."""
     return cfg.cache_dir / "torch_extensions"
@@ -243,9 +252,7 @@ class Sweep:
         from ray import tune
 
         cfg = cfg or self.cfg
-        configs = [trial_config(cfg, v) for v in variants]  # every trial validates before compute is spent
-        for distinct in {experiment_hash(c, with_seed=False): c for c in configs}.values():
-            preflight(distinct)
+        configs = preflight_trials(cfg, variants)
         run_id = tracking.start_run(self.uri, self.experiment_id, f"{self.name}-{name}", params=flatten(cfg),
                                     tags={"nds.kind": "stage", "nds.sweep": self.name, "nds.stage": name},
                                     parent_run_id=self.run_id)

@@ -1,5 +1,13 @@
+from pathlib import Path
+
 import pytest
 import torch
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+needs_fashion = pytest.mark.skipif(
+    not (FASHION / "train-images-idx3-ubyte.gz").is_file() or not (FASHION / "t10k-images-idx3-ubyte.gz").is_file(),
+    reason=f"Fashion-MNIST not installed at {FASHION} (apt-get install dataset-fashion-mnist)",
+)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FASHION, needs_fashion
 from PIL import Image
 
 from nds.data import (
@@ -19,11 +20,6 @@ from nds.data import (
     load_image_folder,
 )
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-needs_fashion = pytest.mark.skipif(
-    not (FASHION / "t10k-images-idx3-ubyte.gz").is_file(),
-    reason=f"Fashion-MNIST not installed at {FASHION} (apt-get install dataset-fashion-mnist)",
-)
 
 
 @needs_fashion

@@ -1,7 +1,7 @@
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FASHION, needs_fashion
 import torch
 
 from nds.config import ConfigError, load_config, preflight
@@ -24,11 +24,6 @@ from nds.text import (
 )
 from nds.train import build_level_model, step_generator
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-needs_fashion = pytest.mark.skipif(
-    not (FASHION / "train-images-idx3-ubyte.gz").is_file(),
-    reason=f"Fashion-MNIST not installed at {FASHION} (apt-get install dataset-fashion-mnist)",
-)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 class DataConfig:
     name: str = "fashion_mnist"  # fashion_mnist | digits | image_folder (ImageNet-100 layout) | coco2014
     root: str = "/usr/share/datasets/fashion-mnist"
-    train_limit: int = 4000  # images of the training split used (0 = all)
+    train_limit: int = 3000  # images of the training split used (0 = all)
     eval_limit: int = 500  # reference images for the sample-quality metric (0 = all)
     image_size: int = 0  # image_folder/coco2014: resize to this (0 = the level-1 size; x8 for encoder.level1=vae)
     captions: str = ""  # coco2014: folder with captions_{train,val}2014.json (empty = <root>/annotations)
@@ -81,7 +81,7 @@ class DiffusionConfig:
 
 @dataclass
 class TrainingConfig:
-    steps: int = 400
+    steps: int = 300
     batch_size: int = 64  # per worker
     lr: float = 2e-3
     warmup_steps: int = 50

@@ -117,16 +117,12 @@ def main(argv: list[str] | None = None) -> int:
                for p in panels for lv, a in zip(p.levels, p.agreement)}
     uri = cfg.tracking_uri
     experiment_id = tracking.prepare_experiment(uri, args.experiment, cfg.runs_dir / "mlartifacts")
-    run_id = tracking.start_run(uri, experiment_id, f"knn-{tag}", tags={"nds.kind": "knn_figure"}, params={
+    with tracking.open_run(uri, experiment_id, f"knn-{tag}", tags={"nds.kind": "knn_figure"}, params={
         "encoders": " | ".join(p.name for p in panels), "levels": args.levels or cfg.hierarchy.spec, "k": args.k,
-        "data.name": cfg.data.name, "data.train_limit": cfg.data.train_limit, "data.eval_limit": cfg.data.eval_limit})
-    try:
+        "data.name": cfg.data.name, "data.train_limit": cfg.data.train_limit, "data.eval_limit": cfg.data.eval_limit,
+    }) as run_id:
         tracking.log_metrics(uri, run_id, metrics)
         tracking.log_artifact(uri, run_id, out)
-        tracking.end_run(uri, run_id)
-    except BaseException as err:
-        tracking.end_run(uri, run_id, error=err)
-        raise
     print(json.dumps({"figure": str(out), "mlflow_run_id": run_id, "label_agreement": metrics}, indent=1))
     return 0
 

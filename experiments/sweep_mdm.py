@@ -7,7 +7,8 @@
                the rest of the mdm spec follows from the base config (``resolution_changes``).
   progressive  MDM Fig. 8a: a variant per entry of sweep.mdm_phase_steps (e.g. [[0,200],[100,100]]).
   baselines    MDM Fig. 4: NestedUNet vs cascaded vs plain UNet (sweep.mdm_baselines) at the base
-               config's size and iteration budget (nds/train_mdm.py says what each one is).
+               config's size and iteration budget: a variant per value of mdm.baseline
+               (nds/train_mdm.py says what each one is).
 
 A stage runs only if its list is non-empty; every variant runs once per seed in sweep.seeds. Each
 trial logs the quality metric at the end of every phase of any trial in its stage, with MLflow
@@ -20,7 +21,7 @@ import sys
 from nds.cli import Plan, preset, sweep_main
 from nds.config import Config, ConfigError
 from nds.sweep import Sweep, trial_config, variant
-from nds.train_mdm import MDM, baseline_phases
+from nds.train_mdm import MDM
 
 SCRIPT = "sweep_mdm"
 
@@ -47,7 +48,7 @@ def resolution_changes(cfg: Config, resolutions: list[int]) -> dict:
 def checked(cfg: Config, key: str, index: int, value, v: dict) -> dict:
     """``v`` if its trial config is valid; else an error that names the sweep key the user wrote."""
     try:
-        baseline_phases(trial_config(cfg, v), v["changes"]["sweep.mdm_baselines"][0])
+        trial_config(cfg, v)
     except ConfigError as err:
         raise ConfigError(f"{key}[{index}] = {value}: {err}") from None
     return v
@@ -56,20 +57,19 @@ def checked(cfg: Config, key: str, index: int, value, v: dict) -> dict:
 def resolution_variants(cfg: Config) -> list[dict]:
     return [checked(cfg, "sweep.mdm_resolutions", i, res,
                     variant("res" + "-".join(map(str, res)), seed, **resolution_changes(cfg, res),
-                            **{"sweep.mdm_baselines": ["nested"]}))
+                            **{"mdm.baseline": "nested"}))
             for seed in cfg.sweep.seeds for i, res in enumerate(cfg.sweep.mdm_resolutions)]
 
 
 def phase_variants(cfg: Config) -> list[dict]:
     return [checked(cfg, "sweep.mdm_phase_steps", i, steps,
                     variant("phase" + "-".join(map(str, steps)), seed,
-                            **{"mdm.phase_steps": steps, "sweep.mdm_baselines": ["nested"]}))
+                            **{"mdm.phase_steps": steps, "mdm.baseline": "nested"}))
             for seed in cfg.sweep.seeds for i, steps in enumerate(cfg.sweep.mdm_phase_steps)]
 
 
 def baseline_variants(cfg: Config) -> list[dict]:
-    return [checked(cfg, "sweep.mdm_baselines", i, baseline,
-                    variant(baseline, seed, **{"sweep.mdm_baselines": [baseline]}))
+    return [checked(cfg, "sweep.mdm_baselines", i, baseline, variant(baseline, seed, **{"mdm.baseline": baseline}))
             for seed in cfg.sweep.seeds for i, baseline in enumerate(cfg.sweep.mdm_baselines)]
 
 

@@ -78,7 +78,7 @@ def sample_levels(cfg: Config, models: dict[int, nn.Module], n: int,
         labels = torch.randint(classes, (size,), generator=generator) if classes else None
         batches.append(nested_sample(models, sigmas, size, alphas, d.sample_steps, cfg_scale=d.cfg_scale, eta=d.eta,
                                      labels=labels, clip_images=clip_images, generator=generator,
-                                     text_bank=text_bank))
+                                     text_bank=text_bank, prediction=d.prediction))
     return {level: torch.cat([b[level] for b in batches]) for level in batches[0]}
 
 

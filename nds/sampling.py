@@ -5,13 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nds.diffusion import Denoiser, cfg_denoiser, ddim_sample
+from nds.diffusion import Denoiser, cfg_denoiser, ddim_sample, split_prediction
 from nds.hierarchy import add_condition_noise
 from nds.text import CaptionBank
 
 
-def clipped(denoiser: Denoiser, alphas_cumprod: torch.Tensor, bound: float = 1.0) -> Denoiser:
-    """ε-denoiser whose implied x0 is clipped to [-bound, bound] (DDPM's clip_denoised).
+def eps_denoiser(denoiser: Denoiser, alphas_cumprod: torch.Tensor, prediction: str = "eps",
+                 clip: float | None = None) -> Denoiser:
+    """The ε implied by a model that predicts ε or v; with ``clip``, the implied x0 is clipped to
+    [-clip, clip] first (DDPM's clip_denoised).
 
     Image space has a known range, so clipping keeps an imperfect model's samples from
     saturating; standardised latent levels have no such bound and are left alone.
@@ -19,9 +21,10 @@ def clipped(denoiser: Denoiser, alphas_cumprod: torch.Tensor, bound: float = 1.0
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         a = alphas_cumprod.to(x)[t].reshape(-1, *([1] * (x.ndim - 1)))
-        eps = denoiser(x, t)
-        x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-bound, bound)
-        return (x - a.sqrt() * x0) / (1 - a).sqrt()
+        x0, eps = split_prediction(denoiser(x, t), x, a, prediction)
+        if clip is None:
+            return eps
+        return (x - a.sqrt() * x0.clamp(-clip, clip)) / (1 - a).sqrt()
 
     return denoise
 
@@ -30,10 +33,11 @@ def clipped(denoiser: Denoiser, alphas_cumprod: torch.Tensor, bound: float = 1.0
 def nested_sample(models: dict[int, nn.Module], sigmas: dict[int, float], n: int, alphas_cumprod: torch.Tensor,
                   steps: int, cfg_scale: float = 1.0, eta: float = 0.0, labels: torch.Tensor | None = None,
                   clip_images: bool = True, generator: torch.Generator | None = None,
-                  text_bank: CaptionBank | None = None) -> dict[int, torch.Tensor]:
+                  text_bank: CaptionBank | None = None, prediction: str = "eps") -> dict[int, torch.Tensor]:
     """Sample every level of an L-level chain; returns ``{level: [n, c, h, w]}``.
 
-    ``models[l]`` is level l's denoiser (l = 1..L); ``sigmas[l]`` is σ_l for l = 2..L.
+    ``models[l]`` is level l's denoiser (l = 1..L), predicting ``prediction`` (ε or v); ``sigmas[l]``
+    is σ_l for l = 2..L.
     ``labels`` are the classes to sample: class-conditional levels get them as class tokens and,
     with ``text_bank``, one caption per example (drawn with ``generator``) conditions every level;
     guidance (``cfg_scale``) applies to all conditions at once.
@@ -53,7 +57,6 @@ def nested_sample(models: dict[int, nn.Module], sigmas: dict[int, float], n: int
         h, w, c = model.input_shape
         noise = torch.randn((n, c, h, w), generator=generator)
         denoiser = cfg_denoiser(model, cond, labels if model.num_classes else None, cfg_scale, **text)
-        if level == 1 and clip_images:
-            denoiser = clipped(denoiser, alphas_cumprod)
+        denoiser = eps_denoiser(denoiser, alphas_cumprod, prediction, 1.0 if level == 1 and clip_images else None)
         samples[level] = ddim_sample(denoiser, noise, alphas_cumprod, steps, eta=eta, generator=generator)
     return samples

@@ -166,14 +166,13 @@ def run_trial(params: dict, *, base: dict, kind: TrialKind, inputs: dict, ctx: d
     v = params["variant"]
     cfg = trial_config(from_dict(base), v)
     uri = ctx["uri"]
-    run_id = tracking.start_run(
+    with tracking.open_run(
         uri, ctx["experiment_id"], trial_name(v), params=flatten(cfg),
         tags={"nds.kind": "trial", "nds.sweep": ctx["sweep"], "nds.stage": ctx["stage"], "nds.variant": v["name"],
               "nds.config_hash": experiment_hash(cfg), "nds.group_hash": experiment_hash(cfg, with_seed=False),
               "nds.metric": ctx["metric"]},
         parent_run_id=ctx["parent_run_id"],
-    )
-    try:
+    ) as run_id:
         trial_dir = Path(ray.tune.get_context().get_trial_dir())
         (trial_dir / "config.yaml").write_text(to_yaml(cfg))
         tracking.log_artifact(uri, run_id, trial_dir / "config.yaml")
@@ -182,10 +181,6 @@ def run_trial(params: dict, *, base: dict, kind: TrialKind, inputs: dict, ctx: d
         tracking.set_tags(uri, run_id, report.tags)
         for artifact in report.artifacts:
             tracking.log_artifact(uri, run_id, artifact)
-        tracking.end_run(uri, run_id)
-    except BaseException as err:
-        tracking.end_run(uri, run_id, error=err)
-        raise
     ray.tune.report({**report.metrics, "mlflow_run_id": run_id})
 
 
@@ -253,10 +248,9 @@ class Sweep:
 
         cfg = cfg or self.cfg
         configs = preflight_trials(cfg, variants)
-        run_id = tracking.start_run(self.uri, self.experiment_id, f"{self.name}-{name}", params=flatten(cfg),
-                                    tags={"nds.kind": "stage", "nds.sweep": self.name, "nds.stage": name},
-                                    parent_run_id=self.run_id)
-        try:
+        with tracking.open_run(self.uri, self.experiment_id, f"{self.name}-{name}", params=flatten(cfg),
+                               tags={"nds.kind": "stage", "nds.sweep": self.name, "nds.stage": name},
+                               parent_run_id=self.run_id) as run_id:
             print(f"[nds] {self.name} stage {name}: {len(variants)} trials: "
                   f"{', '.join(trial_name(v) for v in variants)}", flush=True)
             inputs = kind.prepare(self, configs)
@@ -286,10 +280,6 @@ class Sweep:
                                                     "trials.failed": sum(not t["ok"] for t in trials), **counts})
             print(f"[nds] stage {name}: {sum(t['ok'] for t in trials)}/{len(trials)} trials finished; "
                   f"levels trained {counts['levels.trained']}, reused {counts['levels.reused']}", flush=True)
-            tracking.end_run(self.uri, run_id)
-        except BaseException as err:
-            tracking.end_run(self.uri, run_id, error=err)
-            raise
         self.stages.append(outcome)
         return outcome
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunStatus, RunTag
@@ -40,6 +42,19 @@ def start_run(uri: str, experiment_id: str, name: str, params: dict[str, str] | 
     for i in range(0, len(items), MAX_BATCH):
         client.log_batch(run.info.run_id, params=items[i : i + MAX_BATCH])
     return run.info.run_id
+
+
+@contextmanager
+def open_run(uri: str, experiment_id: str, name: str, params: dict[str, str] | None = None,
+             tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> Iterator[str]:
+    """A run (its id) that ends FINISHED when the block completes, FAILED with the error when it raises."""
+    run_id = start_run(uri, experiment_id, name, params, tags, parent_run_id)
+    try:
+        yield run_id
+    except BaseException as err:
+        end_run(uri, run_id, error=err)
+        raise
+    end_run(uri, run_id)
 
 
 def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:

@@ -208,7 +208,8 @@ def train_loop(loop_config: dict) -> None:
             text["text"], text["text_mask"], _ = bank.sample(y, step_generator(cfg.seed, level, rank, step))
         y = y if cfg.model.num_classes else None
         with _autocast(cfg, device):
-            return diffusion_loss(lambda x, t: engine(x, t, cond=cond, labels=y, **text), x0, alphas), {}
+            return diffusion_loss(lambda x, t: engine(x, t, cond=cond, labels=y, **text), x0, alphas,
+                                  prediction=cfg.diffusion.prediction), {}
 
     run_steps(cfg, engine, ema, loss_at, start=start, steps=cfg.training.steps, tags={"level": level},
               metric_prefix=f"level{level}", mlflow_run=loop_config.get("mlflow"))

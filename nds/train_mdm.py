@@ -7,7 +7,9 @@ and joins the inner network through zero-initialised convs, so what was learned 
 steps with a fresh optimiser and warm-up, and reports checkpoints exactly as a U-ViT level does
 (nds.train): the run name is stable per phase, so a restarted worker resumes its own phase.
 
-Baselines, at the NestedUNet's size and iteration budget (``baseline_phases``):
+What ``mdm.baseline`` trains, at the NestedUNet's size and iteration budget (``baseline_phases``):
+
+- ``nested``: the NestedUNet on the progressive schedule above.
 
 - ``plain``: the plain UNet of the same blocks (spec ``nested=False``: input and output at the full
   resolution only), one phase of all the schedule's iterations. MDM's "Simple DM".
@@ -153,7 +155,7 @@ def phase_loop(loop_config: dict) -> None:
     import ray.train
 
     cfg = from_dict(loop_config["config"])
-    baseline, index = loop_config["baseline"], loop_config["phase"]
+    baseline, index = cfg.mdm.baseline, loop_config["phase"]
     phase = baseline_phases(cfg, baseline)[index]
     rank = ray.train.get_context().get_world_rank()
     device = worker_device(cfg)
@@ -206,8 +208,8 @@ Evaluate = Callable[[int, list[NestedUNet]], None]
 
 
 def train_phases(cfg: Config, data_refs: dict, run_prefix: str, mlflow_run: dict | None = None,
-                 baseline: str = "nested", eval_at: Sequence[int] = (), evaluate: Evaluate | None = None) -> list[PhaseResult]:
-    """Fit the phases of ``baseline`` in order; each phase's run is ``{run_prefix}-{phase_name}``, stable across retries.
+                 eval_at: Sequence[int] = (), evaluate: Evaluate | None = None) -> list[PhaseResult]:
+    """Fit the phases of ``mdm.baseline`` in order; each phase's run is ``{run_prefix}-{phase_name}``, stable across retries.
 
     ``data_refs``: Ray object refs of ``images`` and ``labels`` (from ``prepare_images``). A phase is
     fitted in pieces ending at the total iteration counts in ``eval_at`` that fall inside it; each
@@ -217,13 +219,13 @@ def train_phases(cfg: Config, data_refs: dict, run_prefix: str, mlflow_run: dict
     """
     import ray
 
+    baseline = cfg.mdm.baseline
     results: list[PhaseResult] = []
     before = 0  # iterations of the earlier phases
     for index, phase in enumerate(baseline_phases(cfg, baseline)):
         grows = baseline == "nested" and index > 0
         loop_config = {
             "config": to_dict(cfg),
-            "baseline": baseline,
             "phase": index,
             "images": data_refs["images"],
             "labels": data_refs["labels"],
@@ -279,8 +281,8 @@ def sample_images(cfg: Config, model: NestedUNet, n: int, labels: torch.Tensor |
                       generator=generator or torch.Generator().manual_seed(cfg.seed), **conditions, **extra)
 
 
-def generate_images(cfg: Config, baseline: str, models: list[NestedUNet], n: int) -> np.ndarray:
-    """n full-resolution uint8 [n, R, R, C] images from a trial's latest models, in eval.batch_size
+def generate_images(cfg: Config, models: list[NestedUNet], n: int) -> np.ndarray:
+    """n full-resolution uint8 [n, R, R, C] images from ``mdm.baseline``'s latest models, in eval.batch_size
     batches with a fixed seed (labels drawn at random, as MDM's FID protocol does). A model that
     does not reach the full resolution yet (an early phase, a cascade without its second stage)
     shows its top resolution upsampled: what it can offer at that point of training."""
@@ -291,14 +293,15 @@ def generate_images(cfg: Config, baseline: str, models: list[NestedUNet], n: int
     alphas = make_schedule(d.schedule, d.timesteps, beta_start=d.beta_start, beta_end=d.beta_end)
     cond_schedule = resolution_schedules(alphas, [top], m.resolutions[0], m.snr_power)[0]
     cond_level = min(round(CASCADE_NOISE_LEVEL * d.timesteps), d.timesteps - 1)
-    first = models[0] if baseline == "cascaded" else models[-1]
+    cascaded = cfg.mdm.baseline == "cascaded"
+    first = models[0] if cascaded else models[-1]
     generator = torch.Generator().manual_seed(cfg.seed)
     batches = []
     for start in range(0, n, cfg.eval.batch_size):
         size = min(cfg.eval.batch_size, n - start)
         labels = torch.randint(m.num_classes, (size,), generator=generator) if m.num_classes else None
         x = sample_images(cfg, first, size, labels, generator)[-1].clamp(-1, 1)
-        if baseline == "cascaded" and len(models) == 2:
+        if cascaded and len(models) == 2:
             level = torch.full((size,), cond_level)
             cond = noised_upsample(x, top, level, cond_schedule, generator)
             x = sample_images(cfg, models[1], size, labels, generator, cond_image=cond, cond_t=level)[-1]
@@ -323,24 +326,23 @@ class MDMOutcome:
     run_id: str
     experiment_id: str
     phases: list[PhaseResult]
-    samples: list[torch.Tensor]  # the final model's samples, one tensor per resolution
+    images: np.ndarray  # the grid's full-resolution samples of the final models, uint8 [n, R, R, C]
 
 
 def run_mdm(cfg: Config) -> MDMOutcome:
     """The whole run under one MLflow run (tag nds.kind=mdm): data into the object store, the phases
-    in order, then samples and costs of the final model. The run is closed FAILED on any error."""
+    of ``mdm.baseline`` in order, then samples and costs of the final models. The run is closed
+    FAILED on any error."""
     import ray
 
-    from nds.hierarchy import images_from_level1
     from nds.sweep import extensions_dir, init_ray
     from nds.train import prebuild_cpu_comm_op
 
     uri = cfg.tracking_uri
     experiment = cfg.experiment_name("train_mdm")
     experiment_id = tracking.prepare_experiment(uri, experiment, cfg.runs_dir / "mlartifacts")
-    run_id = tracking.start_run(uri, experiment_id, f"mdm-{time.strftime('%Y%m%d-%H%M%S')}", params=flatten(cfg),
-                                tags={"nds.kind": "mdm", "nds.config_hash": config_hash(cfg)})
-    try:
+    with tracking.open_run(uri, experiment_id, f"mdm-{time.strftime('%Y%m%d-%H%M%S')}", params=flatten(cfg),
+                           tags={"nds.kind": "mdm", "nds.config_hash": config_hash(cfg)}) as run_id:
         print(f"[nds] MLflow: {uri}  experiment '{experiment}'  run {run_id}", flush=True)
         out_dir = cfg.runs_dir / "mdm" / run_id
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -352,34 +354,28 @@ def run_mdm(cfg: Config) -> MDMOutcome:
         init_ray(cfg)
         data_refs = {"images": ray.put(images), "labels": ray.put(labels)}
         phases = train_phases(cfg, data_refs, f"mdm-{run_id[:8]}", {"uri": uri, "run_id": run_id})
+        models = final_models(cfg, phases)
         metrics = {f"{phase_name(p.phase)}/final_loss": p.final_loss for p in phases}
-        model = phases[-1].model
-        metrics.update(model_costs(model))
+        metrics.update(model_costs(*models))
         side = cfg.eval.grid_size
-        samples = sample_images(cfg, model, side * side)
-        grid_path = save_grid(images_from_level1(samples[-1]), side, out_dir / "samples.png")
+        samples = generate_images(cfg, models, side * side)
+        grid_path = save_grid(samples, side, out_dir / "samples.png")
         tracking.log_metrics(uri, run_id, metrics)
         tracking.log_artifact(uri, run_id, grid_path)
-        tracking.end_run(uri, run_id)
-    except BaseException as err:
-        tracking.end_run(uri, run_id, error=err)
-        raise
     return MDMOutcome(run_id, experiment_id, phases, samples)
+
+
+def final_models(cfg: Config, phases: list[PhaseResult]) -> list[NestedUNet]:
+    """What samples a trained baseline: both stages of a cascade, else the last phase's model."""
+    return [p.model for p in phases] if cfg.mdm.baseline == "cascaded" else [phases[-1].model]
 
 
 # -- MDM trials in a sweep (nds.sweep) -------------------------------------------------------------
 
 
-def trial_baseline(cfg: Config) -> str:
-    """The baseline a sweep trial trains: sweep_mdm gives every trial's config exactly one entry
-    in sweep.mdm_baselines; a config with none or several trains the NestedUNet."""
-    chosen = cfg.sweep.mdm_baselines
-    return chosen[0] if len(chosen) == 1 else "nested"
-
-
 def trial_iterations(cfg: Config) -> list[int]:
     """Total iterations at the end of each phase of the trial's baseline."""
-    return list(itertools.accumulate(p.steps for p in baseline_phases(cfg, trial_baseline(cfg))))
+    return list(itertools.accumulate(p.steps for p in baseline_phases(cfg, cfg.mdm.baseline)))
 
 
 def data_key(cfg: Config) -> str:
@@ -424,7 +420,6 @@ def run_mdm_trial(cfg: Config, inputs: dict, mlflow_run: dict, trial_dir: Path) 
     """
     from nds import metrics as quality
 
-    baseline = trial_baseline(cfg)
     total = trial_iterations(cfg)[-1]
     eval_at = [n for n in inputs["eval_at"] if n <= total]
     metric_state = inputs["metric"][metric_key(cfg)]
@@ -432,23 +427,23 @@ def run_mdm_trial(cfg: Config, inputs: dict, mlflow_run: dict, trial_dir: Path) 
     last = {}
 
     def evaluate(done: int, models: list[NestedUNet]) -> None:
-        images = generate_images(cfg, baseline, models, e.num_samples)
+        images = generate_images(cfg, models, e.num_samples)
         with tempfile.TemporaryDirectory() as tmp:
             folder = quality.write_pngs(images, Path(tmp))
             scores = quality.sample_quality(folder, metric_state["ref_stats"], e.inception_dir,
                                             e.substitute_image_size, e.batch_size)
         tracking.log_metrics(mlflow_run["uri"], mlflow_run["run_id"], scores, step=done)
-        print(f"[nds] {baseline} after {done} iterations: "
+        print(f"[nds] {cfg.mdm.baseline} after {done} iterations: "
               f"{', '.join(f'{k} {v:.2f}' for k, v in scores.items())}", flush=True)
         last["images"] = images
 
     run_prefix = "mdm-" + hashlib.sha1(str(trial_dir).encode()).hexdigest()[:12]  # stable when Tune retries the trial
-    phases = train_phases(cfg, inputs["data"][data_key(cfg)], run_prefix, mlflow_run, baseline, eval_at, evaluate)
-    models = [p.model for p in phases] if baseline == "cascaded" else [phases[-1].model]
+    phases = train_phases(cfg, inputs["data"][data_key(cfg)], run_prefix, mlflow_run, eval_at, evaluate)
+    models = final_models(cfg, phases)
     metrics = {f"{phase_name(p.phase)}/final_loss": p.final_loss for p in phases}
     metrics.update(model_costs(*models), iterations=total)
     grid = save_grid(last["images"], e.grid_size, trial_dir / "sample_grid.png")
-    return TrialReport(metrics, [grid], {"nds.mdm_baseline": baseline})
+    return TrialReport(metrics, [grid], {"nds.mdm_baseline": cfg.mdm.baseline})
 
 
 MDM = TrialKind(prepare_mdm_inputs, run_mdm_trial)

@@ -34,6 +34,8 @@ def test_yaml_and_overrides(tmp_path):
     ("encoder.bf16=maybe", "encoder.bf16"),
     ("hierarchy.spec='9x16x1, 2x2x8'", "hierarchy.spec level 1"),
     ("training.ema_decay=1.0", "training.ema_decay"),
+    ("diffusion.prediction=x0", "diffusion.prediction"),
+    ("mdm.baseline=latent", "mdm.baseline"),
 ])
 def test_bad_config_is_named(override, names):
     with pytest.raises(ConfigError, match=names.replace("[", r"\[").replace("]", r"\]")):

@@ -372,3 +372,33 @@ def test_cfg_denoiser_batches_extra_conditions_and_passes_only_given_ones():
     torch.testing.assert_close(out, x + 3.0 * (cond - x))
     cfg_denoiser(model, labels=labels, text=None, scale=3.0)(x, t)
     assert passed == [(True, True, 6), (True, False, 6)]  # one doubled batch per call; None not passed
+
+
+class OracleLevel(nn.Module):
+    """A one-level chain's model over 2x2x1 'images' drawn from N(MU, S²) per pixel, predicting ε or v."""
+
+    input_shape, num_classes = (2, 2, 1), 0
+
+    def __init__(self, alphas_cumprod: Tensor, prediction: str):
+        super().__init__()
+        self.eps = optimal_denoiser(alphas_cumprod)
+        self.v = to_v(self.eps)
+        self.alphas_cumprod, self.prediction = alphas_cumprod, prediction
+
+    def forward(self, x: Tensor, t: Tensor, **conditions) -> Tensor:
+        return self.eps(x, t) if self.prediction == "eps" else self.v(x, t, self.alphas_cumprod)
+
+
+def test_nested_sampling_reads_v_models_as_eps_models():
+    from nds.sampling import nested_sample
+
+    ac = linear_schedule(1000)
+    runs = {}
+    for prediction in ("eps", "v"):
+        for clip in (False, True):
+            runs[prediction, clip] = nested_sample({1: OracleLevel(ac, prediction)}, {}, 2000, ac, 20, clip_images=clip,
+                                                   generator=torch.Generator().manual_seed(0), prediction=prediction)[1]
+    torch.testing.assert_close(runs["eps", False], runs["v", False], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(runs["eps", True], runs["v", True], atol=1e-4, rtol=1e-4)
+    assert abs(runs["v", False].mean().item() - MU) < 0.05 and abs(runs["v", False].std().item() - S) < 0.1  # 20 DDIM steps
+    assert runs["v", True].max() <= 1.0 + 1e-4 < runs["v", False].max()  # image level: x0 clipped to [-1, 1]

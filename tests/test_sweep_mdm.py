@@ -14,7 +14,7 @@ from experiments.sweep_mdm import main, plan
 from nds.cli import preset
 from nds.config import REPO_ROOT, ConfigError, load_config
 from nds.metrics import SUBSTITUTE
-from nds.sweep import trial_config
+from nds.sweep import experiment_hash, trial_config
 
 TINY = [
     "data.name=digits", "data.train_limit=64", "data.eval_limit=48",
@@ -43,11 +43,12 @@ def test_plan_adapts_the_spec_to_each_variant_and_every_trial_validates():
     assert changes.phase_steps == [100, 0, 100] and changes.loss_weights == [1.0, 1.0, 1.0]
     assert [v["name"] for v in stages["progressive"]] == ["phase0-200", "phase100-100", "phase150-50"]
     baselines = {v["name"]: trial_config(cfg, v) for v in stages["baselines"]}
-    assert {name: c.sweep.mdm_baselines for name, c in baselines.items()} == \
-        {"nested": ["nested"], "cascaded": ["cascaded"], "plain": ["plain"]}
+    assert {name: c.mdm.baseline for name, c in baselines.items()} == \
+        {"nested": "nested", "cascaded": "cascaded", "plain": "plain"}
+    assert len({experiment_hash(c) for c in baselines.values()}) == 3  # the baseline is part of the experiment
     assert dict(plan(load_config(preset("sweep_mdm"), ["sweep.mdm_resolutions=[]", "sweep.mdm_baselines=[]"]))).keys() \
         == {"progressive"}
-    with pytest.raises(ConfigError, match=r"sweep.mdm_baselines\[1\] = cascaded: the cascaded baseline"):
+    with pytest.raises(ConfigError, match=r"sweep.mdm_baselines\[1\] = cascaded: mdm.baseline=cascaded: the cascaded baseline"):
         plan(load_config(preset("sweep_mdm"), ["mdm.phase_steps=[0,200]"]))
     with pytest.raises(ConfigError, match=r"sweep.mdm_phase_steps\[0\] = \[200\]: mdm.phase_steps needs one entry"):
         plan(load_config(preset("sweep_mdm"), ["sweep.mdm_phase_steps=[[200]]"]))

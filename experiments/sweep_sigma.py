@@ -7,7 +7,8 @@ the best σ_L (mean over ``sweep.seeds``) is carried into depth L+1, so a run is
 
 Without a config file the embedded default runs: a local Ray instance, an MLflow sqlite store under
 runs/, real Fashion-MNIST, tiny U-ViTs. Class-conditional: model.num_classes=10; text-conditional:
-model.text_encoder=minilm (captions made from class names).
+model.text_encoder=minilm (captions made from class names; on COCO each image's own captions,
+configs/sweep_sigma/coco_text.yaml).
 """
 from __future__ import annotations
 

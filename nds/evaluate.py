@@ -14,7 +14,7 @@ from nds.diffusion import make_schedule
 from nds.latents import level1_decoder
 from nds.models import count_params, forward_flops
 from nds.sampling import nested_sample
-from nds.text import CaptionBank
+from nds.text import TextBank
 
 
 @dataclass
@@ -29,14 +29,12 @@ def prepare_metric(cfg: Config, reference_images: np.ndarray) -> dict:
     return {"ref_stats": metrics.reference_stats(reference_images, e.inception_dir, e.substitute_image_size, e.batch_size)}
 
 
-def level_costs(models: dict[int, nn.Module], text_bank: CaptionBank | None = None) -> dict[str, float]:
+def level_costs(models: dict[int, nn.Module], text_bank: TextBank | None = None) -> dict[str, float]:
     """GFLOPs of one forward (batch 1) and parameters of each level: the tables' cost columns.
 
-    Text-conditional levels are counted with the bank's padded caption length."""
+    Text-conditional levels are counted with the tokens of the bank's example caption."""
     costs = {}
-    text = {}
-    if text_bank is not None:
-        text = {"text": text_bank.tokens[:1, 0], "text_mask": text_bank.mask[:1, 0]}
+    text = dict(zip(("text", "text_mask"), text_bank.example())) if text_bank is not None else {}
     for level, model in models.items():
         if model.text_dim and text_bank is None:
             raise ValueError(f"level {level} is text-conditional: level_costs needs its text_bank")
@@ -61,29 +59,36 @@ def image_grid(images: np.ndarray, side: int) -> np.ndarray:
 
 
 def sample_levels(cfg: Config, models: dict[int, nn.Module], n: int,
-                  text_bank: CaptionBank | None = None) -> dict[int, torch.Tensor]:
+                  text_bank: TextBank | None = None) -> dict[int, torch.Tensor]:
     """n samples of every level of the chain, in batches, with a fixed seed.
 
-    Classes are drawn uniformly; class-conditional levels see them and, with ``text_bank``, one of
-    their captions conditions every level."""
+    Class-conditional levels get classes drawn uniformly. With ``text_bank`` every level is
+    conditioned on a caption of a group drawn uniformly: the class of the example for a class-name
+    bank, a training image for a per-image bank (COCO; the paper's FID-30K draws validation
+    captions instead, which would need the validation split's captions here)."""
     d = cfg.diffusion
     alphas = make_schedule(d.schedule, d.timesteps, beta_start=d.beta_start, beta_end=d.beta_end)
     sigmas = {level: cfg.sigma(level) for level in range(2, cfg.hierarchy.L + 1)}
-    classes = cfg.model.num_classes or (len(text_bank.captions) if text_bank is not None else 0)
+    classes = cfg.model.num_classes
     clip_images = d.clip_images and cfg.encoder.level1 == "pixels"  # VAE latents have no [-1, 1] range
     generator = torch.Generator().manual_seed(cfg.seed)
     batches = []
     for start in range(0, n, cfg.eval.batch_size):
         size = min(cfg.eval.batch_size, n - start)
         labels = torch.randint(classes, (size,), generator=generator) if classes else None
+        text = None
+        if text_bank is not None:
+            class_groups = labels is not None and not text_bank.groups_are_images  # captions of the drawn classes
+            groups = labels if class_groups else torch.randint(text_bank.num_groups, (size,), generator=generator)
+            text = text_bank.sample(groups, generator)[:2]
         batches.append(nested_sample(models, sigmas, size, alphas, d.sample_steps, cfg_scale=d.cfg_scale, eta=d.eta,
                                      labels=labels, clip_images=clip_images, generator=generator,
-                                     text_bank=text_bank, prediction=d.prediction))
+                                     text=text, prediction=d.prediction))
     return {level: torch.cat([b[level] for b in batches]) for level in batches[0]}
 
 
 def generate_images(cfg: Config, models: dict[int, nn.Module], n: int,
-                    text_bank: CaptionBank | None = None) -> np.ndarray:
+                    text_bank: TextBank | None = None) -> np.ndarray:
     """n uint8 images from the chain: level 1 decoded to pixels as :func:`nds.latents.prepare_latents`
     formed it (rescaled pixels, or the VAE's decoder)."""
     return level1_decoder(cfg)(sample_levels(cfg, models, n, text_bank)[1])
@@ -97,7 +102,7 @@ def _save_png(image: np.ndarray, path: Path) -> Path:
 
 
 def evaluate_chain(cfg: Config, models: dict[int, nn.Module], metric_state: dict, out_dir: Path,
-                   text_bank: CaptionBank | None = None,
+                   text_bank: TextBank | None = None,
                    train_latents: dict[int, np.ndarray] | None = None) -> EvalReport:
     """Metric, per-level costs, a sample grid and, given the training latents of a chain with L > 1,
     the Fig. 1-style per-level grid (``nds.figures.level_grid``)."""

@@ -37,6 +37,7 @@ class PreparedLatents:
     class_names: list[str]
     reference_images: np.ndarray  # uint8 [M, H, W, C] test split (possibly lazily decoded), for the metric
     compressors: list[ChannelCompressor | None] = field(default_factory=list)  # fitted on train, from the cache
+    captions: list[list[str]] | None = None  # COCO: every caption of training image i (row i of the latents)
 
 
 def _limit(n: int) -> int | None:
@@ -116,7 +117,7 @@ def prepare_latents(cfg: Config) -> PreparedLatents:
     latents = {k: np.ascontiguousarray(hit[f"z{k}"]) for k in range(1, len(levels) + 1)}
     stats = {name: np.asarray(arr) for name, arr in hit.items() if name.startswith("level")}
     return PreparedLatents(latents, train.labels, train.class_names, reference.images,
-                           compressors_from_state(stats, len(levels)))
+                           compressors_from_state(stats, len(levels)), train.captions)
 
 
 def _build(cfg: Config, cache: FeatureCache, levels: list[LevelShape], train: ImageSet, spec: EncoderSpec,

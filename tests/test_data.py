@@ -1,12 +1,11 @@
 import gzip
-import json
 import pickle
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FASHION, needs_fashion
+from conftest import FASHION, needs_fashion, write_coco
 from PIL import Image
 
 from nds.data import (
@@ -169,22 +168,8 @@ def test_image_files_decode_only_what_is_indexed(tmp_path, monkeypatch):
     assert [img.shape for img in files] == [(8, 8, 3)] * 7
 
 
-def _coco(root: Path, n_train: int = 3) -> None:
-    for split, ids in (("train2014", [30, 10, 20][:n_train]), ("val2014", [5])):
-        (root / split).mkdir(parents=True)
-        images, annotations = [], []
-        for image_id in ids:
-            name = f"COCO_{split}_{image_id:012d}.jpg"
-            Image.new("RGB", (12, 10), (image_id * 8, 0, 0)).save(root / split / name)
-            images.append({"id": image_id, "file_name": name, "width": 12, "height": 10})
-            annotations += [{"id": 100 * image_id + j, "image_id": image_id, "caption": f" image {image_id} caption {j} "}
-                            for j in range(2)]
-        (root / "annotations").mkdir(exist_ok=True)
-        (root / "annotations" / f"captions_{split}.json").write_text(json.dumps({"images": images, "annotations": annotations}))
-
-
 def test_coco_captions_by_image_id_lazy_images(tmp_path):
-    _coco(tmp_path)
+    write_coco(tmp_path)
     ds = load_dataset("coco2014", tmp_path, "train", image_size=6)
     assert isinstance(ds.images, ImageFiles) and ds.images.shape == (3, 6, 6, 3)
     assert ds.captions == [["image 10 caption 0", "image 10 caption 1"], ["image 20 caption 0", "image 20 caption 1"],
@@ -199,7 +184,7 @@ def test_coco_captions_by_image_id_lazy_images(tmp_path):
 
 
 def test_coco_missing_files_name_path_and_key(tmp_path):
-    _coco(tmp_path)
+    write_coco(tmp_path)
     moved = tmp_path / "ann"
     (tmp_path / "annotations").rename(moved)
     with pytest.raises(FileNotFoundError, match="captions_train2014.json.*data.captions"):

@@ -1,17 +1,20 @@
+import pickle
+
 import numpy as np
 import pytest
-from conftest import FASHION, needs_fashion
 import torch
+from conftest import FASHION, needs_fashion, write_coco
 
 from nds.config import ConfigError, load_config, preflight
 from nds.data import FASHION_MNIST_CLASSES, load_fashion_mnist
 from nds.diffusion import cfg_denoiser, ddim_sample, diffusion_loss, linear_schedule
 from nds.evaluate import generate_images, level_costs
+from nds.latents import prepare_latents
 from nds.models import UVIT_SIZES, UViT
-from nds.sampling import nested_sample
 from nds.text import (
     CAPTION_TEMPLATES,
-    CaptionBank,
+    ClassCaptionBank,
+    ImageCaptionBank,
     TextEncoder,
     class_captions,
     load_text_encoder,
@@ -22,7 +25,6 @@ from nds.text import (
     with_article,
 )
 from nds.train import build_level_model, step_generator
-
 
 
 @pytest.fixture(scope="module")
@@ -120,24 +122,70 @@ def test_text_condition_is_a_caption_bank_of_the_class_names(minilm):
     assert prepare_text_condition(load_config(None, ["data.name=digits"]), ["0", "1"]) is None  # no text
     bank = prepare_text_condition(load_config(None, ["model.text_encoder=minilm"]), FASHION_MNIST_CLASSES)
     assert bank.tokens.shape[:2] == (10, len(CAPTION_TEMPLATES)) and bank.tokens.shape[-1] == minilm.dim
-    assert bank.captions[7][0] == "a photo of a sneaker"
-    with pytest.raises(ConfigError, match="coco2014.*per-image captions"):
-        prepare_text_condition(load_config(None, ["data.name=coco2014", "model.text_encoder=minilm"]), ["coco"])
+    assert bank.captions[7][0] == "a photo of a sneaker" and not bank.groups_are_images and bank.num_groups == 10
+
+
+def test_coco_text_condition_is_a_bank_of_each_training_image_captions(tmp_path):
+    write_coco(tmp_path)
+    cfg = load_config(None, ["data.name=coco2014", f"data.root={tmp_path}", "data.train_limit=2",
+                             "hierarchy.spec='8x8x3'", "hierarchy.L=1", "sweep.depths=[1]",
+                             "model.text_encoder=minilm", f"paths.cache_dir={tmp_path / 'cache'}"])
+    prepared = prepare_latents(cfg)
+    bank = prepare_text_condition(cfg, prepared.class_names, prepared.captions)
+    assert isinstance(bank, ImageCaptionBank) and bank.groups_are_images
+    assert bank.num_groups == len(prepared.latents[1]) == 2  # data.train_limit: the first two images by id
+    assert bank.captions == [["image 10 caption 0", "image 10 caption 1"], ["image 20 caption 0", "image 20 caption 1"]]
+    red = prepared.latents[1][:, 0].mean(axis=(1, 2))  # row i of the latents is image i: red = 8 * id
+    np.testing.assert_allclose(red, np.array([80, 160]) / 127.5 - 1, atol=0.03)
+    with pytest.raises(ValueError, match="coco2014 conditions on per-image captions"):
+        prepare_text_condition(cfg, prepared.class_names)  # one pseudo-class: every caption the same sentence
+
+
+def test_image_caption_bank_encodes_a_caption_of_each_drawn_image(minilm):
+    captions = [["a red square", "a small red block"], ["a blue circle"], ["a green cat", "two green cats", "a cat"]]
+    bank = ImageCaptionBank(captions, "minilm")
+    assert bank.num_groups == 3 and "encoder" not in vars(bank)  # loaded on first use, where it samples
+    images = torch.tensor([2, 0, 1, 2, 2, 0])
+    tokens, mask, drawn = bank.sample(images, torch.Generator().manual_seed(0))
+    assert all(c in captions[i] for c, i in zip(drawn, images.tolist()))
+    assert tokens.shape == (6, mask.shape[1], minilm.dim) and mask.dtype == torch.bool
+    direct, direct_mask = minilm(drawn)
+    assert torch.equal(mask, direct_mask)
+    torch.testing.assert_close(tokens[mask], direct[direct_mask], atol=1e-5, rtol=1e-5)
+    again = bank.sample(images, torch.Generator().manual_seed(0))
+    assert again[2] == drawn and torch.equal(again[0], tokens)
+    assert set(bank.sample(torch.full((30,), 2), torch.Generator().manual_seed(1))[2]) == set(captions[2])
+    assert bank.example()[0].shape[:2] == bank.example()[1].shape and bank.example()[0].shape[0] == 1
+
+    blob = pickle.dumps(bank)  # what the object store holds: the strings and the encoder's name, no weights
+    assert len(blob) < 1000
+    copy = pickle.loads(blob)
+    assert "encoder" not in vars(copy) and copy.captions == captions
+    copy_tokens, _, copy_drawn = copy.sample(images, torch.Generator().manual_seed(0))
+    assert copy_drawn == drawn
+    torch.testing.assert_close(copy_tokens, tokens)
+
+    with pytest.raises(ValueError, match="caption for every training image: 1 of 3 images have none .first: .1.."):
+        ImageCaptionBank([["a dog"], [], ["a cat"]], "minilm")
 
 
 def test_caption_draws_are_fixed_by_seed_level_rank_and_step(minilm):
-    bank = CaptionBank.build(minilm, FASHION_MNIST_CLASSES)
+    bank = ClassCaptionBank.build(minilm, FASHION_MNIST_CLASSES)
     labels = torch.arange(10).repeat(4)
     draw = [bank.sample(labels, step_generator(0, 1, 0, step))[2] for step in (5, 5, 6)]
     assert draw[0] == draw[1] and draw[0] != draw[2]  # a resumed run re-draws step 5's captions
 
 
-def test_generate_images_conditions_every_level_on_captions_with_guidance(minilm):
+@pytest.mark.parametrize("kind", ["class names", "per image"])
+def test_generate_images_conditions_every_level_on_captions_with_guidance(kind, minilm):
     cfg = load_config(None, ["data.name=digits", "hierarchy.spec='8x8x1, 2x2x4'", "hierarchy.L=2",
                              "hierarchy.sigmas=[0.5]", "model.width=16", "model.depth=2", "model.heads=2",
                              "model.text_encoder=minilm", "diffusion.sample_steps=2", "diffusion.cfg_scale=3.0",
                              "eval.batch_size=4"])
-    bank = CaptionBank.build(minilm, [str(d) for d in range(10)], CAPTION_TEMPLATES[:2])
+    if kind == "class names":
+        bank = ClassCaptionBank.build(minilm, [str(d) for d in range(10)], CAPTION_TEMPLATES[:2])
+    else:
+        bank = ImageCaptionBank([["a handwritten zero", "the digit 0"], ["a handwritten seven"]], "minilm")
     torch.manual_seed(0)
     models = {level: build_level_model(cfg, level).eval() for level in (1, 2)}
     assert [m.text_dim for m in models.values()] == [minilm.dim, minilm.dim]
@@ -152,8 +200,6 @@ def test_generate_images_conditions_every_level_on_captions_with_guidance(minilm
         assert len(calls) == 4
         assert all(c["text"].shape[0] == c["text_mask"].shape[0] == 2 * c["drop_cond"].sum() for c in calls)
     np.testing.assert_array_equal(images, generate_images(cfg, models, 6, text_bank=bank))
-    with pytest.raises(ValueError, match="text_bank needs labels"):
-        nested_sample(models, {2: 0.5}, 2, linear_schedule(1000), 2, text_bank=bank)
 
     costs = level_costs(models, bank)
     assert costs["level1/gflops"] > 0 and costs["total/params"] > 0
@@ -162,7 +208,7 @@ def test_generate_images_conditions_every_level_on_captions_with_guidance(minilm
 
 
 def test_caption_bank_matches_direct_encoding(minilm):
-    bank = CaptionBank.build(minilm, FASHION_MNIST_CLASSES[:3], CAPTION_TEMPLATES[:2])
+    bank = ClassCaptionBank.build(minilm, FASHION_MNIST_CLASSES[:3], CAPTION_TEMPLATES[:2])
     assert bank.tokens.shape[:2] == (3, 2) and bank.mask.shape == bank.tokens.shape[:3]
     labels = torch.tensor([2, 0, 1, 2])
     tokens, mask, captions = bank.sample(labels, torch.Generator().manual_seed(0))
@@ -177,7 +223,7 @@ def test_text_conditional_uvit_trains_on_fashion_mnist_captions(minilm):
     ds = load_fashion_mnist(FASHION, "train", limit=32)
     images = torch.as_tensor(ds.images, dtype=torch.float32).permute(0, 3, 1, 2) / 127.5 - 1
     labels = torch.as_tensor(ds.labels)
-    bank = CaptionBank.build(minilm, ds.class_names)
+    bank = ClassCaptionBank.build(minilm, ds.class_names)
     text, mask, captions = bank.sample(labels, torch.Generator().manual_seed(0))
     assert captions[0].endswith("ankle boot")  # the first training image is an ankle boot
 

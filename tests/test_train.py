@@ -1,15 +1,13 @@
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import needs_fashion, write_coco
 
 from nds.config import REPO_ROOT, load_config
 from nds.diffusion import make_schedule
 from nds.sampling import nested_sample
 from nds.train import EMA, build_level_model, deepspeed_config, patch_size_for
-
-FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
 def test_patch_size_keeps_token_grid_small():
@@ -59,11 +57,11 @@ def test_ema_warms_up_tracks_and_round_trips():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").is_file(),
-                    reason=f"Fashion-MNIST not installed at {FASHION} (apt-get install dataset-fashion-mnist)")
-def test_text_conditional_level_trains_on_ray_deepspeed_and_samples_with_captions(tmp_path):
-    """Level 1 of a two-level Fashion-MNIST chain, conditioned on ẑ_2 and on MiniLM captions made from
-    the class names: the real path (a Ray Train worker running DeepSpeed ZeRO-2 on gloo), two steps."""
+@pytest.mark.parametrize("data", [pytest.param("fashion_mnist", marks=needs_fashion), "coco2014"])
+def test_text_conditional_level_trains_on_ray_deepspeed_and_samples_with_captions(data, tmp_path):
+    """Level 1 of a two-level chain, conditioned on ẑ_2 and on MiniLM captions, made from the class
+    names (Fashion-MNIST) or each image's own (a tiny COCO tree, encoded in the Train worker): the
+    real path (a Ray Train worker running DeepSpeed ZeRO-2 on gloo), two steps."""
     import ray
 
     from nds.latents import prepare_latents
@@ -71,16 +69,22 @@ def test_text_conditional_level_trains_on_ray_deepspeed_and_samples_with_caption
     from nds.text import prepare_text_condition
     from nds.train import train_level
 
+    if data == "fashion_mnist":
+        dataset, shape, groups = [], (28, 28, 1), torch.tensor([0, 7, 9])  # T-shirt/top, sneaker, ankle boot
+    else:
+        write_coco(tmp_path / "coco")
+        dataset, shape, groups = [f"data.root={tmp_path / 'coco'}"], (8, 8, 3), torch.tensor([0, 1, 2])  # images
+    h, w, c = shape
     cfg = load_config(None, [
-        "data.train_limit=64", "data.eval_limit=8", "encoder.name=random_cnn", "encoder.image_size=32",
-        "hierarchy.spec='28x28x1, 4x4x8'", "hierarchy.L=2", "hierarchy.sigmas=[0.5]",
+        f"data.name={data}", *dataset, "data.train_limit=64", "data.eval_limit=8", "encoder.name=random_cnn",
+        "encoder.image_size=32", f"hierarchy.spec='{h}x{w}x{c}, 4x4x8'", "hierarchy.L=2", "hierarchy.sigmas=[0.5]",
         "model.width=32", "model.depth=2", "model.heads=2", "model.text_encoder=minilm",
         "training.steps=2", "training.batch_size=8", "training.warmup_steps=1", "training.log_every=2",
         "training.checkpoint_every=2", "diffusion.sample_steps=3", "diffusion.cfg_scale=2.0",
         f"paths.runs_dir={tmp_path}", f"paths.cache_dir={REPO_ROOT / 'runs' / 'test-cache'}",
     ])
     prepared = prepare_latents(cfg)
-    bank = prepare_text_condition(cfg, prepared.class_names)
+    bank = prepare_text_condition(cfg, prepared.class_names, prepared.captions)
     init_ray(cfg)
     try:
         refs = {"latents": {level: ray.put(z) for level, z in prepared.latents.items()},
@@ -93,16 +97,16 @@ def test_text_conditional_level_trains_on_ray_deepspeed_and_samples_with_caption
 
     model = result.model
     assert result.level == 1 and math.isfinite(result.final_loss)
-    assert model.text_dim == bank.tokens.shape[-1] == 384 and model.cond_shape == (4, 4, 8)
-    labels = torch.tensor([0, 7, 9])  # T-shirt/top, sneaker, ankle boot
+    assert model.text_dim == bank.example()[0].shape[-1] == 384 and model.cond_shape == (4, 4, 8)
     alphas = make_schedule("linear", cfg.diffusion.timesteps)
     chain = {1: model, 2: build_level_model(cfg, 2).eval()}
-    samples = nested_sample(chain, {2: 0.5}, 3, alphas, 3, cfg_scale=2.0, labels=labels,
-                            generator=torch.Generator().manual_seed(0), text_bank=bank)
-    assert samples[1].shape == (3, 1, 28, 28) and torch.isfinite(samples[1]).all()
-    x, t, cond = torch.randn(3, 1, 28, 28), torch.full((3,), 500), torch.randn(3, 8, 4, 4)
+    generator = torch.Generator().manual_seed(0)
+    samples = nested_sample(chain, {2: 0.5}, 3, alphas, 3, cfg_scale=2.0, generator=generator,
+                            text=bank.sample(groups, generator)[:2])
+    assert samples[1].shape == (3, c, h, w) and torch.isfinite(samples[1]).all()
+    x, t, cond = torch.randn(3, c, h, w), torch.full((3,), 500), torch.randn(3, 8, 4, 4)
     keep = torch.zeros(3, dtype=torch.bool)
     with torch.no_grad():
         outs = [model(x, t, cond=cond, drop_cond=keep, text=tokens, text_mask=mask)
-                for tokens, mask, _ in (bank.sample(labels), bank.sample(labels.flip(0)))]
+                for tokens, mask, _ in (bank.sample(groups), bank.sample(groups.flip(0)))]
     assert not torch.allclose(outs[0], outs[1])  # the trained level listens to the caption

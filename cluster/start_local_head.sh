@@ -16,15 +16,18 @@ ray start --head --num-cpus "${NUM_CPUS:-$(nproc)}" --dashboard-host 127.0.0.1 -
 # the job API answers a few seconds after `ray start` returns; wait so a submit right after works
 python - <<'PY'
 import time, urllib.error, urllib.request
-for _ in range(60):
+# (on a freshly installed venv the dashboard's first start took over 30 s here: allow 2 minutes)
+deadline = time.monotonic() + 120
+while True:
     try:
         urllib.request.urlopen("http://127.0.0.1:8265/api/version", timeout=2)
         break
     except urllib.error.HTTPError:  # it answers (401 without a token under token auth): it is up
         break
     except OSError:
+        if time.monotonic() > deadline:
+            raise SystemExit("Ray's job API did not come up on 127.0.0.1:8265 within 2 minutes "
+                             "(is ray[default] installed? see /tmp/ray/session_latest/logs/dashboard.log)")
         time.sleep(0.5)
-else:
-    raise SystemExit("Ray's job API did not come up on 127.0.0.1:8265 (is ray[default] installed?)")
 PY
 echo "Ray head up; dashboard and job API at http://127.0.0.1:8265"

@@ -15,8 +15,9 @@ def test_job_submit_runs_the_sweep_script(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "NUM_CPUS": "2",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     script = str(REPO_ROOT / "cluster" / "start_local_head.sh")
-    subprocess.run([script], cwd=REPO_ROOT, env=env, check=True, capture_output=True, timeout=180)
     try:
+        head = subprocess.run([script], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
+        assert head.returncode == 0, head.stdout[-3000:] + head.stderr[-3000:]
         proc = subprocess.run(
             ["ray", "job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", ".", "--",
              "python", "experiments/sweep_sigma.py", "--dry-run", "data.name=digits", f"paths.runs_dir={tmp_path}"],

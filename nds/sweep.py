@@ -196,6 +196,13 @@ class StageOutcome:
     def count(self, metric: str) -> int:
         return int(sum(t["metrics"].get(metric, 0) for t in self.trials))
 
+    def level_counts(self) -> dict[str, int]:
+        """Level-store trainings and reuses over the trials; empty when the trials do not use the
+        store (an MDM trial trains its one model itself)."""
+        if not any("levels.trained" in t["metrics"] for t in self.trials):
+            return {}
+        return {key: self.count(key) for key in ("levels.trained", "levels.reused")}
+
 
 class Sweep:
     """One sweep: its MLflow run (stages nest under it), the Ray instance, inputs shared by stages.
@@ -230,10 +237,12 @@ class Sweep:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc is None:
             trials = [t for s in self.stages for t in s.trials]
+            counts: dict[str, int] = {}
+            for stage in self.stages:
+                for key, value in stage.level_counts().items():
+                    counts[key] = counts.get(key, 0) + value
             tracking.log_metrics(self.uri, self.run_id, {
-                "trials.total": len(trials), "trials.failed": sum(not t["ok"] for t in trials),
-                "levels.trained": sum(s.count("levels.trained") for s in self.stages),
-                "levels.reused": sum(s.count("levels.reused") for s in self.stages)})
+                "trials.total": len(trials), "trials.failed": sum(not t["ok"] for t in trials), **counts})
         tracking.end_run(self.uri, self.run_id, error=exc)
 
     def memo(self, key, compute):
@@ -275,11 +284,11 @@ class Sweep:
                                            if isinstance(v, (int, float)) and not isinstance(v, bool)},
                                "error": repr(result.error) if result.error else None})
             outcome = StageOutcome(name, run_id, trials)
-            counts = {"levels.trained": outcome.count("levels.trained"), "levels.reused": outcome.count("levels.reused")}
+            counts = outcome.level_counts()
             tracking.log_metrics(self.uri, run_id, {"trials.total": len(trials),
                                                     "trials.failed": sum(not t["ok"] for t in trials), **counts})
-            print(f"[nds] stage {name}: {sum(t['ok'] for t in trials)}/{len(trials)} trials finished; "
-                  f"levels trained {counts['levels.trained']}, reused {counts['levels.reused']}", flush=True)
+            store = f"; levels trained {counts['levels.trained']}, reused {counts['levels.reused']}" if counts else ""
+            print(f"[nds] stage {name}: {sum(t['ok'] for t in trials)}/{len(trials)} trials finished{store}", flush=True)
         self.stages.append(outcome)
         return outcome
 

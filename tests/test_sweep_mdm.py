@@ -127,3 +127,8 @@ def test_baselines_stage_trains_cascade_and_plain_unet_on_the_same_budget(tmp_pa
     assert cascaded.data.metrics["mdm/params"] > 1.5 * cascaded.data.metrics["unet/params"]
     assert plain.data.metrics["mdm/params"] == plain.data.metrics["unet/params"] == cascaded.data.metrics["unet/params"]
     assert "phase1/final_loss" not in plain.data.metrics  # one phase at the full resolution
+    # MDM trials train their own models: the stage and sweep runs log no level-store counts
+    experiment = client.get_experiment_by_name("nds-sweep-mdm")
+    for kind in ("stage", "sweep"):
+        (run,) = client.search_runs([experiment.experiment_id], filter_string=f"tags.`nds.kind` = '{kind}'")
+        assert run.data.metrics["trials.total"] == 2 and "levels.trained" not in run.data.metrics

@@ -1,0 +1,66 @@
+"""Where the sample-quality metric's numbers sit: the same metric, on the same reference images a
+sweep uses, for image sets whose quality is known (real images, degraded real images, noise).
+
+    python analysis/metric_scale.py [--config FILE] [--n N] [key=value ...]
+
+Prints JSON {metric, reference, scores: {name: value}}. A sweep's cell is only meaningful against
+this scale: e.g. a chain whose samples score near "uniform noise" has not learned the data yet.
+"""
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from nds.config import load_config
+from nds.latents import load_split
+from nds.metrics import reference_stats, sample_quality, write_pngs
+
+
+def degraded_sets(real: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
+    """Image sets of known quality, all uint8 [N, H, W, C] like ``real``."""
+    rng = np.random.default_rng(seed)
+    n, h, w, c = real.shape
+    block = 4 if h % 4 == 0 and w % 4 == 0 else 1  # 'blocky': averaged over 4x4 blocks and repeated back
+    blocky = real.reshape(n, h // block, block, w // block, block, c).mean(axis=(2, 4))
+    blocky = np.repeat(np.repeat(blocky, block, axis=1), block, axis=2).round().astype(np.uint8)
+    noisy = np.clip(real + rng.normal(0, 64, real.shape), 0, 255).astype(np.uint8)
+    mean_image = np.broadcast_to(real.mean(axis=0).round().astype(np.uint8), real.shape)
+    return {
+        "real (training split)": real,
+        "real + Gaussian noise (std 64/255)": noisy,
+        f"real, {block}x{block} blocks": blocky,
+        "the mean image, repeated": np.ascontiguousarray(mean_image),
+        "uniform noise": rng.integers(0, 256, real.shape, dtype=np.uint8),
+        "salt and pepper": (rng.random(real.shape) < 0.5).astype(np.uint8) * 255,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=None, help="YAML config (data, eval settings)")
+    parser.add_argument("--n", type=int, default=0, help="images per set (default: eval.num_samples)")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    e = cfg.eval
+    n = args.n or e.num_samples
+    reference = np.asarray(load_split(cfg, "test", cfg.data.eval_limit).images)
+    stats = reference_stats(reference, e.inception_dir, e.substitute_image_size, e.batch_size)
+    real = np.asarray(load_split(cfg, "train", n).images)
+    scores = {}
+    for name, images in degraded_sets(real).items():
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = write_pngs(images, Path(tmp))
+            scores[name] = sample_quality(folder, stats, e.inception_dir, e.substitute_image_size, e.batch_size)
+    metric = next(iter(stats))
+    result = {"metric": metric, "reference": f"{cfg.data.name} test split, {len(reference)} images",
+              "images_per_set": len(real), "scores": {name: round(s[metric], 2) for name, s in scores.items()}}
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

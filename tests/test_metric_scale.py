@@ -1,0 +1,22 @@
+"""analysis/metric_scale.py: the metric's scale from image sets of known quality."""
+import numpy as np
+
+from analysis.metric_scale import degraded_sets, main
+from nds.metrics import SUBSTITUTE
+
+
+def test_degraded_sets_keep_the_shape_and_dtype():
+    real = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 1), dtype=np.uint8)
+    sets = degraded_sets(real)
+    assert all(s.shape == real.shape and s.dtype == np.uint8 for s in sets.values())
+    blocky = sets["real, 4x4 blocks"]
+    assert (blocky[:, :4, :4] == blocky[:, :1, :1]).all()  # constant within a block
+
+
+def test_real_images_score_better_than_noise(tmp_path):
+    result = main(["--n", "48", "data.name=digits", "data.eval_limit=48", "eval.substitute_image_size=64",
+                   "eval.batch_size=48", f"paths.runs_dir={tmp_path}"])
+    scores = result["scores"]
+    assert result["metric"] == SUBSTITUTE and result["images_per_set"] == 48
+    assert scores["real (training split)"] < scores["uniform noise"]
+    assert scores["real (training split)"] < scores["salt and pepper"]

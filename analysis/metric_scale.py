@@ -9,14 +9,13 @@ this scale: e.g. a chain whose samples score near "uniform noise" has not learne
 
 import argparse
 import json
-import tempfile
-from pathlib import Path
 
 import numpy as np
 
 from nds.config import load_config
+from nds.evaluate import prepare_metric
 from nds.latents import load_split
-from nds.metrics import reference_stats, sample_quality, write_pngs
+from nds.metrics import images_quality
 
 
 def degraded_sets(real: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
@@ -48,13 +47,10 @@ def main(argv: list[str] | None = None) -> dict:
     e = cfg.eval
     n = args.n or e.num_samples
     reference = np.asarray(load_split(cfg, "test", cfg.data.eval_limit).images)
-    stats = reference_stats(reference, e.inception_dir, e.substitute_image_size, e.batch_size)
+    stats = prepare_metric(cfg, reference)["ref_stats"]
     real = np.asarray(load_split(cfg, "train", n).images)
-    scores = {}
-    for name, images in degraded_sets(real).items():
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = write_pngs(images, Path(tmp))
-            scores[name] = sample_quality(folder, stats, e.inception_dir, e.substitute_image_size, e.batch_size)
+    scores = {name: images_quality(images, stats, e.inception_dir, e.substitute_image_size, e.batch_size)
+              for name, images in degraded_sets(real).items()}
     metric = next(iter(stats))
     result = {"metric": metric, "reference": f"{cfg.data.name} test split, {len(reference)} images",
               "images_per_set": len(real), "scores": {name: round(s[metric], 2) for name, s in scores.items()}}

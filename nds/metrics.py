@@ -97,3 +97,11 @@ def sample_quality(sample_folder: Path, ref_stats: dict, inception_dir: str, sub
         mu, sigma = gaussian_stats(folder_features(sample_folder, extractor, batch_size))
         scores[name] = float(fid.frechet_distance(mu, sigma, *ref_stats[name]))
     return scores
+
+
+def images_quality(images: np.ndarray, ref_stats: dict, inception_dir: str, substitute_image_size: int,
+                   batch_size: int) -> dict[str, float]:
+    """:func:`sample_quality` of uint8 [N,H,W,C] images, through a temporary PNG folder."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return sample_quality(write_pngs(images, Path(tmp)), ref_stats, inception_dir, substitute_image_size,
+                              batch_size)

@@ -187,6 +187,14 @@ def run_trial(params: dict, *, base: dict, kind: TrialKind, inputs: dict, ctx: d
 # -- a sweep: stages of Tune runs under one MLflow run --------------------------------------------
 
 
+def level_counts(trials: list[dict]) -> dict[str, int]:
+    """Level-store trainings and reuses summed over trials; empty when the trials do not use the
+    store (an MDM trial trains its one model itself)."""
+    if not any("levels.trained" in t["metrics"] for t in trials):
+        return {}
+    return {key: int(sum(t["metrics"].get(key, 0) for t in trials)) for key in ("levels.trained", "levels.reused")}
+
+
 @dataclass
 class StageOutcome:
     name: str
@@ -195,13 +203,6 @@ class StageOutcome:
 
     def count(self, metric: str) -> int:
         return int(sum(t["metrics"].get(metric, 0) for t in self.trials))
-
-    def level_counts(self) -> dict[str, int]:
-        """Level-store trainings and reuses over the trials; empty when the trials do not use the
-        store (an MDM trial trains its one model itself)."""
-        if not any("levels.trained" in t["metrics"] for t in self.trials):
-            return {}
-        return {key: self.count(key) for key in ("levels.trained", "levels.reused")}
 
 
 class Sweep:
@@ -237,12 +238,9 @@ class Sweep:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc is None:
             trials = [t for s in self.stages for t in s.trials]
-            counts: dict[str, int] = {}
-            for stage in self.stages:
-                for key, value in stage.level_counts().items():
-                    counts[key] = counts.get(key, 0) + value
             tracking.log_metrics(self.uri, self.run_id, {
-                "trials.total": len(trials), "trials.failed": sum(not t["ok"] for t in trials), **counts})
+                "trials.total": len(trials), "trials.failed": sum(not t["ok"] for t in trials),
+                **level_counts(trials)})
         tracking.end_run(self.uri, self.run_id, error=exc)
 
     def memo(self, key, compute):
@@ -284,7 +282,7 @@ class Sweep:
                                            if isinstance(v, (int, float)) and not isinstance(v, bool)},
                                "error": repr(result.error) if result.error else None})
             outcome = StageOutcome(name, run_id, trials)
-            counts = outcome.level_counts()
+            counts = level_counts(trials)
             tracking.log_metrics(self.uri, run_id, {"trials.total": len(trials),
                                                     "trials.failed": sum(not t["ok"] for t in trials), **counts})
             store = f"; levels trained {counts['levels.trained']}, reused {counts['levels.reused']}" if counts else ""

@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -428,10 +427,8 @@ def run_mdm_trial(cfg: Config, inputs: dict, mlflow_run: dict, trial_dir: Path) 
 
     def evaluate(done: int, models: list[NestedUNet]) -> None:
         images = generate_images(cfg, models, e.num_samples)
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = quality.write_pngs(images, Path(tmp))
-            scores = quality.sample_quality(folder, metric_state["ref_stats"], e.inception_dir,
-                                            e.substitute_image_size, e.batch_size)
+        scores = quality.images_quality(images, metric_state["ref_stats"], e.inception_dir,
+                                        e.substitute_image_size, e.batch_size)
         tracking.log_metrics(mlflow_run["uri"], mlflow_run["run_id"], scores, step=done)
         print(f"[nds] {cfg.mdm.baseline} after {done} iterations: "
               f"{', '.join(f'{k} {v:.2f}' for k, v in scores.items())}", flush=True)

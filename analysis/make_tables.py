@@ -1,7 +1,7 @@
 """Regenerate the papers' ablation tables (Markdown, LaTeX, CSV) and plots (PNG) from the MLflow runs.
 
     python analysis/make_tables.py [--config FILE] [--tracking-uri URI] [--experiments NAME ...]
-                                   [--out-dir DIR] [--format md,latex,csv,png] [key=value ...]
+                                   [--out-dir DIR] [--format md,latex,csv,png] [--metric NAME] [key=value ...]
 
 Reads the finished trial runs of every nds-* experiment (or the named ones; or the config's
 tracking.experiment when it sets one), counts a config hash once (newest run) and averages the
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from analysis.plots import depth_plot, mdm_plots, sigma_plot
 from analysis.render import to_csv, to_latex, to_markdown
-from analysis.runs import EXPERIMENT_PREFIX, load_trials, metric_history
+from analysis.runs import EXPERIMENT_PREFIX, METRIC_PREFERENCE, load_trials, metric_history
 from analysis.tables import (Table, depth_table, encoders_table, mdm_table, rcg_table, shapes_table,
                              sigma_tables)
 from nds.config import ConfigError, load_config
@@ -28,16 +28,18 @@ WRITERS = {"md": (".md", to_markdown), "latex": (".tex", to_latex), "csv": (".cs
 PLOTS = {"table1_sigma": sigma_plot, "table2_sigma": sigma_plot, "depth": depth_plot}
 
 
-def build_tables(tracking_uri: str, experiments: list[str] | None = None) -> tuple[list[Table], list[str]]:
-    """Every table with runs behind it, and one line per table skipped or per setting set aside."""
+def build_tables(tracking_uri: str, experiments: list[str] | None = None,
+                 metric: str | None = None) -> tuple[list[Table], list[str]]:
+    """Every table with runs behind it, and one line per table skipped or per setting set aside.
+    ``metric``: what the tables show (default: per table, ``analysis.runs.quality_metric``)."""
     experiments = [name for name in experiments or [] if name] or None  # "": the config's unset name
     trials = load_trials(tracking_uri, experiments)
     if trials.empty:
         where = f"experiment(s) {experiments}" if experiments else f"the {EXPERIMENT_PREFIX}* experiments"
         raise SystemExit(f"no finished trial runs in {where} at {tracking_uri}")
-    tables, messages = sigma_tables(trials)
-    for table, skipped in [depth_table(trials), shapes_table(trials), encoders_table(trials), rcg_table(trials),
-                           mdm_table(trials, partial(metric_history, tracking_uri))]:
+    tables, messages = sigma_tables(trials, metric)
+    for table, skipped in [depth_table(trials, metric), shapes_table(trials, metric), encoders_table(trials, metric),
+                           rcg_table(trials, metric), mdm_table(trials, partial(metric_history, tracking_uri), metric)]:
         tables += [table] if table else []
         messages += [skipped] if skipped else []
     if not tables:
@@ -46,9 +48,9 @@ def build_tables(tracking_uri: str, experiments: list[str] | None = None) -> tup
 
 
 def make_tables(tracking_uri: str, experiments: list[str] | None, out_dir: Path,
-                formats: tuple[str, ...] = FORMATS) -> str:
+                formats: tuple[str, ...] = FORMATS, metric: str | None = None) -> str:
     """Write every table in ``formats`` under ``out_dir``; returns them all as Markdown."""
-    tables, messages = build_tables(tracking_uri, experiments)
+    tables, messages = build_tables(tracking_uri, experiments, metric)
     out_dir.mkdir(parents=True, exist_ok=True)
     for table in tables:
         for fmt in formats:
@@ -83,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"MLflow experiments to read (default: every {EXPERIMENT_PREFIX}* experiment)")
     parser.add_argument("--out-dir", help="where to write the tables (default: <runs_dir>/tables)")
     parser.add_argument("--format", type=_formats, default=FORMATS, help="comma-separated subset of md,latex,csv,png")
+    parser.add_argument("--metric", choices=METRIC_PREFERENCE,
+                        help="the metric the tables show (default: the newest run's best of " + ", ".join(METRIC_PREFERENCE) + ")")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = parser.parse_args(argv)
     try:
@@ -92,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out_dir = Path(args.out_dir) if args.out_dir else cfg.runs_dir / "tables"
     experiments = args.experiments or [cfg.tracking.experiment]
-    print(make_tables(args.tracking_uri or cfg.tracking_uri, experiments, out_dir, args.format))
+    print(make_tables(args.tracking_uri or cfg.tracking_uri, experiments, out_dir, args.format, args.metric))
     print(f"written to {out_dir}/ ({', '.join(args.format)})")
     return 0
 

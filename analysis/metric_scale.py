@@ -3,7 +3,7 @@ sweep uses, for image sets whose quality is known (real images, degraded real im
 
     python analysis/metric_scale.py [--config FILE] [--n N] [key=value ...]
 
-Prints JSON {metric, reference, scores: {name: value}}. A sweep's cell is only meaningful against
+Prints JSON {metric (the one sweeps rank by), reference, data_classifier_accuracy, scores: {set: {metric: value}}}. A sweep's cell is only meaningful against
 this scale: e.g. a chain whose samples score near "uniform noise" has not learned the data yet.
 """
 
@@ -13,9 +13,9 @@ import json
 import numpy as np
 
 from nds.config import load_config
-from nds.evaluate import prepare_metric
+from nds.evaluate import prepare_metric, score_images
 from nds.latents import load_split
-from nds.metrics import images_quality
+from nds.metrics import quality_metric_name
 
 
 def degraded_sets(real: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
@@ -44,16 +44,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    e = cfg.eval
-    n = args.n or e.num_samples
+    n = args.n or cfg.eval.num_samples
     reference = np.asarray(load_split(cfg, "test", cfg.data.eval_limit).images)
-    stats = prepare_metric(cfg, reference)["ref_stats"]
+    state = prepare_metric(cfg, reference)
     real = np.asarray(load_split(cfg, "train", n).images)
-    scores = {name: images_quality(images, stats, e.inception_dir, e.substitute_image_size, e.batch_size)
-              for name, images in degraded_sets(real).items()}
-    metric = next(iter(stats))
+    scores = {name: score_images(cfg, images, state) for name, images in degraded_sets(real).items()}
+    metric = quality_metric_name(cfg.eval.inception_dir, cfg.uses_data_classifier)
     result = {"metric": metric, "reference": f"{cfg.data.name} test split, {len(reference)} images",
-              "images_per_set": len(real), "scores": {name: round(s[metric], 2) for name, s in scores.items()}}
+              "images_per_set": len(real), "data_classifier_accuracy": state["classifier_accuracy"],
+              "scores": {name: {m: round(v, 2) for m, v in s.items()} for name, s in scores.items()}}
     print(json.dumps(result, indent=2))
     return result
 

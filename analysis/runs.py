@@ -4,7 +4,7 @@ from __future__ import annotations
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from nds.metrics import FID, SUBSTITUTE
+from nds.metrics import DATA_CLASSIFIER, FID, SUBSTITUTE
 
 EXPERIMENT_PREFIX = "nds-"
 IDENTITY = ["tags.nds.sweep", "tags.nds.variant", "tags.nds.config_hash"]
@@ -58,11 +58,17 @@ def load_trials(tracking_uri: str, experiments: list[str] | None = None) -> pd.D
     return frame.reset_index(drop=True)
 
 
+METRIC_PREFERENCE = (FID, DATA_CLASSIFIER, SUBSTITUTE)
+
+
 def quality_metric(frame: pd.DataFrame) -> str:
-    """True FID where every run has it; otherwise the named substitute."""
-    fid_col = f"metrics.{FID}"
-    if fid_col in frame and frame[fid_col].notna().all():
-        return FID
+    """The metric the newest run logged, first of true FID, the data classifier's Fréchet distance,
+    the EfficientNet substitute: the tables follow the latest runs (older runs that lack it are
+    superseded by newer settings on the same cells, or show as missing)."""
+    newest = frame.sort_values("start_time").iloc[-1] if not frame.empty else pd.Series(dtype=object)
+    for metric in METRIC_PREFERENCE:
+        if pd.notna(newest.get(f"metrics.{metric}")):
+            return metric
     return SUBSTITUTE
 
 

@@ -14,7 +14,7 @@ import pandas as pd
 
 from analysis import paper
 from analysis.runs import quality_metric, settings
-from nds.metrics import FID, SUBSTITUTE
+from nds.metrics import DATA_CLASSIFIER, FID, SUBSTITUTE
 
 NA = "—"  # not applicable: L = 1 has no σ_L
 MISSING = "missing"  # no finished run with the metric for this cell
@@ -24,6 +24,9 @@ METRIC_TITLES = {
     FID: "FID (clean-fid, Inception-v3)",
     SUBSTITUTE: ("fd_effnet_lite0 — Fréchet distance in EfficientNet-Lite0 feature space, a substitute "
                  "because the Inception weights were absent; its values are not comparable with Inception FIDs"),
+    DATA_CLASSIFIER: ("fd_data_classifier — Fréchet distance in the features of a small CNN trained on the dataset's "
+                      "own labelled training split, a substitute for FID (absent Inception weights); not comparable "
+                      "with Inception FIDs"),
 }
 PAPER_NOTE = ("Parts marked 'paper' are published numbers at full scale on the paper's dataset (their metric: "
               "Inception FID), not our runs: compare trends, not values.")
@@ -97,14 +100,16 @@ def describe(trials: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
-def _scored(trials: pd.DataFrame, sweep: str, keep: Callable[[pd.DataFrame], pd.Series] | None = None):
-    """The described runs of one sweep (optionally filtered), with ``value`` = the table's quality metric."""
+def _scored(trials: pd.DataFrame, sweep: str, keep: Callable[[pd.DataFrame], pd.Series] | None = None,
+            metric: str | None = None):
+    """The described runs of one sweep (optionally filtered), with ``value`` = ``metric`` (default:
+    ``analysis.runs.quality_metric`` of those runs)."""
     runs = trials[trials["tags.nds.sweep"] == sweep]
     frame = describe(runs)
     if keep is not None and not frame.empty:
         frame = frame[keep(frame)]
     runs = runs.loc[frame.index]
-    metric = quality_metric(runs)
+    metric = metric or quality_metric(runs)
     column = f"metrics.{metric}"
     frame = frame.assign(value=runs[column] if column in runs else math.nan)
     return frame, metric
@@ -213,23 +218,24 @@ def _notes(name: str, hidden: int) -> list[str]:
     return [f"{name}: {hidden} older setting(s) on the same cells not shown (the newest is)"] if hidden else []
 
 
-def sigma_tables(trials: pd.DataFrame) -> tuple[list[Table], list[str]]:
+def sigma_tables(trials: pd.DataFrame, metric: str | None = None) -> tuple[list[Table], list[str]]:
     """Table 1 (unconditional) and Table 2 (class- or text-conditional) from sweep_sigma."""
     specs = [("table1_sigma", "Table 1: unconditional generation, L × σ_L", False, [_paper_table1b()]),
              ("table2_sigma", "Table 2: conditional generation (class or text), L × σ_L", True, [_paper_imagenet1k()])]
     tables, skipped = [], []
     for name, title, conditional, paper_parts in specs:
-        frame, metric = _scored(trials, "sweep_sigma", lambda f, c=conditional: (f["condition"] != UNCONDITIONAL) == c)
+        frame, shown = _scored(trials, "sweep_sigma", lambda f, c=conditional: (f["condition"] != UNCONDITIONAL) == c,
+                               metric)
         if frame.empty:
             kind = "conditional" if conditional else "unconditional"
             skipped.append(f"{name}: no finished sweep_sigma trials ({kind}) — skipped")
             continue
         cells, hidden = settings(frame, ["dataset", "condition", "L", "sigma_L"])
         cells = _with_growth(cells)
-        caption = _caption(metric, cells, "bold = best σ_L per row (the σ carried to depth L+1); "
-                                          "'—' = not applicable (L = 1 has no σ_L);")
+        caption = _caption(shown, cells, "bold = best σ_L per row (the σ carried to depth L+1); "
+                                         "'—' = not applicable (L = 1 has no σ_L);")
         tables.append(Table(name, title, caption, _by_dataset(cells, _sigma_part) + paper_parts,
-                            cells, metric, _notes(name, hidden)))
+                            cells, shown, _notes(name, hidden)))
     return tables, skipped
 
 
@@ -250,8 +256,8 @@ def _rows(columns: dict[str, str], metric: str, sort: list[str]):
     return build
 
 
-def _row_table(trials, sweep, name, title, keys, columns, what, paper_parts=(), paper_note=PAPER_NOTE):
-    frame, metric = _scored(trials, sweep)
+def _row_table(trials, sweep, name, title, keys, columns, what, metric, paper_parts=(), paper_note=PAPER_NOTE):
+    frame, metric = _scored(trials, sweep, metric=metric)
     if frame.empty:
         return None, f"{name}: no finished {sweep} trials — skipped"
     cells, hidden = settings(frame, ["dataset", "condition", *keys])
@@ -269,32 +275,32 @@ def _paper_best_per_depth() -> Part:
     return Part(f"paper — {source['source']}, best σ_L per depth (published, not our runs)", pd.DataFrame(rows))
 
 
-def depth_table(trials):
+def depth_table(trials, metric: str | None = None):
     columns = {"L": "L", "z_L": "z_L", "σ_2..σ_L": "sigmas", "GFLOPs (level L)": "gflops_L",
                "GFLOPs total": "gflops_total", "GFLOPs growth vs L=1": "growth", "params total": "params_total"}
     return _row_table(trials, "sweep_depth", "depth", "Depth ablation: metric per L", ["L"], columns,
-                      "bold = best depth;", [_paper_best_per_depth()])
+                      "bold = best depth;", metric, [_paper_best_per_depth()])
 
 
-def shapes_table(trials):
+def shapes_table(trials, metric: str | None = None):
     columns = {"spec": "spec", "L": "L", "z_L": "z_L", "GFLOPs total": "gflops_total", "params total": "params_total"}
     return _row_table(trials, "sweep_shapes", "shapes", "Latent-shape ablation: metric per hierarchy spec",
-                      ["L", "spec"], columns, "bold = best spec;",
+                      ["L", "spec"], columns, "bold = best spec;", metric,
                       paper_note="The papers give no numbers for this ablation.")
 
 
-def encoders_table(trials):
+def encoders_table(trials, metric: str | None = None):
     columns = {"encoder": "encoder", "L": "L", "spec": "spec", "GFLOPs total": "gflops_total",
                "params total": "params_total"}
     return _row_table(trials, "sweep_encoders", "table4a_encoders", "Table 4a: visual representation (encoder) at fixed L",
-                      ["L", "encoder"], columns, "bold = best encoder;",
+                      ["L", "encoder"], columns, "bold = best encoder;", metric,
                       paper_note="The paper's Table 4a numbers are not legible in its text, so none are shown.")
 
 
-def rcg_table(trials):
+def rcg_table(trials, metric: str | None = None):
     columns = {"variant": "variant", "encoder": "encoder", "spec": "spec", "L": "L", "σ_2..σ_L": "sigmas"}
     return _row_table(trials, "sweep_rcg", "table4b_rcg", "Table 4b: spatial hierarchy vs RCG's global vector (L = 2)",
-                      ["variant"], columns, "bold = best variant;",
+                      ["variant"], columns, "bold = best variant;", metric,
                       paper_note="The paper's Table 4b numbers are not legible in its text, so none are shown.")
 
 
@@ -311,9 +317,9 @@ def _paper_mdm() -> list[Part]:
                  pd.DataFrame([{"source": "paper MDM T1", "setting": s, "FID": f"{v:.2f}"} for s, v in fid["rows"]]))]
 
 
-def mdm_table(trials: pd.DataFrame, history: Callable[[list[str], str], pd.DataFrame]):
+def mdm_table(trials: pd.DataFrame, history: Callable[[list[str], str], pd.DataFrame], metric: str | None = None):
     """Final metric, iterations and cost per MDM variant; ``history(run_ids, metric)`` gives the curves."""
-    frame, metric = _scored(trials, "sweep_mdm")
+    frame, metric = _scored(trials, "sweep_mdm", metric=metric)
     if frame.empty:
         return None, "mdm: no finished sweep_mdm trials — skipped"
     steps = history(list(frame["run_id"]), metric).merge(frame[["run_id", "group"]], on="run_id")

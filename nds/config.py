@@ -114,6 +114,12 @@ class EvalConfig:
     grid_size: int = 8  # samples per side in the logged grid
     inception_dir: str = "/tmp"  # clean-fid's cache of inception-2015-12-05.pt; true FID only if it is there
     substitute_image_size: int = 128  # input size of the substitute metric's feature network
+    # Also score fd_data_classifier: Fréchet distance in the features of a small CNN trained on the data's own
+    # labelled training split (nds/data_classifier.py); tables rank by it where FID is absent. Skipped for data
+    # without class labels (COCO).
+    data_classifier: bool = True
+    classifier_steps: int = 1000  # its training steps (batch 128; ~2.5 min on 2 cores); trained once per data setting, cached
+    classifier_train_limit: int = 0  # training images it learns from (0 = the whole training split)
 
 
 @dataclass
@@ -205,6 +211,11 @@ class Config:
     def sigma(self, level: int) -> float:
         """σ of the conditioning copy ẑ_level (levels 2..L)."""
         return self.hierarchy.sigmas[level - 2]
+
+    @property
+    def uses_data_classifier(self) -> bool:
+        """Whether runs are also scored with fd_data_classifier (it needs class labels: not COCO)."""
+        return self.eval.data_classifier and self.data.name != "coco2014"
 
     @property
     def runs_dir(self) -> Path:
@@ -392,7 +403,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"training.precision='{cfg.training.precision}' must be 'auto', 'bf16' or 'fp32'")
     for key in ("training.steps", "training.batch_size", "resources.workers_per_level",
                 "resources.max_concurrent_trials", "eval.num_samples", "eval.batch_size",
-                "diffusion.timesteps", "diffusion.sample_steps"):
+                "diffusion.timesteps", "diffusion.sample_steps", "eval.classifier_steps"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise ConfigError(f"{key} must be >= 1")

@@ -24,9 +24,21 @@ class EvalReport:
 
 
 def prepare_metric(cfg: Config, reference_images: np.ndarray) -> dict:
-    """Reference statistics, computed once in the sweep driver and shared by every trial."""
+    """What scoring needs, computed once in the sweep driver and shared by every trial: the data
+    classifier (trained on a cache miss) at the reference images' size, and the reference statistics."""
+    from nds.data_classifier import obtain_classifier
+
     e = cfg.eval
-    return {"ref_stats": metrics.reference_stats(reference_images, e.inception_dir, e.substitute_image_size, e.batch_size)}
+    classifier, accuracy = obtain_classifier(cfg, reference_images.shape[1]) if cfg.uses_data_classifier else (None, None)
+    stats = metrics.reference_stats(reference_images, e.inception_dir, e.substitute_image_size, e.batch_size, classifier)
+    return {"ref_stats": stats, "classifier": classifier, "classifier_accuracy": accuracy}
+
+
+def score_images(cfg: Config, images: np.ndarray, metric_state: dict) -> dict[str, float]:
+    """Every metric of uint8 [N,H,W,C] images against the reference (see ``nds.metrics``)."""
+    e = cfg.eval
+    return metrics.images_quality(images, metric_state["ref_stats"], e.inception_dir, e.substitute_image_size,
+                                  e.batch_size, metric_state["classifier"])
 
 
 def level_costs(models: dict[int, nn.Module], text_bank: TextBank | None = None) -> dict[str, float]:
@@ -112,9 +124,7 @@ def evaluate_chain(cfg: Config, models: dict[int, nn.Module], metric_state: dict
     levels = sample_levels(cfg, models, e.num_samples, text_bank)
     decode = level1_decoder(cfg)
     images = decode(levels[1])
-    sample_dir = metrics.write_pngs(images, out_dir / "samples")
-    scores = metrics.sample_quality(sample_dir, metric_state["ref_stats"], e.inception_dir, e.substitute_image_size,
-                                    e.batch_size)
+    scores = score_images(cfg, images, metric_state)
     artifacts = [_save_png(image_grid(images, e.grid_size), out_dir / "sample_grid.png")]
     if train_latents is not None and len(levels) > 1:
         columns = {level: z[: e.grid_size] for level, z in levels.items()}

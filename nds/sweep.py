@@ -102,17 +102,25 @@ def data_key(cfg: Config) -> str:
     return config_hash({"data": d["data"], "encoder": d["encoder"], "spec": cfg.hierarchy.spec, "text": text})
 
 
+def metric_key(cfg: Config) -> str:
+    """What the metric's state (reference statistics, data classifier) depends on."""
+    from nds.latents import image_size
+
+    d = to_dict(cfg)
+    return config_hash({"data": d["data"], "eval": d["eval"], "image_size": image_size(cfg)})
+
+
 def prepare_chain_inputs(sweep: "Sweep", configs: list[Config]) -> dict:
     """Every distinct hierarchy the stage needs (feature cache: an encoder runs once per key) and,
-    for text-conditional configs, its caption bank, in the object store; the metric's reference
-    statistics."""
+    for text-conditional configs, its caption bank, in the object store; the metric's state (the
+    reference statistics and the data classifier) per data and eval setting."""
     import ray
 
     from nds.evaluate import prepare_metric
     from nds.latents import prepare_latents
     from nds.text import prepare_text_condition
 
-    inputs = {"data": {}}
+    inputs = {"data": {}, "metric": {}}
     for cfg in configs:
         key = data_key(cfg)
         if key in inputs["data"]:
@@ -126,8 +134,8 @@ def prepare_chain_inputs(sweep: "Sweep", configs: list[Config]) -> dict:
             return refs, prepared.reference_images
 
         inputs["data"][key], reference = sweep.memo(("data", key), put_data)
-        inputs["metric_state"] = sweep.memo(("metric", config_hash(to_dict(cfg)["data"])),
-                                            lambda ref=reference, cfg=cfg: prepare_metric(cfg, ref))
+        inputs["metric"][metric_key(cfg)] = sweep.memo(("metric", metric_key(cfg)),
+                                                       lambda ref=reference, cfg=cfg: prepare_metric(cfg, ref))
     return inputs
 
 
@@ -144,7 +152,7 @@ def run_chain_trial(cfg: Config, inputs: dict, mlflow_run: dict, trial_dir: Path
     models = {o.level: load_level_model(cfg, o.entry) for o in obtained}
     text_bank = ray.get(data_refs["text"]) if data_refs["text"] is not None else None
     train_latents = {level: ray.get(data_refs["latents"][level]) for level in models}
-    report = evaluate_chain(cfg, models, inputs["metric_state"], trial_dir, text_bank, train_latents)
+    report = evaluate_chain(cfg, models, inputs["metric"][metric_key(cfg)], trial_dir, text_bank, train_latents)
     trained = sum(o.trained for o in obtained)
     metrics = {**report.metrics, "levels.trained": trained, "levels.reused": len(obtained) - trained}
     metrics.update({f"level{o.level}/final_loss": o.entry.info["final_loss"] for o in obtained})
@@ -218,7 +226,7 @@ class Sweep:
         preflight(cfg)
         self.cfg, self.name = cfg, name
         self.uri = cfg.tracking_uri
-        self.metric = quality_metric_name(cfg.eval.inception_dir)
+        self.metric = quality_metric_name(cfg.eval.inception_dir, cfg.uses_data_classifier)
         self.experiment = cfg.experiment_name(name)
         self.experiment_id = tracking.prepare_experiment(self.uri, self.experiment, cfg.runs_dir / "mlartifacts")
         self.stamp = time.strftime("%Y%m%d-%H%M%S")

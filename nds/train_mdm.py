@@ -417,7 +417,7 @@ def run_mdm_trial(cfg: Config, inputs: dict, mlflow_run: dict, trial_dir: Path) 
     The quality metric is not in the returned metrics: the sweep logs those at step 0, which would
     add a false first point to the curve; the run's latest value of the metric is the final one.
     """
-    from nds import metrics as quality
+    from nds.evaluate import score_images
 
     total = trial_iterations(cfg)[-1]
     eval_at = [n for n in inputs["eval_at"] if n <= total]
@@ -427,8 +427,7 @@ def run_mdm_trial(cfg: Config, inputs: dict, mlflow_run: dict, trial_dir: Path) 
 
     def evaluate(done: int, models: list[NestedUNet]) -> None:
         images = generate_images(cfg, models, e.num_samples)
-        scores = quality.images_quality(images, metric_state["ref_stats"], e.inception_dir,
-                                        e.substitute_image_size, e.batch_size)
+        scores = score_images(cfg, images, metric_state)
         tracking.log_metrics(mlflow_run["uri"], mlflow_run["run_id"], scores, step=done)
         print(f"[nds] {cfg.mdm.baseline} after {done} iterations: "
               f"{', '.join(f'{k} {v:.2f}' for k, v in scores.items())}", flush=True)

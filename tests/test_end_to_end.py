@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from analysis.make_tables import make_tables
 from nds.config import REPO_ROOT, load_config
-from nds.metrics import FID, INCEPTION_FILE, SUBSTITUTE
+from nds.metrics import DATA_CLASSIFIER, FID, INCEPTION_FILE, SUBSTITUTE
 from nds.protocols import run_sigma_chain, sigma_variants
 from nds.sweep import Sweep, init_ray
 
@@ -26,6 +26,7 @@ TINY = [
     "resources.workers_per_level=2", "resources.cpus_per_worker=0.45", "resources.max_concurrent_trials=2",
     "eval.num_samples=32", "eval.batch_size=32", "eval.substitute_image_size=64",
     # shared across tests and runs (git-ignored), so DeepSpeed's comm op is compiled once
+    "eval.classifier_steps=50",
     f"paths.cache_dir={REPO_ROOT / 'runs' / 'test-cache'}",
 ]
 
@@ -74,7 +75,9 @@ def test_sigma_sweep_chains_stages_and_trains_each_level_once(tmp_path):
     assert sweep_run.data.metrics["levels.trained"] == 1 + k + 1 + k + 1
     stage = client.get_run(first.run_id)
     best = stage.data.tags["nds.best_sigma"]
-    by_sigma = {float(r.data.params["hierarchy.sigma.2"]): r.data.metrics[SUBSTITUTE]
+    has_inception = (Path(cfg.eval.inception_dir) / INCEPTION_FILE).is_file()
+    assert sweep.metric == (FID if has_inception else DATA_CLASSIFIER)  # the σ carried on is chosen by it
+    by_sigma = {float(r.data.params["hierarchy.sigma.2"]): r.data.metrics[sweep.metric]
                 for r in trial_runs(client, sweep.experiment_id, first.run_id) if r.data.params["hierarchy.L"] == "2"}
     assert float(best) == min(by_sigma, key=by_sigma.get)
 
@@ -85,8 +88,8 @@ def test_sigma_sweep_chains_stages_and_trains_each_level_once(tmp_path):
         params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
         depth = int(params["hierarchy.L"])
         assert params["encoder.name"] == "efficientnet_lite0" and params["hierarchy.shape.1"] == "8x8x1"
-        assert math.isfinite(metrics[SUBSTITUTE]) and metrics[SUBSTITUTE] > 0
-        assert (FID in metrics) == (Path(cfg.eval.inception_dir) / INCEPTION_FILE).is_file()
+        assert all(math.isfinite(metrics[m]) and metrics[m] > 0 for m in (SUBSTITUTE, DATA_CLASSIFIER))
+        assert (FID in metrics) == has_inception
         assert metrics["levels.trained"] + metrics["levels.reused"] == depth
         for level in range(1, depth + 1):
             assert metrics[f"level{level}/gflops"] > 0 and metrics[f"level{level}/params"] > 0
@@ -104,7 +107,7 @@ def test_sigma_sweep_chains_stages_and_trains_each_level_once(tmp_path):
     rows = {line.split("|")[1].strip(): line for line in ours.splitlines() if line.startswith("| ")}
     assert {"1", "2", "3"} <= set(rows)
     for run in deep:  # L = 3 trials land in the L = 3 row under their σ_3
-        assert f"{run.data.metrics[SUBSTITUTE]:.2f}" in rows["3"]
+        assert f"{run.data.metrics[sweep.metric]:.2f}" in rows["3"]
     assert (tmp_path / "tables" / "table1_sigma.csv").is_file() and (tmp_path / "tables" / "table1_sigma.png").is_file()
 
     # a second sweep over the same settings trains nothing

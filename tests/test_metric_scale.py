@@ -2,7 +2,7 @@
 import numpy as np
 
 from analysis.metric_scale import degraded_sets, main
-from nds.metrics import SUBSTITUTE
+from nds.metrics import DATA_CLASSIFIER, SUBSTITUTE
 
 
 def test_degraded_sets_keep_the_shape_and_dtype():
@@ -15,8 +15,10 @@ def test_degraded_sets_keep_the_shape_and_dtype():
 
 def test_real_images_score_better_than_noise(tmp_path):
     result = main(["--n", "48", "data.name=digits", "data.eval_limit=48", "eval.substitute_image_size=64",
-                   "eval.batch_size=48", f"paths.runs_dir={tmp_path}"])
+                   "eval.batch_size=48", "eval.classifier_steps=100", f"paths.runs_dir={tmp_path}"])
     scores = result["scores"]
-    assert result["metric"] == SUBSTITUTE and result["images_per_set"] == 48
-    assert scores["real (training split)"] < scores["uniform noise"]
-    assert scores["real (training split)"] < scores["salt and pepper"]
+    assert result["metric"] == DATA_CLASSIFIER and result["images_per_set"] == 48
+    assert 0 < result["data_classifier_accuracy"] <= 1
+    for metric in (DATA_CLASSIFIER, SUBSTITUTE):
+        assert scores["real (training split)"][metric] < scores["uniform noise"][metric]
+        assert scores["real (training split)"][metric] < scores["salt and pepper"][metric]

@@ -24,6 +24,7 @@ TINY = [
     "resources.workers_per_level=1", "resources.max_concurrent_trials=2",
     "diffusion.sample_steps=4", "eval.num_samples=32", "eval.batch_size=32", "eval.substitute_image_size=64",
     "eval.grid_size=4",
+    "eval.classifier_steps=50",
     f"paths.cache_dir={REPO_ROOT / 'runs' / 'test-cache'}",  # DeepSpeed's comm op compiled once
 ]
 

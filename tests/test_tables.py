@@ -8,7 +8,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from analysis.make_tables import build_tables, main, make_tables
-from nds.metrics import FID, SUBSTITUTE
+from nds.metrics import DATA_CLASSIFIER, FID, SUBSTITUTE
 
 SPEC = "28x28x1, 4x4x32, 2x2x16"
 GFLOPS = {1: 1.0, 2: 0.1, 3: 0.05}
@@ -34,6 +34,8 @@ def chain_metrics(depth: int, value: float, metric: str = SUBSTITUTE) -> dict:
     metrics = {SUBSTITUTE: value, "levels.trained": depth, "levels.reused": 0}
     if metric == FID:
         metrics[FID] = value + 100
+    if metric == DATA_CLASSIFIER:
+        metrics[DATA_CLASSIFIER] = value / 10
     for level in range(1, depth + 1):
         metrics[f"level{level}/gflops"] = GFLOPS[level]
         metrics[f"level{level}/params"] = 2e5 / level
@@ -233,3 +235,22 @@ def test_true_fid_is_labelled_fid(tmp_path):
     table1 = next(t for t in tables if t.name == "table1_sigma")
     assert table1.metric == FID and "Ours on digits: FID (clean-fid" in table1.caption
     assert rows_by(table1.parts[0])[2]["σ_L=0.5"] == "**121.00**"
+
+
+def test_newest_runs_choose_the_metric_and_older_settings_give_way(tmp_path):
+    """Re-running a sweep with the data classifier: the tables switch to fd_data_classifier, the re-run
+    settings replace the older ones on their cells, and a cell only the older runs filled says missing."""
+    uri = f"sqlite:///{tmp_path / 'mixed.db'}"
+    client = MlflowClient(uri)
+    log_sigma_sweep(client)  # fd_effnet_lite0 only
+    for sigma, value in [(0.0, 300.0), (0.5, 100.0), (1.0, 200.0)]:
+        params = {**chain_params(depth=2, sigma=sigma), "eval.data_classifier": "True"}  # another eval config
+        log_trial(client, "sweep_sigma", f"L2-sigma{sigma}", params, chain_metrics(2, value, DATA_CLASSIFIER),
+                  metric=DATA_CLASSIFIER)
+    table1 = next(t for t in build_tables(uri)[0] if t.name == "table1_sigma")
+    assert table1.metric == DATA_CLASSIFIER and "fd_data_classifier — Fréchet distance" in table1.caption
+    rows = rows_by(table1.parts[0])
+    assert rows[2]["σ_L=0.5"] == "**10.00**" and rows[2]["σ_L=0.0"] == "30.00"
+    assert "missing" in rows[3].values()  # L = 3 ran only before, without the classifier
+    forced = next(t for t in build_tables(uri, metric=SUBSTITUTE)[0] if t.name == "table1_sigma")
+    assert forced.metric == SUBSTITUTE and rows_by(forced.parts[0])[2]["σ_L=0.5"] == "**100.00**"

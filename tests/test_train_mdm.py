@@ -31,6 +31,7 @@ TINY = [
     "training.log_every=2", "training.checkpoint_every=2",
     "resources.workers_per_level=2", "resources.cpus_per_worker=0.45",
     "diffusion.sample_steps=4", "eval.grid_size=2",
+    "eval.classifier_steps=50",
     f"paths.cache_dir={REPO_ROOT / 'runs' / 'test-cache'}",  # DeepSpeed's comm op compiled once
 ]
 

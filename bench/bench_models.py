@@ -5,6 +5,9 @@
   first two levels of the paper's ImageNet chain), as a fraction of matmul_peak.
 - nested_vs_plain_unet: NestedUNet against the plain UNet of the same size (same blocks, I/O at
   the top resolution only), timed interleaved; MDM App. D.1 reports 0.52 vs 0.50 s/iter (1.04x).
+- bf16: the bf16 matmul rate against fp32, and U-ViT training steps under bf16 autocast against fp32:
+  whether ``training.precision=bf16`` pays on this machine (on CPUs it needs bf16 matrix units, e.g.
+  AMX, and matrices large enough to amortise the casts; ``auto`` stays fp32 on CPUs).
 - nested_chain_cost: forward GFLOPs of every level of the paper's ImageNet and COCO chains with
   U-ViT-S (patch 2 at 32x32, 1 below), levels 2..L as a fraction of level 1, and the whole chain
   against the single-level model (level 1 without a condition). FLOP counting only: the models
@@ -65,9 +68,9 @@ def clocks(fn: Callable[[], object]) -> tuple[float, float]:
     return time.perf_counter() - wall, time.thread_time() - cpu
 
 
-def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 10) -> dict:
-    """Best fp32 n x n matmul rate: the machine's practical peak for dense fp32 work."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32) -> dict:
+    """Best n x n matmul rate: the machine's practical peak for dense work in ``dtype``."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     best = min(clocks(lambda: a @ b)[0] for _ in range(repeats))
     return {"n": n, "gflops": 2 * n**3 / best / 1e9}
@@ -81,7 +84,7 @@ def train_step_flops(loss_fn: Callable[[], torch.Tensor]) -> int:
 
 
 def uvit_training(size: str, shape: tuple, cond: tuple | None, patch: int, batch: int, steps: int,
-                  peak: float, device: torch.device) -> dict:
+                  peak: float, device: torch.device, bf16: bool = False) -> dict:
     torch.manual_seed(0)
     model = uvit_from_size(size, input_shape=shape, patch_size=patch, cond_shape=cond).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -91,7 +94,8 @@ def uvit_training(size: str, shape: tuple, cond: tuple | None, patch: int, batch
     ac = cosine_schedule(1000)
 
     def loss() -> torch.Tensor:
-        return diffusion_loss(lambda x_t, t: model(x_t, t, cond=z), x, ac)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            return diffusion_loss(lambda x_t, t: model(x_t, t, cond=z), x, ac)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -103,10 +107,23 @@ def uvit_training(size: str, shape: tuple, cond: tuple | None, patch: int, batch
     seconds = min(clocks(step)[0] for _ in range(steps))
     return {
         "size": size, "level": "x".join(map(str, shape)), "cond": "x".join(map(str, cond)) if cond else None,
-        "patch": patch, "batch": batch, "params_M": count_params(model) / 1e6,
+        "patch": patch, "batch": batch, "bf16_autocast": bf16, "params_M": count_params(model) / 1e6,
         "train_gflops_per_step": flops / 1e9, "step_s": seconds, "achieved_gflops": flops / seconds / 1e9,
         "fraction_of_matmul_peak": flops / seconds / 1e9 / peak,
     }
+
+
+def bf16_against_fp32(steps: int, device: torch.device) -> dict:
+    """bf16 matmul rate over fp32, and the speedup of bf16 autocast over fp32 training steps of the tiny U-ViT as the
+    Fashion-MNIST presets train it (level 1, 28x28x1 under 4x4x32, batch 64) and of a U-ViT-S level."""
+    fp32, bf16 = matmul_peak(device), matmul_peak(device, dtype=torch.bfloat16)
+    out = {"matmul_fp32_gflops": fp32["gflops"], "matmul_bf16_gflops": bf16["gflops"],
+           "matmul_bf16_speedup": bf16["gflops"] / fp32["gflops"]}
+    for name, args in (("tiny_fashion_level1", ("tiny", (28, 28, 1), (4, 4, 32), 4, 64)),
+                       ("small_imagenet_level1", ("small", (32, 32, 4), (6, 6, 32), 2, 4))):
+        times = [uvit_training(*args, steps, fp32["gflops"], device, bf16=use)["step_s"] for use in (False, True)]
+        out[name] = {"fp32_step_s": times[0], "bf16_step_s": times[1], "bf16_speedup": times[0] / times[1]}
+    return out
 
 
 def nested_vs_plain(spec: NestedUNetSpec, batch: int, rounds: int, device: torch.device) -> dict:
@@ -206,6 +223,7 @@ def main() -> None:
         "dtype": "float32",
         "matmul_peak": peak,
         "uvit_training": uvit,
+        "bf16": bf16_against_fp32(steps, device),
         "nested_vs_plain_unet": nested_vs_plain(NESTED_SPEC, 4, rounds, device),
         "nested_chain_cost": {
             "imagenet": nested_chain_cost(IMAGENET_SPEC),

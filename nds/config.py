@@ -118,7 +118,7 @@ class EvalConfig:
     # labelled training split (nds/data_classifier.py); tables rank by it where FID is absent. Skipped for data
     # without class labels (COCO).
     data_classifier: bool = True
-    classifier_steps: int = 1000  # its training steps (batch 128; ~2.5 min on 2 cores); trained once per data setting, cached
+    classifier_steps: int = 1000  # its training steps (batch 128; ~2 min on 2 cores); trained once per data setting, cached
     classifier_train_limit: int = 0  # training images it learns from (0 = the whole training split)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -107,8 +106,8 @@ def train_classifier(cfg: Config, image_size: int, seed: int = 0) -> tuple[DataC
     labels = torch.as_tensor(train.labels)
     model.train()
     for _ in range(steps):
-        idx = torch.randint(len(train.labels), (min(BATCH_SIZE, len(train.labels)),), generator=generator).numpy()
-        loss = F.cross_entropy(model(train.images[np.sort(idx)]), labels[np.sort(idx)])
+        idx = np.sort(torch.randint(len(train.labels), (min(BATCH_SIZE, len(train.labels)),), generator=generator).numpy())
+        loss = F.cross_entropy(model(train.images[idx]), labels[idx])  # sorted: file datasets decode in order
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -134,5 +133,5 @@ def obtain_classifier(cfg: Config, image_size: int) -> tuple[DataClassifier, flo
                 "channels": model.trunk[0].in_channels, "num_classes": model.head.out_features}, tmp)
     os.replace(tmp, path)  # atomic: a concurrent sweep reads a whole file or none
     print(f"[nds] data classifier for {cfg.data.name} at {image_size} px: {cfg.eval.classifier_steps} steps in "
-          f"{time.perf_counter() - start:.0f} s, test accuracy {accuracy:.3f} -> {Path(path)}", flush=True)
+          f"{time.perf_counter() - start:.0f} s, test accuracy {accuracy:.3f} -> {path}", flush=True)
     return model, accuracy

@@ -18,10 +18,11 @@ from pathlib import Path
 
 from analysis.plots import depth_plot, mdm_plots, sigma_plot
 from analysis.render import to_csv, to_latex, to_markdown
-from analysis.runs import EXPERIMENT_PREFIX, METRIC_PREFERENCE, load_trials, metric_history
+from analysis.runs import EXPERIMENT_PREFIX, load_trials, metric_history
 from analysis.tables import (Table, depth_table, encoders_table, mdm_table, rcg_table, shapes_table,
                              sigma_tables)
 from nds.config import ConfigError, load_config
+from nds.metrics import METRIC_PREFERENCE
 
 FORMATS = ("md", "latex", "csv", "png")
 WRITERS = {"md": (".md", to_markdown), "latex": (".tex", to_latex), "csv": (".csv", to_csv)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from nds.metrics import DATA_CLASSIFIER, FID, SUBSTITUTE
+from nds.metrics import METRIC_PREFERENCE, SUBSTITUTE
 
 EXPERIMENT_PREFIX = "nds-"
 IDENTITY = ["tags.nds.sweep", "tags.nds.variant", "tags.nds.config_hash"]
@@ -56,9 +56,6 @@ def load_trials(tracking_uri: str, experiments: list[str] | None = None) -> pd.D
     frame = frame.reindex(columns=[*frame.columns, *(c for c in IDENTITY if c not in frame)])  # older runs lack tags
     frame = frame.sort_values("start_time").drop_duplicates(IDENTITY, keep="last")
     return frame.reset_index(drop=True)
-
-
-METRIC_PREFERENCE = (FID, DATA_CLASSIFIER, SUBSTITUTE)
 
 
 def quality_metric(frame: pd.DataFrame) -> str:

@@ -20,6 +20,7 @@ from PIL import Image
 FID = "fid"
 SUBSTITUTE = "fd_effnet_lite0"
 DATA_CLASSIFIER = "fd_data_classifier"
+METRIC_PREFERENCE = (FID, DATA_CLASSIFIER, SUBSTITUTE)  # what ranks runs, best first, among those computed
 INCEPTION_FILE = "inception-2015-12-05.pt"
 
 

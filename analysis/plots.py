@@ -29,16 +29,18 @@ def _errorbar(ax, x, cells: pd.DataFrame, label: str) -> None:
 
 
 def sigma_plot(table: Table, path: Path) -> Path:
-    """A panel per dataset/conditioning: a line per depth L over σ_L; L = 1 (no σ) dashed."""
+    """A panel per dataset/conditioning: a line per depth L (and guidance scale, where the runs ablate
+    it) over σ_L; L = 1 (no σ) dashed."""
     groups = list(table.cells.groupby(["dataset", "condition"]))
     fig, axes = _panels(groups)
     for ax, ((dataset, condition), cells) in zip(axes, groups):
-        for depth, at in cells.groupby("L"):
+        by_guidance = cells.loc[cells["L"] > 1, "cfg_scale"].nunique() > 1
+        for (depth, scale), at in cells.groupby(["L", "cfg_scale"], dropna=False):
             if depth == 1:
                 ax.axhline(at["mean"].iloc[-1], linestyle="--", color="grey", label="L=1 (no σ)")
             else:
                 at = at.sort_values("sigma_L")
-                _errorbar(ax, at["sigma_L"], at, f"L={depth}")
+                _errorbar(ax, at["sigma_L"], at, f"L={depth}" + (f", guidance {scale:g}" if by_guidance else ""))
         ax.set(title=f"{dataset} — {condition}", xlabel="σ_L", ylabel=metric_header(table.metric))
         ax.legend(fontsize=8)
     return _save(fig, path)

@@ -23,6 +23,8 @@ def _markdown_rows(frame: pd.DataFrame) -> list[str]:
 
 def to_markdown(table: Table) -> str:
     lines = [f"## {table.title}", "", table.caption, ""]
+    if table.summary:
+        lines += ["**What the runs show:**", "", *(f"- {line}" for line in table.summary), ""]
     for part in table.parts:
         lines += [f"### {part.title}", "", *_markdown_rows(part.frame), ""]
     return "\n".join(lines)

@@ -77,13 +77,15 @@ def metric_history(tracking_uri: str, run_ids: list[str], metric: str) -> pd.Dat
     return pd.DataFrame(rows, columns=["run_id", "step", "value"])
 
 
-def settings(frame: pd.DataFrame, keys: list[str]) -> tuple[pd.DataFrame, int]:
-    """Seeds of one setting (same ``group``: variant label and ``nds.group_hash``) → mean, std, n of ``value``;
-    the other columns from its newest run. Where several settings fall on the same ``keys`` (a
-    sweep re-run with other hyperparameters), the newest is kept; returns how many were set aside."""
+def settings(frame: pd.DataFrame, keys: list[str], averaged: tuple[str, ...] = ()) -> tuple[pd.DataFrame, int]:
+    """Seeds of one setting (same ``group``: variant label and ``nds.group_hash``) → mean, std, n of ``value``
+    (and the mean over seeds of each ``averaged`` column); the other columns from its newest run. Where
+    several settings fall on the same ``keys`` (a sweep re-run with other hyperparameters), the newest
+    is kept; returns how many were set aside."""
     frame = frame.sort_values("start_time")
     stats = frame.groupby("group")["value"].agg(["mean", "std", "count"]).rename(columns={"count": "n"})
-    newest = frame.drop_duplicates("group", keep="last").set_index("group").drop(columns="value")
-    cells = newest.join(stats).sort_values("start_time")
+    averaged = [column for column in averaged if column in frame]
+    newest = frame.drop_duplicates("group", keep="last").set_index("group").drop(columns=["value", *averaged])
+    cells = newest.join(stats).join(frame.groupby("group")[averaged].mean()).sort_values("start_time")
     kept = cells.drop_duplicates(keys, keep="last")
     return kept.reset_index(), len(cells) - len(kept)

@@ -14,6 +14,7 @@ import pandas as pd
 
 from analysis import paper
 from analysis.runs import quality_metric, settings
+from nds.diagnostics import null_cond_name, sampled_name, true_cond_name
 from nds.metrics import DATA_CLASSIFIER, FID, SUBSTITUTE
 
 NA = "—"  # not applicable: L = 1 has no σ_L
@@ -48,6 +49,7 @@ class Table:
     metric: str
     notes: list[str] = field(default_factory=list)
     curves: pd.DataFrame | None = None  # MDM: mean/std over seeds per training step
+    summary: list[str] = field(default_factory=list)  # plain sentences: what the runs show, with seed spreads
 
 
 def metric_header(metric: str) -> str:
@@ -96,6 +98,7 @@ def describe(trials: pd.DataFrame) -> pd.DataFrame:
             "family": _mdm_family(variant), "baseline": get("tags.nds.mdm_baseline", "n/a"),
             "resolutions": get("params.mdm.resolutions", "n/a"), "phase_steps": get("params.mdm.phase_steps", "n/a"),
             "mdm_gflops": get("metrics.mdm/gflops"), "mdm_params": get("metrics.mdm/params"),
+            "cfg_scale": float(get("params.diffusion.cfg_scale", math.nan)), "seed": get("params.seed", "?"),
         }
     return pd.DataFrame.from_dict(rows, orient="index")
 
@@ -110,9 +113,20 @@ def _scored(trials: pd.DataFrame, sweep: str, keep: Callable[[pd.DataFrame], pd.
         frame = frame[keep(frame)]
     runs = runs.loc[frame.index]
     metric = metric or quality_metric(runs)
-    column = f"metrics.{metric}"
-    frame = frame.assign(value=runs[column] if column in runs else math.nan)
+    logged = {"value": metric, **diagnostic_metrics(metric)}
+    frame = frame.assign(**{field_: runs[f"metrics.{name}"] if f"metrics.{name}" in runs else math.nan
+                            for field_, name in logged.items()})
     return frame, metric
+
+
+def diagnostic_metrics(metric: str) -> dict[str, str]:
+    """Field of the tables -> the chain diagnostic's logged metric (``nds.diagnostics``), for ``metric``."""
+    return {"diag_sampled": sampled_name(metric), "true_cond": true_cond_name(metric, 1),
+            "null_cond": null_cond_name(metric, 1), "z_fd": "level2/z_fd", "z_fd_floor": "level2/z_fd_floor",
+            "z_std": "level2/z_std"}
+
+
+DIAGNOSTIC_FIELDS = tuple(diagnostic_metrics(FID))
 
 
 # -- formatting ----------------------------------------------------------------------------------
@@ -160,14 +174,19 @@ def _with_growth(cells: pd.DataFrame) -> pd.DataFrame:
 
 
 def _sigma_part(cells: pd.DataFrame) -> pd.DataFrame:
+    """A row per depth L (per (L, guidance scale) when the runs ablate guidance), a column per σ_L."""
     sigmas = sorted(cells["sigma_L"].dropna().unique())
     has_l1 = (cells["L"] == 1).any()
+    by_guidance = cells.loc[cells["L"] > 1, "cfg_scale"].nunique() > 1
     rows = []
-    for depth, at in cells.groupby("L"):
+    for _, at in cells.groupby(["L", "cfg_scale"] if by_guidance else ["L"], dropna=False):
         info = at.iloc[-1]
-        row = {"L": depth, "z_L": info["z_L"], "GFLOPs (level L)": _num(info["gflops_L"]),
-               "GFLOPs total": _num(info["gflops_total"]), "GFLOPs growth vs L=1": info["growth"],
-               "params (level L)": _millions(info["params_L"])}
+        depth = info["L"]
+        row = {"L": depth, "z_L": info["z_L"]}
+        if by_guidance:
+            row["guidance"] = _num(info["cfg_scale"], "g")
+        row.update({"GFLOPs (level L)": _num(info["gflops_L"]), "GFLOPs total": _num(info["gflops_total"]),
+                    "GFLOPs growth vs L=1": info["growth"], "params (level L)": _millions(info["params_L"])})
         if has_l1:
             row[NO_SIGMA] = cell(info) if depth == 1 else NA
         for sigma in sigmas:
@@ -178,6 +197,89 @@ def _sigma_part(cells: pd.DataFrame) -> pd.DataFrame:
         row["best σ_L"] = NA if best is None else str(float(best["sigma_L"]))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _diagnostic_part(cells: pd.DataFrame, metric: str) -> pd.DataFrame | None:
+    """The chain diagnostic beside each setting with L > 1 (means over seeds), or None if no run logged it."""
+    chains = cells[(cells["L"] > 1) & cells["true_cond"].notna()].sort_values(["L", "sigma_L", "cfg_scale"])
+    if chains.empty:
+        return None
+    return pd.DataFrame([{
+        "L": s["L"], "σ_2..σ_L": s["sigmas"], "guidance": _num(s["cfg_scale"], "g"),
+        metric_header(metric): cell(s),
+        "sampled (diag. n)": _num(s["diag_sampled"], ".2f"), "level 1 true cond.": _num(s["true_cond"], ".2f"),
+        "level 1 null cond.": _num(s["null_cond"], ".2f"),
+        "prior's share (sampled − true)": _num(s["diag_sampled"] - s["true_cond"], "+.2f"),
+        "condition use (null − true)": _num(s["null_cond"] - s["true_cond"], "+.2f"),
+        "z_2 FD (floor)": f"{_num(s['z_fd'], '.1f')} ({_num(s['z_fd_floor'], '.1f')})",
+        "z_2 std": _num(s["z_std"], ".2f"),
+    } for _, s in chains.iterrows()])
+
+
+DIAGNOSTIC_TITLE = ("chain diagnostic (means over seeds): level 1 sampled from the true condition (held-out z_2) "
+                    "and from the null one, with the same noise; sampled z_2 against held-out z_2")
+
+
+def _gap_sentence(runs: pd.DataFrame, base: pd.Series, other: pd.Series, what: str) -> str:
+    """'<other> beats/trails <base> by X ± Y over n seeds' from the per-seed differences where the
+    seeds match (else the difference of the means), with whether it is a finding."""
+    paired = runs[runs["group"] == base.name][["seed", "value"]].merge(
+        runs[runs["group"] == other.name][["seed", "value"]], on="seed", suffixes=("_base", "_other"))
+    gaps = paired["value_base"] - paired["value_other"]
+    gap = gaps.mean() if len(gaps) else base["mean"] - other["mean"]
+    verb = "beats" if gap > 0 else "trails"
+    detail = f" ± {gaps.std():.2f}" if len(gaps) > 1 else ""
+    return f"{what} {verb} L=1 by {abs(gap):.2f}{detail} over {int(min(base['n'], other['n']))} seed(s) " \
+           f"({_verdict(gap, base, other)})."
+
+
+def _verdict(gap: float, a: pd.Series, b: pd.Series) -> str:
+    """Whether a gap between two settings is a finding: beyond 3× the larger of their seed stds."""
+    spread = max(a["std"] if pd.notna(a["std"]) else 0.0, b["std"] if pd.notna(b["std"]) else 0.0)
+    if min(a["n"], b["n"]) < 2:
+        return "one seed: not a finding"
+    if abs(gap) > 3 * spread:
+        return f"more than 3× the larger seed std ({spread:.2f}): a finding"
+    if abs(gap) > spread:
+        return f"beyond the larger seed std ({spread:.2f}) but under 3×: suggestive, not a finding"
+    return f"within the seed std ({spread:.2f}): not a finding"
+
+
+def _setting(s: pd.Series) -> str:
+    sigmas = f", σ = {s['sigmas']}" if s["sigmas"] else ""
+    guidance = f", guidance {s['cfg_scale']:g}" if pd.notna(s["cfg_scale"]) else ""
+    return f"L={s['L']}{sigmas}{guidance}"
+
+
+def trend_summary(runs: pd.DataFrame, cells: pd.DataFrame, metric: str) -> list[str]:
+    """Plain sentences per dataset/conditioning: the best nested setting against L = 1, the spread of
+    the σ (and guidance) choices, and what the diagnostic says about the best setting."""
+    lines = []
+    for (dataset, condition), group in cells.groupby(["dataset", "condition"]):
+        group = group.set_index("group")
+        scored, deep = group[group["mean"].notna()], group[(group["L"] > 1) & group["mean"].notna()]
+        if deep.empty:
+            continue
+        best = deep.loc[deep["mean"].idxmin()]
+        where = f"{dataset}, {condition}: "
+        base = scored[scored["L"] == 1]
+        if len(base):
+            lines.append(where + _gap_sentence(runs, base.iloc[-1], best, f"{_setting(best)} (the best nested setting)"))
+        rivals = deep[(deep["L"] == best["L"]) & (deep.index != best.name)]
+        if len(rivals):
+            runner = rivals.loc[rivals["mean"].idxmin()]
+            margin = runner["mean"] - best["mean"]
+            lines.append(where + f"at L={best['L']} the best setting ({_setting(best)}, {best['mean']:.2f}) leads the "
+                                 f"next ({_setting(runner)}, {runner['mean']:.2f}) by {margin:.2f} "
+                                 f"({_verdict(margin, best, runner)}).")
+        if pd.notna(best.get("true_cond")):
+            lines.append(where + f"diagnostic of {_setting(best)}: level 1 scores {best['true_cond']:.2f} from the true "
+                                 f"condition and {best['null_cond']:.2f} from the null one (condition use "
+                                 f"{best['null_cond'] - best['true_cond']:+.2f}); the sampled chain "
+                                 f"{best['diag_sampled']:.2f}, so the prior's share is "
+                                 f"{best['diag_sampled'] - best['true_cond']:+.2f}; sampled z_2 FD {best['z_fd']:.1f} "
+                                 f"(floor {best['z_fd_floor']:.1f}), std {best['z_std']:.2f}.")
+    return lines
 
 
 def _paper_table1b() -> Part:
@@ -203,9 +305,16 @@ def _paper_imagenet1k() -> Part:
     return Part(f"paper — {source['source']} (published, not our runs)", frame)
 
 
-def _by_dataset(cells: pd.DataFrame, build: Callable[[pd.DataFrame], pd.DataFrame]) -> list[Part]:
-    return [Part(f"{dataset} — {condition} — ours", build(group))
-            for (dataset, condition), group in cells.groupby(["dataset", "condition"], sort=True)]
+def _by_dataset(cells: pd.DataFrame, build: Callable[[pd.DataFrame], pd.DataFrame],
+                metric: str | None = None) -> list[Part]:
+    """A part per dataset and conditioning; given ``metric``, each followed by its chain diagnostic."""
+    parts = []
+    for (dataset, condition), group in cells.groupby(["dataset", "condition"], sort=True):
+        parts.append(Part(f"{dataset} — {condition} — ours", build(group)))
+        diagnostic = _diagnostic_part(group, metric) if metric else None
+        if diagnostic is not None:
+            parts.append(Part(f"{dataset} — {condition} — {DIAGNOSTIC_TITLE}", diagnostic))
+    return parts
 
 
 def _caption(metric: str, cells: pd.DataFrame, what: str, paper_note: str = PAPER_NOTE) -> str:
@@ -230,12 +339,12 @@ def sigma_tables(trials: pd.DataFrame, metric: str | None = None) -> tuple[list[
             kind = "conditional" if conditional else "unconditional"
             skipped.append(f"{name}: no finished sweep_sigma trials ({kind}) — skipped")
             continue
-        cells, hidden = settings(frame, ["dataset", "condition", "L", "sigma_L"])
+        cells, hidden = settings(frame, ["dataset", "condition", "L", "cfg_scale", "sigma_L"], DIAGNOSTIC_FIELDS)
         cells = _with_growth(cells)
         caption = _caption(shown, cells, "bold = best σ_L per row (the σ carried to depth L+1); "
                                          "'—' = not applicable (L = 1 has no σ_L);")
-        tables.append(Table(name, title, caption, _by_dataset(cells, _sigma_part) + paper_parts,
-                            cells, shown, _notes(name, hidden)))
+        tables.append(Table(name, title, caption, _by_dataset(cells, _sigma_part, shown) + paper_parts,
+                            cells, shown, _notes(name, hidden), summary=trend_summary(frame, cells, shown)))
     return tables, skipped
 
 
@@ -260,10 +369,11 @@ def _row_table(trials, sweep, name, title, keys, columns, what, metric, paper_pa
     frame, metric = _scored(trials, sweep, metric=metric)
     if frame.empty:
         return None, f"{name}: no finished {sweep} trials — skipped"
-    cells, hidden = settings(frame, ["dataset", "condition", *keys])
+    cells, hidden = settings(frame, ["dataset", "condition", *keys], DIAGNOSTIC_FIELDS)
     cells = _with_growth(cells)
-    parts = _by_dataset(cells, _rows(columns, metric, keys)) + list(paper_parts)
-    return Table(name, title, _caption(metric, cells, what, paper_note), parts, cells, metric, _notes(name, hidden)), None
+    parts = _by_dataset(cells, _rows(columns, metric, keys), metric) + list(paper_parts)
+    return Table(name, title, _caption(metric, cells, what, paper_note), parts, cells, metric, _notes(name, hidden),
+                 summary=trend_summary(frame, cells, metric)), None
 
 
 def _paper_best_per_depth() -> Part:

@@ -64,6 +64,12 @@ class ModelConfig:
     num_classes: int = 0  # 0 = unconditional; >0 = class-conditional on the dataset labels
     text_encoder: str = ""  # "" = no text; minilm (ships offline) | clip | t5: captions as condition tokens
     text_encoder_path: str = ""  # local directory of the text encoder (empty = minilm's packaged copy)
+    # how ẑ_{l+1} enters a level (§4.1; nds/models.py): kv = condition tokens that only supply keys/values
+    # every two blocks; tokens = a channel-mixing deconvolution to the token grid and two FC layers make
+    # condition tokens that join the sequence, refreshed every two blocks (the paper presets' reading)
+    cond_injection: str = "kv"
+    qkv_bias: bool = True  # U-ViT's configs: false
+    mlp_time_embed: bool = True  # an MLP on the sinusoidal time embedding (U-ViT's configs: false)
 
 
 @dataclass
@@ -73,11 +79,16 @@ class DiffusionConfig:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     cond_drop_prob: float = 0.5
-    prediction: str = "eps"  # what every level regresses: eps (U-ViT, as the paper) | v (learns faster on a small budget)
+    # what every level regresses: v | eps (U-ViT, as the paper). Under ε a small level learns to ignore its
+    # condition (it informs the high-noise steps, where the ε target is nearly x_t itself); v weighs those
+    # steps in (README: "The nested gain at laptop scale")
+    prediction: str = "v"
+    sampler: str = "ddim"  # ddim | ddpm | dpm_solver | dpm_solver++ (every level of the chain)
     sample_steps: int = 25
-    cfg_scale: float = 1.0
-    eta: float = 0.0
+    cfg_scale: float = 3.0  # classifier-free guidance, out_u + s·(out_c - out_u): 1 = none; 3 measured best here
+    eta: float = 0.0  # DDIM only: 0 deterministic, 1 DDPM-like
     clip_images: bool = True  # clip the image level's predicted x0 to [-1, 1] while sampling
+    latent_clip: float = 0.0  # clip a latent level's predicted x0 to ± this many (training) stds (0 = off)
 
 
 @dataclass
@@ -87,6 +98,7 @@ class TrainingConfig:
     lr: float = 5e-3  # the tiny U-ViT learns too slowly at 2e-3 for a 300-step budget (samples stay noise)
     warmup_steps: int = 50
     weight_decay: float = 0.03
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])  # AdamW's (β1, β2)
     grad_clip: float = 1.0
     ema_decay: float = 0.999  # sampling uses the EMA weights (0 = the last weights)
     zero_stage: int = 2
@@ -120,6 +132,9 @@ class EvalConfig:
     data_classifier: bool = True
     classifier_steps: int = 1000  # its training steps (batch 128; ~2 min on 2 cores); trained once per data setting, cached
     classifier_train_limit: int = 0  # training images it learns from (0 = the whole training split)
+    # The chain diagnostic (nds/diagnostics.py), for L > 1: each level l < L is also sampled given the true
+    # condition (held-out z_{l+1}) and the null one, on this many held-out images (0 = off)
+    diagnostic_samples: int = 250
 
 
 @dataclass
@@ -128,6 +143,9 @@ class SweepConfig:
 
     depths: list[int] = field(default_factory=lambda: [1, 2])  # sweep_sigma, sweep_depth
     sigmas: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])  # sweep_sigma: values of σ_L
+    # sweep_sigma: guidance scales tried at every σ_L of depths L > 1 (empty: diffusion.cfg_scale only); the
+    # best (σ_L, scale) pair is carried into depth L+1. Guidance only changes sampling: no extra level trainings
+    cfg_scales: list[float] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0])  # every sweep: results are mean ± std over these
     carry_best_sigma: bool = True  # sweep_sigma: depth L+1 uses the best σ_L found at depth L
     shapes: list[str] = field(default_factory=list)  # sweep_shapes: whole hierarchy.spec strings to compare
@@ -364,10 +382,15 @@ def validate(cfg: Config) -> None:
 
     for level, shape in enumerate(spec, start=1):
         try:
-            patch_size_for(shape.h, shape.w, cfg.model.max_token_grid)
+            patch = patch_size_for(shape.h, shape.w, cfg.model.max_token_grid)
         except ValueError as err:
             raise ConfigError(f"hierarchy.spec level {level} ({shape}) cannot be split into U-ViT patches "
                               f"(model.max_token_grid={cfg.model.max_token_grid}): {err}") from None
+        above = spec[level] if level < len(spec) else None
+        if cfg.model.cond_injection == "tokens" and above and (above.h > shape.h // patch or above.w > shape.w // patch):
+            raise ConfigError(f"hierarchy.spec level {level + 1} ({above}) is finer than level {level}'s "
+                              f"{shape.h // patch}x{shape.w // patch} token grid, which model.cond_injection=tokens "
+                              "upsamples it to: use model.cond_injection=kv or a smaller model.max_token_grid patch")
     if not 1 <= cfg.hierarchy.L <= len(spec):
         raise ConfigError(f"hierarchy.L={cfg.hierarchy.L} must be between 1 and the {len(spec)} levels of hierarchy.spec")
     if len(cfg.hierarchy.sigmas) < len(spec) - 1:
@@ -407,12 +430,35 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise ConfigError(f"{key} must be >= 1")
-    from nds.diffusion import PREDICTIONS
+    from nds.diffusion import PREDICTIONS, SAMPLERS, SCHEDULES
+    from nds.models import COND_INJECTIONS
 
-    if cfg.diffusion.prediction not in PREDICTIONS:
-        raise ConfigError(f"diffusion.prediction='{cfg.diffusion.prediction}' must be one of {list(PREDICTIONS)}")
+    d = cfg.diffusion
+    if d.prediction not in PREDICTIONS:
+        raise ConfigError(f"diffusion.prediction='{d.prediction}' must be one of {list(PREDICTIONS)}")
+    if d.schedule not in SCHEDULES:
+        raise ConfigError(f"diffusion.schedule='{d.schedule}' must be one of {sorted(SCHEDULES)}")
+    if d.sampler not in SAMPLERS:
+        raise ConfigError(f"diffusion.sampler='{d.sampler}' must be one of {sorted(SAMPLERS)}")
+    if d.eta and d.sampler != "ddim":
+        raise ConfigError(f"diffusion.eta={d.eta} is a DDIM setting; diffusion.sampler='{d.sampler}' does not take it")
+    if not 0.0 <= d.eta <= 1.0:
+        raise ConfigError(f"diffusion.eta={d.eta} must be in [0, 1]")
+    if not d.cfg_scale >= 0:
+        raise ConfigError(f"diffusion.cfg_scale={d.cfg_scale} must be >= 0 (1 = no guidance)")
+    for i, scale in enumerate(cfg.sweep.cfg_scales):
+        if not scale >= 0:
+            raise ConfigError(f"sweep.cfg_scales[{i}] = {scale} must be >= 0 (1 = no guidance)")
+    if not d.latent_clip >= 0:
+        raise ConfigError(f"diffusion.latent_clip={d.latent_clip} must be >= 0 (0 = off)")
+    if cfg.model.cond_injection not in COND_INJECTIONS:
+        raise ConfigError(f"model.cond_injection='{cfg.model.cond_injection}' must be one of {list(COND_INJECTIONS)}")
+    if cfg.eval.diagnostic_samples < 0:
+        raise ConfigError(f"eval.diagnostic_samples={cfg.eval.diagnostic_samples} must be >= 0 (0 = off)")
     if cfg.diffusion.sample_steps > cfg.diffusion.timesteps:
         raise ConfigError("diffusion.sample_steps must not exceed diffusion.timesteps")
+    if len(cfg.training.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.training.betas):
+        raise ConfigError(f"training.betas={cfg.training.betas} must be two numbers in [0, 1) (AdamW's β1, β2)")
     if not 0.0 <= cfg.training.ema_decay < 1.0:
         raise ConfigError("training.ema_decay must be in [0, 1)")
     if not 0.0 <= cfg.diffusion.cond_drop_prob < 1.0:
@@ -468,13 +514,19 @@ def _validate_mdm(cfg: Config) -> None:
 
 def preflight(cfg: Config) -> None:
     """File checks, run before Ray starts so no compute is spent on a run that cannot finish."""
-    from nds.data import check_dataset
+    from nds.data import DATASET_CHANNELS, check_dataset
     from nds.encoders import RANDOM_WEIGHTS, SD_VAE_HUB, check_encoder
 
     try:
         check_dataset(cfg.data.name, cfg.data.root)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(f"data.name: {err}") from None
+    channels = DATASET_CHANNELS[cfg.data.name]
+    level1 = cfg.levels[0]
+    if cfg.encoder.level1 == "pixels" and level1.c != channels:
+        raise ConfigError(f"hierarchy.spec level 1 ({level1}) has {level1.c} channel(s) but data.name={cfg.data.name} "
+                          f"images have {channels}: level 1 is the image itself (encoder.level1=pixels), so write "
+                          f"it {level1.h}x{level1.w}x{channels}")
     try:
         check_encoder(cfg.encoder.name, cfg.encoder.weights or None)
     except (ValueError, FileNotFoundError) as err:

@@ -201,8 +201,22 @@ def _center_crop_resize(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
 
 
+IMAGE_FOLDER_SPLITS = {"train": ("train",), "test": ("test", "val")}  # ImageNet's held-out split is val/
+
+
+def image_folder_split(root: Path, split: str) -> Path:
+    """The folder of a split: ``train/``; for ``test``, ``test/`` or else ImageNet's ``val/``."""
+    _check_split(split)
+    for name in IMAGE_FOLDER_SPLITS[split]:
+        if (root / name).is_dir():
+            return root / name
+    wanted = " or ".join(f"{root / name}/" for name in IMAGE_FOLDER_SPLITS[split])
+    raise FileNotFoundError(f"image folder has no {split} split: expected {wanted} with one folder per class")
+
+
 def load_image_folder(root: str | Path, split: str, image_size: int, limit: int | None = None) -> ImageSet:
-    """ImageNet-style ``root/<split>/<class>/*.{png,jpg,jpeg}`` (ImageNet-100 layout), lazily decoded.
+    """ImageNet-style ``root/<split>/<class>/*.{png,jpg,jpeg}`` (ImageNet-100 layout: train/ and val/,
+    or train/ and test/), lazily decoded.
 
     Only the directory listing is read here; pixels are decoded when indexed
     (:class:`ImageFiles`: center-cropped and resized to RGB).  With ``limit`` the
@@ -212,9 +226,7 @@ def load_image_folder(root: str | Path, split: str, image_size: int, limit: int 
     _check_limit(limit)
     if image_size < 1:
         raise ValueError(f"image_size must be positive, got {image_size!r}")
-    split_dir = Path(root) / split
-    if not split_dir.is_dir():
-        raise FileNotFoundError(f"image folder split directory not found: {split_dir}")
+    split_dir = image_folder_split(Path(root), split)
     class_dirs = sorted(d for d in split_dir.iterdir() if d.is_dir())
     if not class_dirs:
         raise ValueError(f"{split_dir}: no class subdirectories")
@@ -270,6 +282,7 @@ def load_coco_captions(root: str | Path, split: str, image_size: int, limit: int
 
 
 DATASETS = ("fashion_mnist", "digits", "image_folder", "coco2014")
+DATASET_CHANNELS = {"fashion_mnist": 1, "digits": 1, "image_folder": 3, "coco2014": 3}  # images are loaded so
 
 
 def check_dataset(name: str, root: str | Path | None, captions_dir: str | Path | None = None) -> None:
@@ -279,8 +292,11 @@ def check_dataset(name: str, root: str | Path | None, captions_dir: str | Path |
     if name == "fashion_mnist":
         for split in ("train", "test"):
             _fashion_files(Path(root or FASHION_MNIST_DEFAULT_ROOT), split)
-    elif name == "image_folder" and not (root and Path(root).is_dir()):
-        raise FileNotFoundError(f"image folder data.root not found: {root!r}")
+    elif name == "image_folder":
+        if not (root and Path(root).is_dir()):
+            raise FileNotFoundError(f"image folder data.root not found: {root!r}")
+        for split in IMAGE_FOLDER_SPLITS:
+            image_folder_split(Path(root), split)
     elif name == "coco2014":
         if not (root and Path(root).is_dir()):
             raise FileNotFoundError(f"COCO-2014 data.root not found: {root!r}")

@@ -38,7 +38,14 @@ def cosine_schedule(timesteps: int = 1000, s: float = 0.008, max_beta: float = 0
     return torch.cumprod(1.0 - betas, dim=0)
 
 
-SCHEDULES = {"linear": linear_schedule, "cosine": cosine_schedule}
+def scaled_linear_schedule(timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> Tensor:
+    """ᾱ_t for β linear in √β (Stable Diffusion's and U-ViT's latent-space schedule; float64)."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, timesteps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+SCHEDULES = {"linear": linear_schedule, "scaled_linear": scaled_linear_schedule, "cosine": cosine_schedule}
+BETA_SCHEDULES = ("linear", "scaled_linear")  # the schedules set by (beta_start, beta_end)
 
 
 def shift_schedule(alphas_cumprod: Tensor, snr_scale: float) -> Tensor:
@@ -61,11 +68,14 @@ def resolution_snr_scale(resolution: int, base_resolution: int, power: float = 2
     return (base_resolution / resolution) ** power
 
 
-def make_schedule(name: str, timesteps: int = 1000, snr_scale: float = 1.0, **kwargs) -> Tensor:
-    """ᾱ of a named schedule; snr_scale != 1 gives its resolution-shifted version."""
+def make_schedule(name: str, timesteps: int = 1000, snr_scale: float = 1.0, beta_start: float | None = None,
+                  beta_end: float | None = None) -> Tensor:
+    """ᾱ of a named schedule; snr_scale != 1 gives its resolution-shifted version. beta_start/beta_end
+    set the β range of the schedules in BETA_SCHEDULES (None: the schedule's own default); others ignore them."""
     if name not in SCHEDULES:
         raise ValueError(f"unknown noise schedule {name!r}; known schedules: {sorted(SCHEDULES)}")
-    alphas = SCHEDULES[name](timesteps, **kwargs)
+    betas = {k: v for k, v in dict(beta_start=beta_start, beta_end=beta_end).items() if v is not None}
+    alphas = SCHEDULES[name](timesteps, **(betas if name in BETA_SCHEDULES else {}))
     return alphas if snr_scale == 1.0 else shift_schedule(alphas, snr_scale)
 
 
@@ -110,6 +120,19 @@ def dynamic_threshold(x0: Tensor, percentile: float = 0.995) -> Tensor:
     return x0.clamp(-s, s) / s
 
 
+def draw_normal(shape: tuple[int, ...] | torch.Size, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """N(0, 1) draws with ``like``'s dtype on its device, drawn on the generator's own device (a CPU
+    generator keyed by step and rank gives the same draws whatever device trains)."""
+    device = like.device if generator is None else generator.device
+    return torch.randn(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+
+
+def draw_timesteps(n: int, timesteps: int, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """t ~ U{0, ..., timesteps-1}, n of them, on ``like``'s device (drawn as in :func:`draw_normal`)."""
+    device = like.device if generator is None else generator.device
+    return torch.randint(0, timesteps, (n,), generator=generator, device=device).to(like.device)
+
+
 def diffusion_loss(
     denoiser: Denoiser,
     x0: Tensor,
@@ -118,8 +141,8 @@ def diffusion_loss(
     prediction: str = "eps",
 ) -> Tensor:
     """MSE on the ε (DDPM "simple" loss) or v target with t ~ U{0, ..., T-1} per example."""
-    t = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), generator=generator, device=x0.device)
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    t = draw_timesteps(x0.shape[0], len(alphas_cumprod), x0, generator)
+    noise = draw_normal(x0.shape, x0, generator)
     target = prediction_target(x0, noise, _expand(alphas_cumprod, t, x0), prediction)
     return F.mse_loss(denoiser(q_sample(x0, t, noise, alphas_cumprod), t), target)
 
@@ -267,10 +290,21 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
 }
 
 
-def sample(name: str, denoiser: Denoiser, noise: Tensor, alphas_cumprod: Tensor, steps: int, **kwargs) -> Tensor:
-    """Run a sampler from SAMPLERS by name (kwargs: generator, eta, prediction, threshold, ...)."""
+STOCHASTIC_SAMPLERS = ("ddpm", "ddim")  # the samplers that draw noise (DDIM only with eta > 0)
+
+
+def sample(name: str, denoiser: Denoiser, noise: Tensor, alphas_cumprod: Tensor, steps: int, *,
+           generator: torch.Generator | None = None, eta: float = 0.0, **kwargs) -> Tensor:
+    """Run a sampler from SAMPLERS by name. ``generator`` reaches the samplers that draw noise and
+    ``eta`` (DDIM's stochasticity) only DDIM; kwargs: prediction, threshold, order, ..."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; known samplers: {sorted(SAMPLERS)}")
+    if eta and name != "ddim":
+        raise ValueError(f"eta={eta} is a DDIM setting; sampler {name!r} does not take it")
+    if name in STOCHASTIC_SAMPLERS:
+        kwargs["generator"] = generator
+    if name == "ddim":
+        kwargs["eta"] = eta
     return SAMPLERS[name](denoiser, noise, alphas_cumprod, steps=steps, **kwargs)
 
 
@@ -293,6 +327,7 @@ def cfg_denoiser(
     cond: Tensor | None = None,
     labels: Tensor | None = None,
     scale: float = 1.0,
+    drop: bool = False,
     **conditions: Tensor | None,
 ) -> Denoiser:
     """Bind a UViT-like `model(x, t, cond=, labels=, ..., drop_cond=)` into a guided denoiser.
@@ -300,15 +335,18 @@ def cfg_denoiser(
     `conditions` are further per-example inputs (e.g. text=, text_mask=); only those that are
     not None are passed. With guidance the conditional and unconditional branches run as one
     forward on a doubled batch; scale=1 or no condition needs a single conditional pass.
+    ``drop=True`` gives the unconditional branch alone (the null condition, unguided).
     """
     given = {k: v for k, v in dict(cond=cond, labels=labels, **conditions).items() if v is not None}
+    if drop and scale != 1.0:
+        raise ValueError(f"the null condition is unguided: drop=True needs scale=1, got {scale}")
 
-    def conditional(x: Tensor, t: Tensor) -> Tensor:
-        keep = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        return model(x, t, **given, drop_cond=keep)
+    def single(x: Tensor, t: Tensor) -> Tensor:
+        mask = torch.full((x.shape[0],), drop, dtype=torch.bool, device=x.device)
+        return model(x, t, **given, drop_cond=mask)
 
     if scale == 1.0 or not given:
-        return conditional
+        return single
 
     doubled = {k: torch.cat([v, v]) for k, v in given.items()}
 

@@ -10,10 +10,11 @@ from torch import nn
 
 from nds import metrics
 from nds.config import Config
-from nds.diffusion import make_schedule
+from nds.diagnostics import chain_diagnostic, latent_stats
+from nds.figures import level_grid
 from nds.latents import level1_decoder
 from nds.models import count_params, forward_flops
-from nds.sampling import nested_sample
+from nds.sampling import sample_levels
 from nds.text import TextBank
 
 
@@ -31,14 +32,16 @@ def prepare_metric(cfg: Config, reference_images: np.ndarray) -> dict:
     e = cfg.eval
     classifier, accuracy = obtain_classifier(cfg, reference_images.shape[1]) if cfg.uses_data_classifier else (None, None)
     stats = metrics.reference_stats(reference_images, e.inception_dir, e.substitute_image_size, e.batch_size, classifier)
-    return {"ref_stats": stats, "classifier": classifier, "classifier_accuracy": accuracy}
+    ranking = metrics.quality_metric_name(e.inception_dir, cfg.uses_data_classifier)
+    return {"ref_stats": stats, "classifier": classifier, "classifier_accuracy": accuracy, "ranking": ranking}
 
 
-def score_images(cfg: Config, images: np.ndarray, metric_state: dict) -> dict[str, float]:
-    """Every metric of uint8 [N,H,W,C] images against the reference (see ``nds.metrics``)."""
+def score_images(cfg: Config, images: np.ndarray, metric_state: dict,
+                 names: tuple[str, ...] | None = None) -> dict[str, float]:
+    """Every metric (or those in ``names``) of uint8 [N,H,W,C] images against the reference (``nds.metrics``)."""
     e = cfg.eval
     return metrics.images_quality(images, metric_state["ref_stats"], e.inception_dir, e.substitute_image_size,
-                                  e.batch_size, metric_state["classifier"])
+                                  e.batch_size, metric_state["classifier"], names)
 
 
 def level_costs(models: dict[int, nn.Module], text_bank: TextBank | None = None) -> dict[str, float]:
@@ -70,35 +73,6 @@ def image_grid(images: np.ndarray, side: int) -> np.ndarray:
     return tiles.transpose(0, 2, 1, 3, 4).reshape(side * h, side * w, c)
 
 
-def sample_levels(cfg: Config, models: dict[int, nn.Module], n: int,
-                  text_bank: TextBank | None = None) -> dict[int, torch.Tensor]:
-    """n samples of every level of the chain, in batches, with a fixed seed.
-
-    Class-conditional levels get classes drawn uniformly. With ``text_bank`` every level is
-    conditioned on a caption of a group drawn uniformly: the class of the example for a class-name
-    bank, a training image for a per-image bank (COCO; the paper's FID-30K draws validation
-    captions instead, which would need the validation split's captions here)."""
-    d = cfg.diffusion
-    alphas = make_schedule(d.schedule, d.timesteps, beta_start=d.beta_start, beta_end=d.beta_end)
-    sigmas = {level: cfg.sigma(level) for level in range(2, cfg.hierarchy.L + 1)}
-    classes = cfg.model.num_classes
-    clip_images = d.clip_images and cfg.encoder.level1 == "pixels"  # VAE latents have no [-1, 1] range
-    generator = torch.Generator().manual_seed(cfg.seed)
-    batches = []
-    for start in range(0, n, cfg.eval.batch_size):
-        size = min(cfg.eval.batch_size, n - start)
-        labels = torch.randint(classes, (size,), generator=generator) if classes else None
-        text = None
-        if text_bank is not None:
-            class_groups = labels is not None and not text_bank.groups_are_images  # captions of the drawn classes
-            groups = labels if class_groups else torch.randint(text_bank.num_groups, (size,), generator=generator)
-            text = text_bank.sample(groups, generator)[:2]
-        batches.append(nested_sample(models, sigmas, size, alphas, d.sample_steps, cfg_scale=d.cfg_scale, eta=d.eta,
-                                     labels=labels, clip_images=clip_images, generator=generator,
-                                     text=text, prediction=d.prediction))
-    return {level: torch.cat([b[level] for b in batches]) for level in batches[0]}
-
-
 def generate_images(cfg: Config, models: dict[int, nn.Module], n: int,
                     text_bank: TextBank | None = None) -> np.ndarray:
     """n uint8 images from the chain: level 1 decoded to pixels as :func:`nds.latents.prepare_latents`
@@ -114,12 +88,12 @@ def _save_png(image: np.ndarray, path: Path) -> Path:
 
 
 def evaluate_chain(cfg: Config, models: dict[int, nn.Module], metric_state: dict, out_dir: Path,
-                   text_bank: TextBank | None = None,
-                   train_latents: dict[int, np.ndarray] | None = None) -> EvalReport:
+                   text_bank: TextBank | None = None, train_latents: dict[int, np.ndarray] | None = None,
+                   held_out: dict[int, np.ndarray] | None = None,
+                   held_out_labels: np.ndarray | None = None) -> EvalReport:
     """Metric, per-level costs, a sample grid and, given the training latents of a chain with L > 1,
-    the Fig. 1-style per-level grid (``nds.figures.level_grid``)."""
-    from nds.figures import level_grid
-
+    the Fig. 1-style per-level grid (``nds.figures.level_grid``); given the held-out latents, the
+    chain diagnostic (``nds.diagnostics``) in the metric that ranks the sweep."""
     e = cfg.eval
     levels = sample_levels(cfg, models, e.num_samples, text_bank)
     decode = level1_decoder(cfg)
@@ -129,4 +103,13 @@ def evaluate_chain(cfg: Config, models: dict[int, nn.Module], metric_state: dict
     if train_latents is not None and len(levels) > 1:
         columns = {level: z[: e.grid_size] for level, z in levels.items()}
         artifacts.append(_save_png(level_grid(columns, train_latents, decode), out_dir / "level_grid.png"))
+    if held_out and train_latents is not None and len(levels) > 1 and e.diagnostic_samples:
+        ranking = metric_state["ranking"]
+        scores.update(latent_stats(levels, held_out, train_latents))
+        if text_bank is None or not text_bank.groups_are_images:  # held-out captions are not at hand (COCO)
+            def ranking_score(images: np.ndarray) -> float:
+                return score_images(cfg, images, metric_state, names=(ranking,))[ranking]
+
+            scores.update(chain_diagnostic(cfg, models, images, ranking, ranking_score, decode, held_out,
+                                           held_out_labels, text_bank))
     return EvalReport({**scores, **level_costs(models, text_bank)}, artifacts)

@@ -110,7 +110,8 @@ def add_condition_noise(z: torch.Tensor, sigma: float, generator: torch.Generato
         raise ValueError(f"condition noise sigma must be >= 0, got {sigma!r}")
     if sigma == 0:
         return z
-    eps = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
+    device = z.device if generator is None else generator.device  # a CPU generator serves any device
+    eps = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=device).to(z.device)
     return z + sigma * eps
 
 

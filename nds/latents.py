@@ -21,7 +21,7 @@ from nds.config import Config, ConfigError
 from nds.data import ImageSet, load_dataset
 from nds.encoders import EncoderSpec, load_vae
 from nds.hierarchy import (ChannelCompressor, FeatureCache, LevelShape, build_hierarchy, cached_features,
-                           check_nesting, compressors_from_state, compressors_state, fit_compressors,
+                           check_nesting, compressors_from_state, compressors_state, encode_levels, fit_compressors,
                            images_from_level1, images_from_vae_latents, parse_spec)
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,10 @@ class PreparedLatents:
     reference_images: np.ndarray  # uint8 [M, H, W, C] test split (possibly lazily decoded), for the metric
     compressors: list[ChannelCompressor | None] = field(default_factory=list)  # fitted on train, from the cache
     captions: list[list[str]] | None = None  # COCO: every caption of training image i (row i of the latents)
+    # z_2.. of the reference images, with the compressors fitted on train: the held-out latents the chain
+    # diagnostic conditions on (true condition) and compares sampled latents with
+    reference_latents: dict[int, np.ndarray] = field(default_factory=dict)
+    reference_labels: np.ndarray | None = None  # int64 [M]: the reference images' classes
 
 
 def _limit(n: int) -> int | None:
@@ -116,8 +120,20 @@ def prepare_latents(cfg: Config) -> PreparedLatents:
         log.info("hierarchy cache hit %s: no encoder pass", key[:12])
     latents = {k: np.ascontiguousarray(hit[f"z{k}"]) for k in range(1, len(levels) + 1)}
     stats = {name: np.asarray(arr) for name, arr in hit.items() if name.startswith("level")}
-    return PreparedLatents(latents, train.labels, train.class_names, reference.images,
-                           compressors_from_state(stats, len(levels)), train.captions)
+    compressors = compressors_from_state(stats, len(levels))
+    held_out = _reference_latents(cfg, cache, levels, reference, spec, compressors)
+    return PreparedLatents(latents, train.labels, train.class_names, reference.images, compressors, train.captions,
+                           held_out, reference.labels)
+
+
+def _reference_latents(cfg: Config, cache: FeatureCache, levels: list[LevelShape], reference: ImageSet,
+                       spec: EncoderSpec, compressors: list[ChannelCompressor | None]) -> dict[int, np.ndarray]:
+    """z_2..z_n of the reference split through the training split's compressors (features cached)."""
+    if len(levels) < 2:
+        return {}
+    features = cached_features(cache, spec, dataset_key(cfg, "test", cfg.data.eval_limit), reference.images,
+                               **extraction_args(cfg))
+    return dict(enumerate(encode_levels(levels, features, compressors), start=2))
 
 
 def _build(cfg: Config, cache: FeatureCache, levels: list[LevelShape], train: ImageSet, spec: EncoderSpec,

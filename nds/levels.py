@@ -28,7 +28,7 @@ ENTRY_FILE = "level.json"
 WEIGHTS_FILE = "ema_weights.pt"
 # Keys that change how a run is logged or resumed, not the weights it ends with.
 _TRAINING_BOOKKEEPING = ("log_every", "checkpoint_every", "max_failures", "fail_once_at_step")
-_SAMPLING_ONLY = ("sample_steps", "cfg_scale", "eta", "clip_images")
+_SAMPLING_ONLY = ("sampler", "sample_steps", "cfg_scale", "eta", "clip_images", "latent_clip")
 
 
 def level_key(cfg: Config, level: int) -> dict:
@@ -41,7 +41,9 @@ def level_key(cfg: Config, level: int) -> dict:
         "data": {k: v for k, v in d["data"].items() if k != "eval_limit"},
         "shape": str(shapes[level - 1]),
         "condition": {"shape": str(shapes[level]), "sigma": cfg.sigma(level + 1)} if conditioned else None,
-        "model": {**d["model"], "architecture_version": ARCHITECTURE_VERSION},
+        # how a condition enters cannot matter to a level that has none
+        "model": {**{k: v for k, v in d["model"].items() if conditioned or k != "cond_injection"},
+                  "architecture_version": ARCHITECTURE_VERSION},
         "diffusion": {k: v for k, v in d["diffusion"].items() if k not in _SAMPLING_ONLY},
         "training": {k: v for k, v in d["training"].items() if k not in _TRAINING_BOOKKEEPING},
         "workers": cfg.resources.workers_per_level,  # sets the global batch

@@ -97,20 +97,26 @@ def reference_stats(images: np.ndarray, inception_dir: str, substitute_image_siz
     return stats
 
 
-def images_quality(images: np.ndarray, ref_stats: dict, inception_dir: str, substitute_image_size: int,
-                   batch_size: int, classifier=None) -> dict[str, float]:
-    """Fréchet distances of uint8 [N,H,W,C] images against each metric's reference stats (clean-fid's
-    metrics read the images from a temporary PNG folder, as they read reference images)."""
+def frechet(features: np.ndarray, reference_stats: tuple[np.ndarray, np.ndarray]) -> float:
+    """Fréchet distance between the Gaussian fitted to ``features`` [N, D] and reference (mu, sigma)."""
     from cleanfid import fid
 
+    return float(fid.frechet_distance(*gaussian_stats(features), *reference_stats))
+
+
+def images_quality(images: np.ndarray, ref_stats: dict, inception_dir: str, substitute_image_size: int,
+                   batch_size: int, classifier=None, names: tuple[str, ...] | None = None) -> dict[str, float]:
+    """Fréchet distances of uint8 [N,H,W,C] images against each metric's reference stats (clean-fid's
+    metrics read the images from a temporary PNG folder, as they read reference images).
+    ``names`` limits the metrics computed (default: every one with reference stats)."""
+    wanted = {name for name in ref_stats if names is None or name in names}
     scores = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = write_pngs(images, Path(tmp))
-        for name, extractor in extractors(inception_dir, substitute_image_size).items():
-            if name in ref_stats:
-                scores[name] = float(fid.frechet_distance(*gaussian_stats(folder_features(folder, extractor, batch_size)),
-                                                          *ref_stats[name]))
-    if classifier is not None and DATA_CLASSIFIER in ref_stats:
-        scores[DATA_CLASSIFIER] = float(fid.frechet_distance(*gaussian_stats(classifier.features(images, batch_size)),
-                                                             *ref_stats[DATA_CLASSIFIER]))
+    if wanted - {DATA_CLASSIFIER}:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = write_pngs(images, Path(tmp))
+            for name, extractor in extractors(inception_dir, substitute_image_size).items():
+                if name in wanted:
+                    scores[name] = frechet(folder_features(folder, extractor, batch_size), ref_stats[name])
+    if classifier is not None and DATA_CLASSIFIER in wanted:
+        scores[DATA_CLASSIFIER] = frechet(classifier.features(images, batch_size), ref_stats[DATA_CLASSIFIER])
     return scores

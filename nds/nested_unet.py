@@ -31,6 +31,8 @@ from torch import Tensor, nn
 
 from nds.diffusion import (
     cfg_denoiser,
+    draw_normal,
+    draw_timesteps,
     prediction_target,
     q_sample,
     resolution_snr_scale,
@@ -424,9 +426,9 @@ def multires_loss(
     if len(weights) != len(resolutions):
         raise ValueError(f"weights needs one value per output resolution {list(resolutions)}, got {weights}")
     schedules = resolution_schedules(alphas_cumprod, resolutions, model.spec.resolutions[0], power)
-    t = torch.randint(0, len(alphas_cumprod), (x.shape[0],), generator=generator, device=x.device)
+    t = draw_timesteps(x.shape[0], len(alphas_cumprod), x, generator)
     x0s = downsample_pyramid(x, resolutions)
-    noises = [torch.randn(x0.shape, generator=generator, device=x.device, dtype=x.dtype) for x0 in x0s]
+    noises = [draw_normal(x0.shape, x0, generator) for x0 in x0s]
     noisy = [q_sample(x0, t, n, a) for x0, n, a in zip(x0s, noises, schedules)]
     outs = model(noisy, t, **{k: v for k, v in conditions.items() if v is not None})
     losses = []
@@ -443,7 +445,7 @@ def noised_upsample(low: Tensor, size: int, t: Tensor, alphas_cumprod: Tensor,
     schedule. Random t in training is noise augmentation; sampling uses one fixed level, so the
     super-resolution model does not depend on the exact pixels of the first stage's samples."""
     up = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
-    noise = torch.randn(up.shape, generator=generator, device=up.device, dtype=up.dtype)
+    noise = draw_normal(up.shape, up, generator)
     return q_sample(up, t, noise, alphas_cumprod.to(up.device)).to(up.dtype)
 
 
@@ -507,10 +509,8 @@ def mdm_sample(
                             cond_image=cond_image, cond_t=cond_t)
     device = next(model.parameters()).device
     noise = torch.randn(n, sum(math.prod(s) for s in shapes), generator=generator, device=device)
-    if sampler in ("ddpm", "ddim"):
-        sampler_kwargs["generator"] = generator
-    out = sample(sampler, denoiser, noise, schedule, steps, prediction=prediction, threshold=threshold,
-                 **sampler_kwargs)
+    out = sample(sampler, denoiser, noise, schedule, steps, generator=generator, prediction=prediction,
+                 threshold=threshold, **sampler_kwargs)
     return unpack(out, shapes)
 
 

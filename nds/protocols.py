@@ -11,8 +11,13 @@ from nds.config import Config, replace
 from nds.sweep import StageOutcome, Sweep, mean_metric, variant
 
 
-def sigma_name(depth: int, sigma: float) -> str:
-    return f"L{depth}-sigma{sigma:g}"
+def sigma_name(depth: int, sigma: float, cfg_scale: float | None = None) -> str:
+    return f"L{depth}-sigma{sigma:g}" + ("" if cfg_scale is None else f"-cfg{cfg_scale:g}")
+
+
+def guidance_scales(cfg: Config) -> list[float | None]:
+    """The guidance scales a σ stage tries (None: the config's own, not swept)."""
+    return list(cfg.sweep.cfg_scales) or [None]
 
 
 def sigma_stages(depths: list[int]) -> list[list[int]]:
@@ -24,7 +29,8 @@ def sigma_stages(depths: list[int]) -> list[list[int]]:
 
 
 def sigma_variants(cfg: Config, depths: list[int]) -> list[dict]:
-    """σ_L over ``sweep.sigmas`` at each depth L > 1 (σ_l for l < L as in ``cfg``); L = 1 has no σ."""
+    """σ_L over ``sweep.sigmas`` at each depth L > 1 (σ_l for l < L as in ``cfg``), each at every guidance
+    scale of ``sweep.cfg_scales``; L = 1 has no σ (nor a condition to guide, unless class/text)."""
     variants = []
     for seed in cfg.sweep.seeds:
         for depth in depths:
@@ -34,15 +40,20 @@ def sigma_variants(cfg: Config, depths: list[int]) -> list[dict]:
             for sigma in cfg.sweep.sigmas:
                 sigmas = list(cfg.hierarchy.sigmas)
                 sigmas[depth - 2] = sigma
-                variants.append(variant(sigma_name(depth, sigma), seed, **{"hierarchy.L": depth, "hierarchy.sigmas": sigmas}))
+                for scale in guidance_scales(cfg):
+                    guidance = {} if scale is None else {"diffusion.cfg_scale": scale}
+                    variants.append(variant(sigma_name(depth, sigma, scale), seed,
+                                            **{"hierarchy.L": depth, "hierarchy.sigmas": sigmas, **guidance}))
     return variants
 
 
-def best_sigma(outcome: StageOutcome, cfg: Config, depth: int, metric: str) -> float | None:
-    """The σ_depth with the lowest mean metric over seeds, or None if no trial at that depth finished."""
+def best_sigma(outcome: StageOutcome, cfg: Config, depth: int, metric: str) -> tuple[float, float | None] | None:
+    """The (σ_depth, guidance scale) with the lowest mean metric over seeds (scale None: not swept), or
+    None if no trial at that depth finished."""
     means = mean_metric(outcome, metric)
-    scored = [(means[sigma_name(depth, s)], s) for s in cfg.sweep.sigmas if sigma_name(depth, s) in means]
-    return min(scored)[1] if scored else None
+    scored = [(means[name], s, scale) for s in cfg.sweep.sigmas for scale in guidance_scales(cfg)
+              if (name := sigma_name(depth, s, scale)) in means]
+    return min(scored, key=lambda x: x[0])[1:] if scored else None
 
 
 def with_sigma(cfg: Config, depth: int, sigma: float) -> Config:
@@ -69,9 +80,12 @@ def run_sigma_chain(sweep: Sweep) -> list[StageOutcome]:
         if best is None:
             print(f"[nds] no trial at L={depth} finished; deeper stages keep σ_{depth} = {cfg.sigma(depth)}", flush=True)
             continue
-        sweep.tag_stage(outcome, {"nds.best_sigma": f"{best:g}"})
-        print(f"[nds] best σ_{depth} = {best:g} ({sweep.metric}); carried into deeper stages", flush=True)
-        cfg = with_sigma(cfg, depth, best)
+        sigma, scale = best
+        tags = {"nds.best_sigma": f"{sigma:g}", **({} if scale is None else {"nds.best_cfg_scale": f"{scale:g}"})}
+        sweep.tag_stage(outcome, tags)
+        at = "" if scale is None else f" (at guidance {scale:g})"
+        print(f"[nds] best σ_{depth} = {sigma:g}{at} ({sweep.metric}); carried into deeper stages", flush=True)
+        cfg = with_sigma(cfg, depth, sigma)
     return outcomes
 
 

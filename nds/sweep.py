@@ -130,7 +130,8 @@ def prepare_chain_inputs(sweep: "Sweep", configs: list[Config]) -> dict:
             prepared = prepare_latents(cfg)
             bank = prepare_text_condition(cfg, prepared.class_names, prepared.captions)
             refs = {"latents": {lvl: ray.put(z) for lvl, z in prepared.latents.items()},
-                    "labels": ray.put(prepared.labels), "text": ray.put(bank) if bank is not None else None}
+                    "labels": ray.put(prepared.labels), "text": ray.put(bank) if bank is not None else None,
+                    "held_out": ray.put(prepared.reference_latents), "held_out_labels": ray.put(prepared.reference_labels)}
             return refs, prepared.reference_images
 
         inputs["data"][key], reference = sweep.memo(("data", key), put_data)
@@ -152,7 +153,9 @@ def run_chain_trial(cfg: Config, inputs: dict, mlflow_run: dict, trial_dir: Path
     models = {o.level: load_level_model(cfg, o.entry) for o in obtained}
     text_bank = ray.get(data_refs["text"]) if data_refs["text"] is not None else None
     train_latents = {level: ray.get(data_refs["latents"][level]) for level in models}
-    report = evaluate_chain(cfg, models, inputs["metric"][metric_key(cfg)], trial_dir, text_bank, train_latents)
+    held_out = {level: z for level, z in ray.get(data_refs["held_out"]).items() if level in models}
+    report = evaluate_chain(cfg, models, inputs["metric"][metric_key(cfg)], trial_dir, text_bank, train_latents,
+                            held_out, ray.get(data_refs["held_out_labels"]))
     trained = sum(o.trained for o in obtained)
     metrics = {**report.metrics, "levels.trained": trained, "levels.reused": len(obtained) - trained}
     metrics.update({f"level{o.level}/final_loss": o.entry.info["final_loss"] for o in obtained})

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from nds.config import Config, from_dict, to_dict
-from nds.diffusion import diffusion_loss, make_schedule
+from nds.diffusion import diffusion_loss
+from nds.sampling import keyed_generator, noise_schedule
 from nds.hierarchy import add_condition_noise
 from nds.models import UViT, uvit_from_size
 from nds.text import text_width
@@ -39,9 +40,16 @@ def prebuild_cpu_comm_op(extensions_dir: Path) -> None:
 
 
 def step_generator(seed: int, stream: int, rank: int, step: int) -> torch.Generator:
-    """A torch generator fixed by its arguments, like :func:`batch_indices`: a resumed run draws
-    the same captions for the same step."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, stream, rank, step]).generate_state(1)[0]))
+    """The generator of every random draw of one training step on one rank (captions, σ-noise,
+    condition drops, t, ε), fixed by its arguments like :func:`batch_indices`: data-parallel ranks
+    draw different noise, and a resumed run draws what an uninterrupted one would have drawn.
+    ``stream`` separates levels or phases. (Initialisation is seeded alike on every rank instead.)"""
+    return keyed_generator(seed, stream, rank, step)
+
+
+def condition_drops(n: int, drop_prob: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """[n] bool: which examples train the classifier-free-guidance null branch this step."""
+    return (torch.rand(n, generator=generator) < drop_prob).to(device)
 
 
 def batch_indices(seed: int, stream: int, rank: int, step: int, n: int, batch: int) -> np.ndarray:
@@ -75,6 +83,9 @@ def build_level_model(cfg: Config, level: int) -> UViT:
         num_classes=cfg.model.num_classes,
         cond_drop_prob=cfg.diffusion.cond_drop_prob,
         text_dim=text_width(text, cfg.model.text_encoder_path or None) if text else 0,
+        cond_injection=cfg.model.cond_injection,
+        qkv_bias=cfg.model.qkv_bias,
+        mlp_time_embed=cfg.model.mlp_time_embed,
         **overrides,
     )
 
@@ -90,7 +101,7 @@ def deepspeed_config(cfg: Config) -> dict:
         "optimizer": {
             "type": "AdamW",
             # torch_adam avoids DeepSpeed's JIT-compiled Fused/CPU Adam (~75 s compile on CPU)
-            "params": {"lr": t.lr, "weight_decay": t.weight_decay, "betas": [0.9, 0.99], "torch_adam": True},
+            "params": {"lr": t.lr, "weight_decay": t.weight_decay, "betas": list(t.betas), "torch_adam": True},
         },
         "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": t.lr,
                                                      "warmup_num_steps": max(1, t.warmup_steps), "warmup_type": "linear"}},
@@ -192,27 +203,28 @@ def train_loop(loop_config: dict) -> None:
     torch.manual_seed(cfg.seed + 1000 * level)
     model = build_level_model(cfg, level)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg))
-    alphas = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps,
-                           beta_start=cfg.diffusion.beta_start, beta_end=cfg.diffusion.beta_end).to(device)
+    alphas = noise_schedule(cfg).to(device)
     ema = EMA(cfg.training.ema_decay)
     start = resume(engine, ema)
     batch = cfg.training.batch_size
 
     def loss_at(step: int):
         idx = batch_indices(cfg.seed, level, rank, step, len(targets), batch)
+        draws = step_generator(cfg.seed, level, rank, step)
         x0 = torch.as_tensor(np.asarray(targets[idx]), device=device)
         cond = None
         if above is not None:
-            cond = add_condition_noise(torch.as_tensor(np.asarray(above[idx]), device=device), sigma)
+            cond = add_condition_noise(torch.as_tensor(np.asarray(above[idx]), device=device), sigma, draws)
         y = torch.as_tensor(labels[idx], device=device) if labels is not None else None
         text = {}
-        if bank is not None:  # a caption per example; the model's condition drop nulls it for CFG
+        if bank is not None:  # a caption per example; the condition drop nulls it for CFG
             groups = torch.as_tensor(idx, device=device) if bank.groups_are_images else y
-            text["text"], text["text_mask"], _ = bank.sample(groups, step_generator(cfg.seed, level, rank, step))
+            text["text"], text["text_mask"], _ = bank.sample(groups, draws)
         y = y if cfg.model.num_classes else None
+        drop = condition_drops(len(idx), cfg.diffusion.cond_drop_prob, draws, device)
         with _autocast(cfg, device):
-            return diffusion_loss(lambda x, t: engine(x, t, cond=cond, labels=y, **text), x0, alphas,
-                                  prediction=cfg.diffusion.prediction), {}
+            return diffusion_loss(lambda x, t: engine(x, t, cond=cond, labels=y, drop_cond=drop, **text), x0, alphas,
+                                  generator=draws, prediction=cfg.diffusion.prediction), {}
 
     run_steps(cfg, engine, ema, loss_at, start=start, steps=cfg.training.steps, tags={"level": level},
               metric_prefix=f"level{level}", mlflow_run=loop_config.get("mlflow"))

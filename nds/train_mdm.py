@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from nds import tracking
 from nds.config import Config, ConfigError, config_hash, flatten, from_dict, to_dict, to_yaml
-from nds.diffusion import make_schedule
+from nds.diffusion import draw_timesteps
 from nds.models import count_params, forward_flops
 from nds.nested_unet import (
     NestedUNet,
@@ -54,8 +54,10 @@ from nds.nested_unet import (
     noised_upsample,
     resolution_schedules,
 )
+from nds.sampling import noise_schedule
 from nds.sweep import TrialKind, TrialReport
-from nds.train import EMA, _autocast, batch_indices, deepspeed_config, fit, load_ema_weights, resume, run_steps, worker_device
+from nds.train import (EMA, _autocast, batch_indices, condition_drops, deepspeed_config, fit, load_ema_weights, resume,
+                       run_steps, step_generator, worker_device)
 
 BASELINES = ("nested", "cascaded", "plain")
 # The cascade's conditioning noise at sampling time, as a fraction of diffusion.timesteps. MDM App. E.1
@@ -171,7 +173,7 @@ def phase_loop(loop_config: dict) -> None:
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg))
     d, m = cfg.diffusion, cfg.mdm
     top = m.resolutions[-1]
-    alphas = make_schedule(d.schedule, d.timesteps, beta_start=d.beta_start, beta_end=d.beta_end).to(device)
+    alphas = noise_schedule(cfg).to(device)
     weights = [w for r, w in zip(m.resolutions, m.loss_weights) if r in model.io_resolutions] or None
     # a super-resolution stage's condition is noised on its own (full-resolution) schedule
     cond_schedule = resolution_schedules(alphas, [top], m.resolutions[0], m.snr_power)[0] if model.spec.cond_channels else None
@@ -181,14 +183,17 @@ def phase_loop(loop_config: dict) -> None:
 
     def loss_at(step: int):
         idx = batch_indices(cfg.seed, index, rank, step, len(images), batch)
+        draws = step_generator(cfg.seed, index, rank, step)
         x = torch.as_tensor(model_input(images[idx], top), device=device)
-        conditions = {"labels": torch.as_tensor(labels[idx], device=device) if labels is not None else None}
+        conditions = {"labels": torch.as_tensor(labels[idx], device=device) if labels is not None else None,
+                      "drop_cond": condition_drops(len(idx), m.cond_drop_prob, draws, device)}
         if cond_schedule is not None:  # noise augmentation: a random level per example
-            level = torch.randint(0, len(alphas), (len(x),), device=device)
+            level = draw_timesteps(len(x), len(alphas), x, draws)
             low = downsample_pyramid(x, m.resolutions[:1])[0]
-            conditions.update(cond_image=noised_upsample(low, top, level, cond_schedule), cond_t=level)
+            conditions.update(cond_image=noised_upsample(low, top, level, cond_schedule, draws), cond_t=level)
         with _autocast(cfg, device):
-            loss, per_res = multires_loss(engine, x, alphas, m.snr_power, weights, m.prediction, **conditions)
+            loss, per_res = multires_loss(engine, x, alphas, m.snr_power, weights, m.prediction, generator=draws,
+                                          **conditions)
         return loss, {f"loss_{r}": float(v.detach()) for r, v in zip(model.io_resolutions, per_res)}
 
     run_steps(cfg, engine, ema, loss_at, start=start, steps=loop_config["stop"], tags={"levels": phase.levels},
@@ -271,7 +276,7 @@ def sample_images(cfg: Config, model: NestedUNet, n: int, labels: torch.Tensor |
     """n samples of every resolution (innermost first); by default with a fixed seed and labels
     cycling over the classes. ``conditions``: a super-resolution stage's cond_image and cond_t."""
     d, m = cfg.diffusion, cfg.mdm
-    alphas = make_schedule(d.schedule, d.timesteps, beta_start=d.beta_start, beta_end=d.beta_end)
+    alphas = noise_schedule(cfg)
     if labels is None and m.num_classes:
         labels = torch.arange(n) % m.num_classes
     extra = {"eta": d.eta} if m.sampler == "ddim" else {}
@@ -289,7 +294,7 @@ def generate_images(cfg: Config, models: list[NestedUNet], n: int) -> np.ndarray
 
     d, m = cfg.diffusion, cfg.mdm
     top = m.resolutions[-1]
-    alphas = make_schedule(d.schedule, d.timesteps, beta_start=d.beta_start, beta_end=d.beta_end)
+    alphas = noise_schedule(cfg)
     cond_schedule = resolution_schedules(alphas, [top], m.resolutions[0], m.snr_power)[0]
     cond_level = min(round(CASCADE_NOISE_LEVEL * d.timesteps), d.timesteps - 1)
     cascaded = cfg.mdm.baseline == "cascaded"

@@ -65,3 +65,24 @@ def test_a_trial_that_cannot_run_stops_the_sweep_before_it_starts(tmp_path):
     proc = run("experiments/sweep_encoders.py", "--dry-run", "sweep.encoders=[random_cnn]", "sweep.encoder_specs=[]",
                f"paths.runs_dir={tmp_path}", "--config", str(tmp_path / "missing.yaml"))
     assert proc.returncode == 2 and "config file not found" in proc.stderr
+
+
+def test_image_folder_problems_stop_in_the_dry_run(tmp_path):
+    """An RGB image folder against a greyscale level 1, and a folder without a held-out split, fail
+    before anything runs (both used to pass the dry run and die in the sweep); ImageNet's train/ + val/
+    layout passes."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        (tmp_path / split / "cls").mkdir(parents=True)
+        Image.new("RGB", (12, 12), (200, 10, 10)).save(tmp_path / split / "cls" / "0.png")
+    folder = ["data.name=image_folder", f"data.root={tmp_path}", f"paths.runs_dir={tmp_path / 'runs'}"]
+    proc = run("experiments/sweep_sigma.py", "--dry-run", *folder)
+    assert proc.returncode == 2
+    assert "hierarchy.spec level 1 (28x28x1) has 1 channel(s) but data.name=image_folder images have 3" in proc.stderr
+    rgb = "hierarchy.spec='28x28x3, 4x4x32, 2x2x16'"
+    proc = run("experiments/sweep_sigma.py", "--dry-run", *folder, rgb)
+    assert proc.returncode == 0, proc.stderr
+    (tmp_path / "val").rename(tmp_path / "held")
+    proc = run("experiments/sweep_sigma.py", "--dry-run", *folder, rgb)
+    assert proc.returncode == 2 and "no test split" in proc.stderr and "val/" in proc.stderr

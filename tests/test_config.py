@@ -36,6 +36,13 @@ def test_yaml_and_overrides(tmp_path):
     ("training.ema_decay=1.0", "training.ema_decay"),
     ("diffusion.prediction=x0", "diffusion.prediction"),
     ("mdm.baseline=latent", "mdm.baseline"),
+    ("model.cond_injection=concat", "model.cond_injection"),
+    ("diffusion.cfg_scale=-1", "diffusion.cfg_scale"),
+    ("sweep.cfg_scales=[1,-0.5]", "sweep.cfg_scales[1]"),
+    ("diffusion.sampler=euler", "diffusion.sampler"),
+    ("diffusion.schedule=sigmoid", "diffusion.schedule"),
+    ("diffusion.latent_clip=-3", "diffusion.latent_clip"),
+    ("eval.diagnostic_samples=-1", "eval.diagnostic_samples"),
 ])
 def test_bad_config_is_named(override, names):
     with pytest.raises(ConfigError, match=names.replace("[", r"\[").replace("]", r"\]")):

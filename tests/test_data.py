@@ -204,8 +204,26 @@ def test_dispatcher_errors_name_the_problem(tmp_path):
         load_dataset("cifar", None, "train")
     with pytest.raises(ValueError, match="image_size"):
         load_dataset("image_folder", tmp_path, "train")
-    with pytest.raises(FileNotFoundError, match="val"):
+    with pytest.raises(ValueError, match="'val'"):  # the splits are train and test (test: test/ or val/)
         load_dataset("image_folder", tmp_path, "val", image_size=8)
+    with pytest.raises(FileNotFoundError, match="no train split"):
+        load_dataset("image_folder", tmp_path, "train", image_size=8)
     with pytest.raises(ValueError, match="limit"):
         load_dataset("digits", None, "train", limit=0)
     check_dataset("digits", None)
+
+
+def test_image_folder_in_imagenet_layout_holds_out_val(tmp_path):
+    """ImageNet's train/ + val/ layout: val/ is the held-out split; test/ wins where both exist; a
+    folder without either fails the preflight with the folders it looked for."""
+    _image_folder(tmp_path)
+    check_dataset_fails = pytest.raises(FileNotFoundError, match=r"no test split: expected .*test/ or .*val/")
+    with check_dataset_fails:
+        check_dataset("image_folder", str(tmp_path))
+    (tmp_path / "train").rename(tmp_path / "val")
+    _image_folder(tmp_path)
+    check_dataset("image_folder", str(tmp_path))
+    assert len(load_image_folder(tmp_path, "test", image_size=8)) == 7
+    (tmp_path / "test" / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "test" / "cat" / "0.png")
+    assert len(load_image_folder(tmp_path, "test", image_size=8)) == 1

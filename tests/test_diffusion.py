@@ -396,8 +396,8 @@ def test_nested_sampling_reads_v_models_as_eps_models():
     runs = {}
     for prediction in ("eps", "v"):
         for clip in (False, True):
-            runs[prediction, clip] = nested_sample({1: OracleLevel(ac, prediction)}, {}, 2000, ac, 20, clip_images=clip,
-                                                   generator=torch.Generator().manual_seed(0), prediction=prediction)[1]
+            runs[prediction, clip] = nested_sample({1: OracleLevel(ac, prediction)}, {}, 2000, ac, 20,
+                                                   clip={1: 1.0} if clip else {}, seed=(0,), prediction=prediction)[1]
     torch.testing.assert_close(runs["eps", False], runs["v", False], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(runs["eps", True], runs["v", True], atol=1e-4, rtol=1e-4)
     assert abs(runs["v", False].mean().item() - MU) < 0.05 and abs(runs["v", False].std().item() - S) < 0.1  # 20 DDIM steps

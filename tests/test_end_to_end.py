@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from analysis.make_tables import make_tables
 from nds.config import REPO_ROOT, load_config
+from nds.diagnostics import null_cond_name, sampled_name, true_cond_name
 from nds.metrics import DATA_CLASSIFIER, FID, INCEPTION_FILE, SUBSTITUTE
 from nds.protocols import run_sigma_chain, sigma_variants
 from nds.sweep import Sweep, init_ray
@@ -91,6 +92,16 @@ def test_sigma_sweep_chains_stages_and_trains_each_level_once(tmp_path):
         assert all(math.isfinite(metrics[m]) and metrics[m] > 0 for m in (SUBSTITUTE, DATA_CLASSIFIER))
         assert (FID in metrics) == has_inception
         assert metrics["levels.trained"] + metrics["levels.reused"] == depth
+        # the chain diagnostic, in the metric that ranks the sweep, for every level below the top
+        assert (sampled_name(sweep.metric) in metrics) == (depth > 1)
+        for level in range(1, depth):
+            for name in (true_cond_name(sweep.metric, level), null_cond_name(sweep.metric, level)):
+                assert math.isfinite(metrics[name]) and metrics[name] > 0, name
+        for level in range(2, depth + 1):
+            assert metrics[f"level{level}/z_fd"] > 0 and metrics[f"level{level}/z_fd_floor"] > 0
+            assert metrics[f"level{level}/z_std"] > 0
+        if depth > 1:
+            assert metrics["diagnostic/samples"] == min(cfg.eval.num_samples, cfg.data.eval_limit)
         for level in range(1, depth + 1):
             assert metrics[f"level{level}/gflops"] > 0 and metrics[f"level{level}/params"] > 0
             entry = Path(tags[f"nds.level.{level}.path"])  # the link to the level store entry it used

@@ -37,11 +37,20 @@ def test_a_sigma_sweep_needs_k_plus_the_levels_that_ignore_sigma_L(depth):
 def test_logging_sampling_and_execution_keys_do_not_change_a_level():
     cfg = config("hierarchy.L=2")
     same = replace(cfg, **{"training.log_every": 7, "training.fail_once_at_step": 3, "diffusion.sample_steps": 9,
-                           "eval.num_samples": 11, "resources.max_concurrent_trials": 5, "paths.runs_dir": "/elsewhere"})
+                           "eval.num_samples": 11, "resources.max_concurrent_trials": 5, "paths.runs_dir": "/elsewhere",
+                           "diffusion.cfg_scale": 3.0, "diffusion.latent_clip": 3.0, "diffusion.sampler": "ddpm",
+                           "eval.diagnostic_samples": 7})
     assert [level_id(same, lvl) for lvl in (1, 2)] == [level_id(cfg, lvl) for lvl in (1, 2)]
     for change in ({"seed": 1}, {"training.lr": 1e-4}, {"encoder.name": "random_cnn"}, {"model.width": 32},
-                   {"resources.workers_per_level": 2}):
+                   {"resources.workers_per_level": 2}, {"diffusion.prediction": "eps"}):
         assert level_id(replace(cfg, **change), 2) != level_id(cfg, 2), change
+    # the two readings of the condition path never share weights
+    other = "kv" if cfg.model.cond_injection == "tokens" else "tokens"
+    assert level_id(replace(cfg, **{"model.cond_injection": other}), 1) != level_id(cfg, 1)
+    assert level_id(replace(cfg, **{"model.cond_injection": other}), 2) == level_id(cfg, 2)  # the top has none
+    with pytest.raises(RuntimeError, match="Missing key|Unexpected key|size mismatch"):
+        build_level_model(replace(cfg, **{"model.cond_injection": other}), 1).load_state_dict(
+            build_level_model(cfg, 1).state_dict())
     # level 1 of a one-level chain is pixels only: the encoder cannot matter
     one = replace(cfg, **{"hierarchy.L": 1})
     assert level_id(replace(one, **{"encoder.name": "random_cnn"}), 1) == level_id(one, 1)

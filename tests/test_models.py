@@ -87,11 +87,18 @@ def test_accepts_float_and_scalar_timesteps():
         ((8, 8, 4), 2, (8, 8, 2)),  # same resolution: 1x1 transposed conv
     ],
 )
-def test_condition_upsampling_to_any_resolution(input_shape, patch_size, cond_shape):
-    model = make(input_shape, patch_size, cond_shape=cond_shape)
-    x, t, cond, _ = inputs(model)
+@pytest.mark.parametrize("cond_injection", ["tokens", "kv"])
+def test_condition_upsampling_to_any_resolution(input_shape, patch_size, cond_shape, cond_injection):
+    """kv upsamples ẑ to the level's pixels (then patches); tokens to its token grid, mixing channels."""
     H, W, _ = input_shape
-    assert model.cond_upsample(cond).shape[-2:] == (H, W)
+    if cond_injection == "tokens" and cond_shape[0] > H // patch_size:
+        with pytest.raises(ValueError, match="finer than the level's .* token grid"):
+            make(input_shape, patch_size, cond_shape=cond_shape, cond_injection=cond_injection)
+        return
+    model = make(input_shape, patch_size, cond_shape=cond_shape, cond_injection=cond_injection)
+    x, t, cond, _ = inputs(model)
+    grid = (H, W) if cond_injection == "kv" else (H // patch_size, W // patch_size)
+    assert model.cond_upsample(cond).shape[-2:] == grid
     assert model(x, t, cond=cond).shape == x.shape
 
 
@@ -147,17 +154,31 @@ def test_bad_inputs_raise():
 
 
 def test_condition_tokens_join_every_other_block():
-    """Blocks 0, 2, 4 of the in/mid/out sequence see the condition tokens; 1 and 3 do not."""
-    for cond_shape, expected in (((4, 4, 2), [True, False, True, False, True]), (None, [False] * 5)):
-        model = make(cond_shape=cond_shape, depth=4)
+    """kv: blocks 0, 2, 4 of the in/mid/out sequence get the condition tokens as keys and values, 1 and 3
+    do not. tokens: every block runs on [main; condition] tokens, the condition part fresh before blocks
+    0, 2, 4 and carried (updated by the block before) into 1 and 3."""
+    def block_inputs(model, cond_shape):
         seen = []
         for block in [*model.in_blocks, model.mid_block, *model.out_blocks]:
-            block.register_forward_pre_hook(
-                lambda m, args, kwargs: seen.append(kwargs.get("ctx") is not None), with_kwargs=True
-            )
+            block.register_forward_pre_hook(lambda m, args, kwargs: seen.append((args[0], kwargs.get("ctx"))),
+                                            with_kwargs=True)
         x, t, cond, _ = inputs(model)
-        model(x, t, cond=cond)
-        assert seen == expected
+        with torch.no_grad():
+            model(x, t, cond=cond)
+        return seen
+
+    for cond_shape, expected in (((4, 4, 2), [True, False, True, False, True]), (None, [False] * 5)):
+        seen = block_inputs(make(cond_shape=cond_shape, depth=4, cond_injection="kv"), cond_shape)
+        assert [ctx is not None for _, ctx in seen] == expected
+
+    model = make(cond_shape=(4, 4, 2), depth=4, cond_injection="tokens")
+    seen = block_inputs(model, (4, 4, 2))
+    n = model.num_extras + model.num_patches
+    assert all(ctx is None and h.shape[1] == n + model.num_patches for h, ctx in seen)
+    conds = [h[:, n:] for h, _ in seen]
+    torch.testing.assert_close(conds[0], conds[2])
+    torch.testing.assert_close(conds[0], conds[4])
+    assert not torch.allclose(conds[0], conds[1]) and not torch.allclose(conds[2], conds[3])
 
 
 def test_dropped_condition_ignores_cond_and_labels():
@@ -246,12 +267,14 @@ def test_forward_flops_positive_and_grows_with_input_size():
 
 
 def test_condition_adds_modest_flops():
-    """As many condition tokens as patches, in 3 of 5 blocks: as keys and values only (their
-    outputs are discarded), they add ~10% here, where full tokens would add ~54%."""
-    plain, conditional = make(), make(cond_shape=(4, 4, 2))
-    x, t, cond, _ = inputs(conditional)
-    base, extra = forward_flops(plain, x, t), forward_flops(conditional, x, t, cond=cond)
-    assert base < extra < 1.2 * base
+    """As many condition tokens as patches: as keys and values only, in 3 of 5 blocks, they add ~10%
+    here; as real tokens in every block they about double a forward."""
+    plain, kv = make(), make(cond_shape=(4, 4, 2), cond_injection="kv")
+    tokens = make(cond_shape=(4, 4, 2), cond_injection="tokens")
+    x, t, cond, _ = inputs(kv)
+    base = forward_flops(plain, x, t)
+    assert base < forward_flops(kv, x, t, cond=cond) < 1.2 * base
+    assert 1.5 * base < forward_flops(tokens, x, t, cond=cond) < 2.3 * base
 
 
 def test_count_params():

@@ -254,3 +254,48 @@ def test_newest_runs_choose_the_metric_and_older_settings_give_way(tmp_path):
     assert "missing" in rows[3].values()  # L = 3 ran only before, without the classifier
     forced = next(t for t in build_tables(uri, metric=SUBSTITUTE)[0] if t.name == "table1_sigma")
     assert forced.metric == SUBSTITUTE and rows_by(forced.parts[0])[2]["σ_L=0.5"] == "**100.00**"
+
+
+def test_guidance_rows_diagnostic_columns_and_the_plain_sentences(tmp_path):
+    """A σ sweep with a guidance ablation and the chain diagnostic: a row per (L, guidance), the diagnostic
+    beside each nested setting, and sentences that call a gap a finding only beyond 3× the seed std."""
+    from nds.diagnostics import null_cond_name, sampled_name, true_cond_name
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    def log(variant, depth, sigma, scale, values, diag=None):
+        for seed, value in enumerate(values):
+            params = {**chain_params(depth=depth, sigma=sigma, seed=seed), "diffusion.cfg_scale": str(scale)}
+            metrics = chain_metrics(depth, value, DATA_CLASSIFIER)
+            metrics[DATA_CLASSIFIER] = value
+            if diag:
+                true, null = diag
+                metrics.update({sampled_name(DATA_CLASSIFIER): value + 1, true_cond_name(DATA_CLASSIFIER, 1): true,
+                                null_cond_name(DATA_CLASSIFIER, 1): null, "level2/z_fd": 70.0,
+                                "level2/z_fd_floor": 32.0, "level2/z_std": 0.95})
+            log_trial(client, "sweep_sigma", variant, params, metrics, metric=DATA_CLASSIFIER)
+
+    log("L1", 1, None, 1.0, [40.0, 41.0, 39.0])
+    log("L2-sigma0.5-cfg1", 2, 0.5, 1.0, [38.0, 40.0, 39.0], diag=(37.0, 41.0))
+    log("L2-sigma0.5-cfg3", 2, 0.5, 3.0, [33.0, 33.5, 32.5], diag=(31.0, 41.0))
+    log("L2-sigma1-cfg3", 2, 1.0, 3.0, [34.0, 32.5, 33.5], diag=(32.0, 41.0))
+    tables, _ = build_tables(client.tracking_uri)
+    table = next(t for t in tables if t.name == "table1_sigma")
+    ours, diagnostic = table.parts[0].frame, table.parts[1].frame
+    assert list(zip(ours["L"], ours["guidance"])) == [(1, "1"), (2, "1"), (2, "3")]
+    assert ours.loc[2, "σ_L=0.5"].startswith("**33.00 ± 0.50 (n=3)")
+    assert "diagnostic" in table.parts[1].title and len(diagnostic) == 3
+    best = diagnostic[(diagnostic["guidance"] == "3") & (diagnostic["σ_2..σ_L"] == "0.5")].iloc[0]
+    assert (best["level 1 true cond."], best["level 1 null cond."]) == ("31.00", "41.00")
+    assert best["condition use (null − true)"] == "+10.00" and best["prior's share (sampled − true)"] == "+3.00"
+    assert best["z_2 FD (floor)"] == "70.0 (32.0)"
+    summary = " ".join(table.summary)
+    assert "L=2, σ = 0.5, guidance 3 (the best nested setting) beats L=1 by 7.00 ± 0.50 over 3 seed(s)" in summary
+    assert "(more than 3× the larger seed std (1.00): a finding)" in summary
+    assert "leads the next (L=2, σ = 1, guidance 3, 33.33) by 0.33 (within the seed std (0.76): not a finding)" in summary
+    assert "**What the runs show:**" in make_tables(client.tracking_uri, None, tmp_path / "tables", ("md", "png"))
+    assert (tmp_path / "tables" / "table1_sigma.png").is_file()
+
+    log("L2-sigma0.5-cfg3", 2, 0.5, 3.0, [38.5, 42.0, 36.0], diag=(31.0, 41.0))  # a noisy re-run: no finding
+    table = next(t for t in build_tables(client.tracking_uri)[0] if t.name == "table1_sigma")
+    assert "not a finding" in " ".join(table.summary)

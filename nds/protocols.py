@@ -30,18 +30,21 @@ def sigma_stages(depths: list[int]) -> list[list[int]]:
 
 def sigma_variants(cfg: Config, depths: list[int]) -> list[dict]:
     """σ_L over ``sweep.sigmas`` at each depth L > 1 (σ_l for l < L as in ``cfg``), each at every guidance
-    scale of ``sweep.cfg_scales``; L = 1 has no σ (nor a condition to guide, unless class/text)."""
+    scale of ``sweep.cfg_scales``; L = 1 has no σ (nor a condition to guide, unless class/text).
+    Ordered by guidance scale first: the trials at the first scale train the levels, the later scales
+    only re-sample them, so they run last instead of holding a trial slot while they wait for the levels."""
     variants = []
-    for seed in cfg.sweep.seeds:
-        for depth in depths:
-            if depth == 1:
-                variants.append(variant("L1", seed, **{"hierarchy.L": 1}))
-                continue
-            for sigma in cfg.sweep.sigmas:
-                sigmas = list(cfg.hierarchy.sigmas)
-                sigmas[depth - 2] = sigma
-                for scale in guidance_scales(cfg):
-                    guidance = {} if scale is None else {"diffusion.cfg_scale": scale}
+    for index, scale in enumerate(guidance_scales(cfg)):
+        guidance = {} if scale is None else {"diffusion.cfg_scale": scale}
+        for seed in cfg.sweep.seeds:
+            for depth in depths:
+                if depth == 1:
+                    if index == 0:
+                        variants.append(variant("L1", seed, **{"hierarchy.L": 1}))
+                    continue
+                for sigma in cfg.sweep.sigmas:
+                    sigmas = list(cfg.hierarchy.sigmas)
+                    sigmas[depth - 2] = sigma
                     variants.append(variant(sigma_name(depth, sigma, scale), seed,
                                             **{"hierarchy.L": depth, "hierarchy.sigmas": sigmas, **guidance}))
     return variants

@@ -133,8 +133,12 @@ class EvalConfig:
     classifier_steps: int = 1000  # its training steps (batch 128; ~2 min on 2 cores); trained once per data setting, cached
     classifier_train_limit: int = 0  # training images it learns from (0 = the whole training split)
     # The chain diagnostic (nds/diagnostics.py), for L > 1: each level l < L is also sampled given the true
-    # condition (held-out z_{l+1}) and the null one, on this many held-out images (0 = off)
-    diagnostic_samples: int = 250
+    # condition (held-out z_{l+1}) and the null one, on this many held-out images (0 = off). With guidance
+    # the two columns cost 3/2 of the chain's level-1 sampling per image: 160 of 500 keeps them within +50%
+    diagnostic_samples: int = 160
+    # the metric's reference images: data.eval_limit images of the held-out split (test; an image folder's
+    # test/ or val/) or of the training split (the nested paper's ImageNet-100 FID, "too few val images")
+    reference_split: str = "test"
 
 
 @dataclass
@@ -196,7 +200,10 @@ class MDMConfig:
     # Progressive training: phase i trains the i+1 innermost resolutions for phase_steps[i] steps,
     # growing from the previous phase's EMA weights; 0 skips a phase (e.g. [0, 400] = no progression).
     phase_steps: list[int] = field(default_factory=lambda: [200, 200])
-    sampler: str = "ddim"  # ddim | ddpm | dpmsolver | dpmsolver++
+    sampler: str = "ddim"  # ddim | ddpm | dpm_solver | dpm_solver++
+    # Imagen's dynamic thresholding of every resolution's x0 at this percentile while sampling (App. C; 0 = off)
+    threshold: float = 0.0
+    downsample: str = "bilinear"  # how the lower resolutions are formed: bilinear (§3.1) | area (pixel means)
     # What is trained on that budget: nested (the NestedUNet) | cascaded (a low-resolution UNet, then a
     # full-resolution UNet conditioned on its noised upsampled output) | plain (full resolution only).
     baseline: str = "nested"
@@ -453,6 +460,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"diffusion.latent_clip={d.latent_clip} must be >= 0 (0 = off)")
     if cfg.model.cond_injection not in COND_INJECTIONS:
         raise ConfigError(f"model.cond_injection='{cfg.model.cond_injection}' must be one of {list(COND_INJECTIONS)}")
+    if cfg.eval.reference_split not in ("train", "test"):
+        raise ConfigError(f"eval.reference_split='{cfg.eval.reference_split}' must be 'train' or 'test'")
     if cfg.eval.diagnostic_samples < 0:
         raise ConfigError(f"eval.diagnostic_samples={cfg.eval.diagnostic_samples} must be >= 0 (0 = off)")
     if cfg.diffusion.sample_steps > cfg.diffusion.timesteps:
@@ -471,6 +480,7 @@ def validate(cfg: Config) -> None:
 def _validate_mdm(cfg: Config) -> None:
     """The mdm section: the phase schedule against the resolutions, then the NestedUNet spec's own checks."""
     from nds.diffusion import PREDICTIONS, SAMPLERS
+    from nds.nested_unet import DOWNSAMPLE_MODES
     from nds.train_mdm import baseline_phases, mdm_spec
 
     m = cfg.mdm
@@ -498,6 +508,10 @@ def _validate_mdm(cfg: Config) -> None:
             raise ConfigError(f"mdm.loss_weights[{i}] = {w} must be >= 0")
     if m.prediction not in PREDICTIONS:
         raise ConfigError(f"mdm.prediction='{m.prediction}' must be one of {list(PREDICTIONS)}")
+    if not 0.0 <= m.threshold <= 1.0:
+        raise ConfigError(f"mdm.threshold={m.threshold} must be a percentile in (0, 1], or 0 for none")
+    if m.downsample not in DOWNSAMPLE_MODES:
+        raise ConfigError(f"mdm.downsample='{m.downsample}' must be one of {list(DOWNSAMPLE_MODES)}")
     if m.sampler not in SAMPLERS:
         raise ConfigError(f"mdm.sampler='{m.sampler}' must be one of {sorted(SAMPLERS)}")
     if not 0.0 <= m.cond_drop_prob < 1.0:

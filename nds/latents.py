@@ -35,13 +35,15 @@ class PreparedLatents:
     latents: dict[int, np.ndarray]  # level (1 = image space) -> float32 [N, c, h, w], training split
     labels: np.ndarray  # int64 [N]
     class_names: list[str]
-    reference_images: np.ndarray  # uint8 [M, H, W, C] test split (possibly lazily decoded), for the metric
+    # uint8 [M, H, W, C] (possibly lazily decoded): the metric's reference, data.eval_limit images of
+    # eval.reference_split (the held-out split by default; the training split where a paper says so)
+    reference_images: np.ndarray
     compressors: list[ChannelCompressor | None] = field(default_factory=list)  # fitted on train, from the cache
     captions: list[list[str]] | None = None  # COCO: every caption of training image i (row i of the latents)
-    # z_2.. of the reference images, with the compressors fitted on train: the held-out latents the chain
-    # diagnostic conditions on (true condition) and compares sampled latents with
-    reference_latents: dict[int, np.ndarray] = field(default_factory=dict)
-    reference_labels: np.ndarray | None = None  # int64 [M]: the reference images' classes
+    # z_2.. of data.eval_limit held-out (test split) images, with the compressors fitted on train: what the
+    # chain diagnostic conditions on (the true condition) and compares sampled latents with
+    held_out_latents: dict[int, np.ndarray] = field(default_factory=dict)
+    held_out_labels: np.ndarray | None = None  # int64 [M]: their classes
 
 
 def _limit(n: int) -> int | None:
@@ -94,7 +96,8 @@ def prepare_latents(cfg: Config) -> PreparedLatents:
     levels = parse_spec(cfg.hierarchy.spec)
     d = cfg.data
     train = load_split(cfg, "train", d.train_limit)
-    reference = load_split(cfg, "test", d.eval_limit)
+    held_out = load_split(cfg, "test", d.eval_limit)
+    reference = held_out if cfg.eval.reference_split == "test" else load_split(cfg, "train", d.eval_limit)
     channels = train.images.shape[-1]
     z1_spec = level1_spec(cfg, channels)
     if z1_spec is None and channels != levels[0].c:
@@ -121,17 +124,16 @@ def prepare_latents(cfg: Config) -> PreparedLatents:
     latents = {k: np.ascontiguousarray(hit[f"z{k}"]) for k in range(1, len(levels) + 1)}
     stats = {name: np.asarray(arr) for name, arr in hit.items() if name.startswith("level")}
     compressors = compressors_from_state(stats, len(levels))
-    held_out = _reference_latents(cfg, cache, levels, reference, spec, compressors)
     return PreparedLatents(latents, train.labels, train.class_names, reference.images, compressors, train.captions,
-                           held_out, reference.labels)
+                           _held_out_latents(cfg, cache, levels, held_out, spec, compressors), held_out.labels)
 
 
-def _reference_latents(cfg: Config, cache: FeatureCache, levels: list[LevelShape], reference: ImageSet,
-                       spec: EncoderSpec, compressors: list[ChannelCompressor | None]) -> dict[int, np.ndarray]:
-    """z_2..z_n of the reference split through the training split's compressors (features cached)."""
+def _held_out_latents(cfg: Config, cache: FeatureCache, levels: list[LevelShape], held_out: ImageSet,
+                      spec: EncoderSpec, compressors: list[ChannelCompressor | None]) -> dict[int, np.ndarray]:
+    """z_2..z_n of the held-out split through the training split's compressors (features cached)."""
     if len(levels) < 2:
         return {}
-    features = cached_features(cache, spec, dataset_key(cfg, "test", cfg.data.eval_limit), reference.images,
+    features = cached_features(cache, spec, dataset_key(cfg, "test", cfg.data.eval_limit), held_out.images,
                                **extraction_args(cfg))
     return dict(enumerate(encode_levels(levels, features, compressors), start=2))
 

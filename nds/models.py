@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-ARCHITECTURE_VERSION = 3  # bump when a change makes stored weights incompatible (keys the level store)
+ARCHITECTURE_VERSION = 4  # bump when a change makes stored weights incompatible (keys the level store)
 COND_INJECTIONS = ("kv", "tokens")  # how ẑ_{l+1} enters a level (see the module docstring)
 
 UVIT_SIZES = {
@@ -246,6 +246,21 @@ class UViT(nn.Module):
             for layer in self.cond_mlp:
                 if isinstance(layer, nn.Linear):
                     nn.init.xavier_uniform_(layer.weight)
+            self._init_upsampling()
+
+    def _init_upsampling(self) -> None:
+        """Start the deconvolution as a nearest-neighbour upsampling (each pixel of ẑ_{l+1} copied
+        over the patch it covers; mixed by a random unit-gain matrix into the width for ``tokens``).
+        PyTorch's default init scales it by ~1/kernel size, which left the condition ~10x below
+        the patch tokens: a toy level trained for 500 steps then did not use its condition at all."""
+        weight = self.cond_upsample.weight  # [c_in, c_out / groups, kh, kw]
+        with torch.no_grad():
+            if self.cond_injection == "kv":  # depthwise: one copy per channel
+                weight.fill_(1.0)
+            else:
+                mix = torch.randn(weight.shape[0], weight.shape[1]) / weight.shape[0] ** 0.5
+                weight.copy_(mix[:, :, None, None].expand_as(weight))
+            nn.init.zeros_(self.cond_upsample.bias)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:

@@ -389,13 +389,22 @@ class NestedUNet(nn.Module):
 # -- the joint multi-resolution diffusion ---------------------------------------------------
 
 
-def downsample_pyramid(x: Tensor, resolutions: Sequence[int]) -> list[Tensor]:
-    """D^r(x) for each r by average pooling (area downsampling): the coarse views of one image."""
+DOWNSAMPLE_MODES = ("bilinear", "area")
+
+
+def downsample_pyramid(x: Tensor, resolutions: Sequence[int], mode: str = "bilinear") -> list[Tensor]:
+    """D^r(x) for each r: the coarse views of one image. MDM §3.1 uses bilinear interpolation
+    (antialiased here, as an image resize is); "area" averages each r-block of pixels."""
+    if mode not in DOWNSAMPLE_MODES:
+        raise ValueError(f"unknown downsampling {mode!r}; expected one of {list(DOWNSAMPLE_MODES)}")
     side = x.shape[-1]
     if x.shape[-2] != side or any(side % r for r in resolutions):
         raise ValueError(f"image {x.shape[-2]}x{side} is not square or not a multiple of every "
                          f"resolution {list(resolutions)}")
-    return [F.avg_pool2d(x, side // r) if r < side else x for r in resolutions]
+    if mode == "area":
+        return [F.avg_pool2d(x, side // r) if r < side else x for r in resolutions]
+    return [F.interpolate(x, size=(r, r), mode="bilinear", antialias=True, align_corners=False) if r < side else x
+            for r in resolutions]
 
 
 def resolution_schedules(alphas_cumprod: Tensor, resolutions: Sequence[int], base_resolution: int,
@@ -412,6 +421,7 @@ def multires_loss(
     weights: Sequence[float] | None = None,
     prediction: str = "v",
     generator: torch.Generator | None = None,
+    downsample: str = "bilinear",
     **conditions: Tensor | None,
 ) -> tuple[Tensor, list[Tensor]]:
     """MDM's loss (Eq. 3): Σ_r ω_r · MSE_r over the model's output resolutions, each MSE on the
@@ -427,7 +437,7 @@ def multires_loss(
         raise ValueError(f"weights needs one value per output resolution {list(resolutions)}, got {weights}")
     schedules = resolution_schedules(alphas_cumprod, resolutions, model.spec.resolutions[0], power)
     t = draw_timesteps(x.shape[0], len(alphas_cumprod), x, generator)
-    x0s = downsample_pyramid(x, resolutions)
+    x0s = downsample_pyramid(x, resolutions, downsample)
     noises = [draw_normal(x0.shape, x0, generator) for x0 in x0s]
     noisy = [q_sample(x0, t, n, a) for x0, n, a in zip(x0s, noises, schedules)]
     outs = model(noisy, t, **{k: v for k, v in conditions.items() if v is not None})

@@ -131,7 +131,7 @@ def prepare_chain_inputs(sweep: "Sweep", configs: list[Config]) -> dict:
             bank = prepare_text_condition(cfg, prepared.class_names, prepared.captions)
             refs = {"latents": {lvl: ray.put(z) for lvl, z in prepared.latents.items()},
                     "labels": ray.put(prepared.labels), "text": ray.put(bank) if bank is not None else None,
-                    "held_out": ray.put(prepared.reference_latents), "held_out_labels": ray.put(prepared.reference_labels)}
+                    "held_out": ray.put(prepared.held_out_latents), "held_out_labels": ray.put(prepared.held_out_labels)}
             return refs, prepared.reference_images
 
         inputs["data"][key], reference = sweep.memo(("data", key), put_data)

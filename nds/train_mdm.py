@@ -138,12 +138,14 @@ def model_input(images: np.ndarray, resolution: int) -> np.ndarray:
 
 
 def reference_images(cfg: Config) -> np.ndarray:
-    """The metric's reference: data.eval_limit test images at the full resolution, uint8 [M, R, R, C]."""
+    """The metric's reference: data.eval_limit images of eval.reference_split at the full resolution,
+    uint8 [M, R, R, C]."""
     from nds.data import load_dataset
     from nds.hierarchy import images_from_level1
 
     d, top = cfg.data, cfg.mdm.resolutions[-1]
-    images = load_dataset(d.name, d.root, "test", limit=d.eval_limit or None, image_size=d.image_size or top).images
+    images = load_dataset(d.name, d.root, cfg.eval.reference_split, limit=d.eval_limit or None,
+                          image_size=d.image_size or top).images
     if images.shape[1:3] == (top, top):
         return images
     return np.concatenate([images_from_level1(model_input(images[i : i + 1024], top)) for i in range(0, len(images), 1024)])
@@ -189,11 +191,11 @@ def phase_loop(loop_config: dict) -> None:
                       "drop_cond": condition_drops(len(idx), m.cond_drop_prob, draws, device)}
         if cond_schedule is not None:  # noise augmentation: a random level per example
             level = draw_timesteps(len(x), len(alphas), x, draws)
-            low = downsample_pyramid(x, m.resolutions[:1])[0]
+            low = downsample_pyramid(x, m.resolutions[:1], m.downsample)[0]
             conditions.update(cond_image=noised_upsample(low, top, level, cond_schedule, draws), cond_t=level)
         with _autocast(cfg, device):
             loss, per_res = multires_loss(engine, x, alphas, m.snr_power, weights, m.prediction, generator=draws,
-                                          **conditions)
+                                          downsample=m.downsample, **conditions)
         return loss, {f"loss_{r}": float(v.detach()) for r, v in zip(model.io_resolutions, per_res)}
 
     run_steps(cfg, engine, ema, loss_at, start=start, steps=loop_config["stop"], tags={"levels": phase.levels},
@@ -281,7 +283,7 @@ def sample_images(cfg: Config, model: NestedUNet, n: int, labels: torch.Tensor |
         labels = torch.arange(n) % m.num_classes
     extra = {"eta": d.eta} if m.sampler == "ddim" else {}
     return mdm_sample(model, n, alphas, d.sample_steps, sampler=m.sampler, power=m.snr_power,
-                      prediction=m.prediction, cfg_scale=d.cfg_scale, labels=labels,
+                      prediction=m.prediction, cfg_scale=d.cfg_scale, labels=labels, threshold=m.threshold or None,
                       generator=generator or torch.Generator().manual_seed(cfg.seed), **conditions, **extra)
 
 

@@ -5,6 +5,7 @@ No mocks: a local Ray instance, real DeepSpeed workers on gloo, a real sqlite ML
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -154,3 +155,28 @@ def test_failing_trial_is_recorded_and_sweep_goes_on(tmp_path):
         assert "fail_once_at_step=2" in run.data.tags["error"]
     assert client.get_run(stage.run_id).data.metrics["trials.failed"] == 2
     assert client.get_run(sweep.run_id).info.status == "FINISHED"
+
+
+def test_an_imagenet_layout_folder_runs_a_sweep(tmp_path):
+    """An RGB image folder in ImageNet's train/ + val/ layout (val/ is the held-out split), with the
+    metric's reference taken from the training split as the paper's ImageNet-100 protocol does."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("val", 4)):
+        for cls, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
+            folder = tmp_path / "data" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(np.array(colour) + rng.normal(0, 20, (12, 12, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    cfg = tiny_config(tmp_path, "data.name=image_folder", f"data.root={tmp_path / 'data'}", "data.train_limit=0",
+                      "data.eval_limit=8", "hierarchy.spec='8x8x3, 2x2x8'", "eval.reference_split=train",
+                      "eval.num_samples=8", "eval.batch_size=8", "resources.workers_per_level=1", "training.steps=4",
+                      "sweep.sigmas=[0.5]")
+    with Sweep(cfg, "sweep_sigma") as sweep:
+        stage = sweep.stage("L2", sigma_variants(cfg, [2]))
+    assert [t["ok"] for t in stage.trials] == [True], stage.trials
+    run = trial_runs(MlflowClient(cfg.tracking_uri), sweep.experiment_id, stage.run_id)[0]
+    assert run.data.params["eval.reference_split"] == "train"
+    assert math.isfinite(run.data.metrics[sweep.metric]) and run.data.metrics["diagnostic/samples"] == 8

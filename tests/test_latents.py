@@ -105,7 +105,8 @@ def test_generated_vae_level1_is_decoded_to_pixels_before_scoring(tmp_path, monk
     vae, path = _tiny_vae_file(tmp_path)
     cfg = config(tmp_path, "encoder.level1=vae", f"encoder.level1_weights={path}", "data.image_size=8",
                  "hierarchy.spec='4x4x4, 2x2x4'", "hierarchy.L=2", "hierarchy.sigmas=[0.5]", "model.width=16",
-                 "model.depth=2", "model.heads=2", "diffusion.sample_steps=2", "eval.batch_size=4")
+                 "model.depth=2", "model.heads=2", "diffusion.sample_steps=2", "eval.batch_size=4",
+                 "diffusion.prediction=eps")  # an untrained ε model's x0 = x_t / sqrt(ᾱ) reaches beyond [-1, 1]
     torch.manual_seed(0)
     models = {level: build_level_model(cfg, level).eval() for level in (1, 2)}
     images = generate_images(cfg, models, 5)

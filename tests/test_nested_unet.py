@@ -204,14 +204,21 @@ def test_resolution_schedules_shift_snr_by_the_resolution_ratio():
     assert (s16 < s8).all() and (s8 < s4).all()  # more noise at higher resolution
 
 
-def test_downsample_pyramid_averages_pixels():
+def test_downsample_pyramid_area_averages_pixels_and_bilinear_keeps_smooth_images():
     x = torch.arange(16.0).reshape(1, 1, 4, 4)
-    one, two, four = downsample_pyramid(x, (1, 2, 4))
+    one, two, four = downsample_pyramid(x, (1, 2, 4), "area")
     assert one.item() == x.mean().item()
     torch.testing.assert_close(two, torch.tensor([[[[2.5, 4.5], [10.5, 12.5]]]]))
     assert torch.equal(four, x)
+    ramp = torch.linspace(-1, 1, 16).expand(1, 1, 16, 16)  # a smooth image: both agree up to the edges
+    area, bilinear = downsample_pyramid(ramp, (4,), "area")[0], downsample_pyramid(ramp, (4,))[0]
+    torch.testing.assert_close(bilinear[..., 1:-1], area[..., 1:-1], atol=1e-5, rtol=0)
+    checker = (torch.arange(8)[:, None] + torch.arange(8)) % 2 * 2.0 - 1  # ±1 at the pixel scale
+    assert downsample_pyramid(checker.expand(1, 1, 8, 8), (4,))[0].abs().max() < 0.2  # antialiased: no aliasing
     with pytest.raises(ValueError, match="multiple of every resolution"):
         downsample_pyramid(x, (3,))
+    with pytest.raises(ValueError, match="unknown downsampling 'nearest'"):
+        downsample_pyramid(x, (2,), "nearest")
 
 
 def test_multires_loss_weights_each_resolution():

@@ -42,7 +42,7 @@ def test_plan_adapts_the_spec_to_each_variant_and_every_trial_validates():
     changes = trial_config(cfg, three).mdm
     assert changes.resolutions == [8, 16, 32] and changes.stage_widths == [16, 8]  # one per outer resolution
     assert changes.phase_steps == [100, 0, 100] and changes.loss_weights == [1.0, 1.0, 1.0]
-    assert [v["name"] for v in stages["progressive"]] == ["phase0-200", "phase100-100", "phase150-50"]
+    assert [v["name"] for v in stages["progressive"]] == ["phase0-100", "phase100-100", "phase150-100"]
     baselines = {v["name"]: trial_config(cfg, v) for v in stages["baselines"]}
     assert {name: c.mdm.baseline for name, c in baselines.items()} == \
         {"nested": "nested", "cascaded": "cascaded", "plain": "plain"}
@@ -59,7 +59,7 @@ def test_dry_run_lists_the_stages_and_starts_nothing(tmp_path):
     proc = run_script("--dry-run", f"paths.runs_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
     assert "[nds] sweep_mdm stage resolutions: 2 trials: res8-32-seed0, res8-16-32-seed0" in proc.stdout
-    assert "stage progressive: 3 trials: phase0-200-seed0, phase100-100-seed0, phase150-50-seed0" in proc.stdout
+    assert "stage progressive: 3 trials: phase0-100-seed0, phase100-100-seed0, phase150-100-seed0" in proc.stdout
     assert "stage baselines: 3 trials: nested-seed0, cascaded-seed0, plain-seed0" in proc.stdout
     assert not any(tmp_path.iterdir())
 

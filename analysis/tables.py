@@ -183,8 +183,8 @@ def _sigma_part(cells: pd.DataFrame) -> pd.DataFrame:
         info = at.iloc[-1]
         depth = info["L"]
         row = {"L": depth, "z_L": info["z_L"]}
-        if by_guidance:
-            row["guidance"] = _num(info["cfg_scale"], "g")
+        if by_guidance:  # an unconditional L = 1 has nothing to guide
+            row["guidance"] = NA if depth == 1 and info["condition"] == UNCONDITIONAL else _num(info["cfg_scale"], "g")
         row.update({"GFLOPs (level L)": _num(info["gflops_L"]), "GFLOPs total": _num(info["gflops_total"]),
                     "GFLOPs growth vs L=1": info["growth"], "params (level L)": _millions(info["params_L"])})
         if has_l1:
@@ -229,7 +229,8 @@ def _gap_sentence(runs: pd.DataFrame, base: pd.Series, other: pd.Series, what: s
     gap = gaps.mean() if len(gaps) else base["mean"] - other["mean"]
     verb = "beats" if gap > 0 else "trails"
     detail = f" ± {gaps.std():.2f}" if len(gaps) > 1 else ""
-    return f"{what} {verb} L=1 by {abs(gap):.2f}{detail} over {int(min(base['n'], other['n']))} seed(s) " \
+    wins = f", better in {int((gaps > 0).sum())} of {len(gaps)} paired seeds" if len(gaps) > 1 else ""
+    return f"{what} {verb} L=1 by {abs(gap):.2f}{detail} over {int(min(base['n'], other['n']))} seed(s){wins} " \
            f"({_verdict(gap, base, other)})."
 
 
@@ -247,7 +248,8 @@ def _verdict(gap: float, a: pd.Series, b: pd.Series) -> str:
 
 def _setting(s: pd.Series) -> str:
     sigmas = f", σ = {s['sigmas']}" if s["sigmas"] else ""
-    guidance = f", guidance {s['cfg_scale']:g}" if pd.notna(s["cfg_scale"]) else ""
+    unguided = s["L"] == 1 and s["condition"] == UNCONDITIONAL
+    guidance = f", guidance {s['cfg_scale']:g}" if pd.notna(s["cfg_scale"]) and not unguided else ""
     return f"L={s['L']}{sigmas}{guidance}"
 
 

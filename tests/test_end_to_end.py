@@ -115,7 +115,7 @@ def test_sigma_sweep_chains_stages_and_trains_each_level_once(tmp_path):
         assert {"sample_grid.png", "config.yaml"} <= artifacts and (("level_grid.png" in artifacts) == (depth > 1))
 
     markdown = make_tables(cfg.tracking_uri, None, tmp_path / "tables")
-    ours = markdown.split("### paper")[0]
+    ours = markdown.split("### paper")[0].split("— chain diagnostic")[0]  # the σ table, not the diagnostic's
     rows = {line.split("|")[1].strip(): line for line in ours.splitlines() if line.startswith("| ")}
     assert {"1", "2", "3"} <= set(rows)
     for run in deep:  # L = 3 trials land in the L = 3 row under their σ_3

@@ -282,7 +282,7 @@ def test_guidance_rows_diagnostic_columns_and_the_plain_sentences(tmp_path):
     tables, _ = build_tables(client.tracking_uri)
     table = next(t for t in tables if t.name == "table1_sigma")
     ours, diagnostic = table.parts[0].frame, table.parts[1].frame
-    assert list(zip(ours["L"], ours["guidance"])) == [(1, "1"), (2, "1"), (2, "3")]
+    assert list(zip(ours["L"], ours["guidance"])) == [(1, "—"), (2, "1"), (2, "3")]  # L = 1 is unconditional
     assert ours.loc[2, "σ_L=0.5"].startswith("**33.00 ± 0.50 (n=3)")
     assert "diagnostic" in table.parts[1].title and len(diagnostic) == 3
     best = diagnostic[(diagnostic["guidance"] == "3") & (diagnostic["σ_2..σ_L"] == "0.5")].iloc[0]
@@ -290,7 +290,7 @@ def test_guidance_rows_diagnostic_columns_and_the_plain_sentences(tmp_path):
     assert best["condition use (null − true)"] == "+10.00" and best["prior's share (sampled − true)"] == "+3.00"
     assert best["z_2 FD (floor)"] == "70.0 (32.0)"
     summary = " ".join(table.summary)
-    assert "L=2, σ = 0.5, guidance 3 (the best nested setting) beats L=1 by 7.00 ± 0.50 over 3 seed(s)" in summary
+    assert "L=2, σ = 0.5, guidance 3 (the best nested setting) beats L=1 by 7.00 ± 0.50 over 3 seed(s), better in 3 of 3 paired seeds" in summary
     assert "(more than 3× the larger seed std (1.00): a finding)" in summary
     assert "leads the next (L=2, σ = 1, guidance 3, 33.33) by 0.33 (within the seed std (0.76): not a finding)" in summary
     assert "**What the runs show:**" in make_tables(client.tracking_uri, None, tmp_path / "tables", ("md", "png"))

@@ -21,7 +21,8 @@ gives the ratio of this thread's CPU time, which other processes disturb far les
 thread by default: on a busy 2-core machine a 2-thread OpenMP region stalls whenever another
 process takes a core (seen here: 20x slower steps), which would measure the neighbours, not the model.
 
-Usage: python bench/bench_models.py [--quick] [--threads N]   (--quick: fewer repeats, a smoke run)
+Usage: python bench/bench_models.py [--quick] [--threads N] [--write-throughput PATH]   (--quick: fewer repeats, a smoke
+run; --write-throughput: only the U-ViT-S training and sampling rate of this device, the planner's --throughput)
 """
 
 import argparse
@@ -174,6 +175,36 @@ def nested_vs_plain(spec: NestedUNetSpec, batch: int, rounds: int, device: torch
     return out
 
 
+def uvit_sampling(size: str, shape: tuple, cond: tuple, patch: int, batch: int, repeats: int,
+                  device: torch.device) -> dict:
+    """Achieved FLOP/s of a U-ViT level's no-grad forward: one sampler step of a batch."""
+    torch.manual_seed(0)
+    model = uvit_from_size(size, input_shape=shape, patch_size=patch, cond_shape=cond).to(device).eval()
+    h, w, c = shape
+    x, t = torch.randn(batch, c, h, w, device=device), torch.zeros(batch, device=device)
+    z = torch.randn(batch, cond[2], cond[0], cond[1], device=device)
+    flops = forward_flops(model, x, t, cond=z)
+    with torch.no_grad():
+        model(x, t, cond=z)  # warm-up
+        seconds = min(clocks(lambda: model(x, t, cond=z))[0] for _ in range(repeats))
+    return {"size": size, "batch": batch, "forward_gflops": flops / 1e9, "step_s": seconds,
+            "achieved_gflops": flops / seconds / 1e9}
+
+
+def write_throughput(path: Path, shape: tuple, cond: tuple, steps: int, peak: dict, device: torch.device) -> dict:
+    """This device's achieved TFLOP/s training and sampling a U-ViT-S level (the first level of the
+    paper's ImageNet chain; bf16 autocast on GPUs, as training.precision=auto does), written to
+    ``path`` for ``experiments/<sweep>.py --plan --throughput path``."""
+    batch = 128 if device.type == "cuda" else 8  # GPUs need a real batch to reach their rate
+    training = uvit_training("small", shape, cond, 2, batch, steps, peak["gflops"], device, bf16=device.type == "cuda")
+    sampling = uvit_sampling("small", shape, cond, 2, batch, steps + 2, device)
+    name = str(device) if device.type == "cpu" else torch.cuda.get_device_name()
+    throughput = {"device": name, "model": f"U-ViT-S level {shape} given {cond}, batch {batch}",
+                  "train_tflops": training["achieved_gflops"] / 1e3, "sample_tflops": sampling["achieved_gflops"] / 1e3}
+    path.write_text(json.dumps(throughput, indent=2))
+    return {**throughput, "training": training, "sampling": sampling}
+
+
 def level_cost(size: str, level, above) -> tuple[float, float]:
     """(forward GFLOPs at batch 1, M params) of one U-ViT level, conditioned on `above` if given."""
     with torch.device("meta"):  # allocate without the init cost; the values do not change FLOPs
@@ -201,6 +232,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats: a smoke run, not a measurement")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--write-throughput", metavar="PATH",
+                        help="only measure this device's achieved U-ViT-S TFLOP/s (training, sampling) and write them "
+                             "there, for experiments/<sweep>.py --plan --throughput PATH")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -210,6 +244,9 @@ def main() -> None:
     peak = matmul_peak(device)
     imagenet = parse_spec(IMAGENET_SPEC)
     level = lambda i: (imagenet[i].h, imagenet[i].w, imagenet[i].c)  # noqa: E731
+    if args.write_throughput:
+        print(json.dumps(write_throughput(Path(args.write_throughput), level(0), level(1), steps, peak, device), indent=2))
+        return
     uvit = [
         uvit_training("tiny", level(0), level(1), 2, 16, steps, peak["gflops"], device),
         uvit_training("tiny", level(1), level(2), 1, 16, steps, peak["gflops"], device),

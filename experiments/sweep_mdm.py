@@ -20,6 +20,7 @@ import sys
 
 from nds.cli import Plan, preset, sweep_main
 from nds.config import Config, ConfigError
+from nds.planner import plan_mdm_sweep
 from nds.sweep import Sweep, trial_config, variant
 from nds.train_mdm import MDM
 
@@ -85,7 +86,7 @@ def run(sweep: Sweep, stages: Plan) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return sweep_main(SCRIPT, __doc__, plan, argv, run=run, default_config=preset(SCRIPT))
+    return sweep_main(SCRIPT, __doc__, plan, argv, run=run, default_config=preset(SCRIPT), planner=plan_mdm_sweep)
 
 
 if __name__ == "__main__":

@@ -14,20 +14,14 @@ from __future__ import annotations
 
 import sys
 
-from nds.cli import Plan, sweep_main
-from nds.config import Config
-from nds.protocols import run_sigma_chain, sigma_stage_name, sigma_stages, sigma_variants
+from nds.cli import sweep_main
+from nds.protocols import run_sigma_chain, sigma_plan
 
 SCRIPT = "sweep_sigma"
 
 
-def plan(cfg: Config) -> Plan:
-    """The stages with the σ in the config; the run replaces σ_{L-1} by the best found before it."""
-    return [(sigma_stage_name(depths), sigma_variants(cfg, depths)) for depths in sigma_stages(cfg.sweep.depths)]
-
-
 def main(argv: list[str] | None = None) -> int:
-    return sweep_main(SCRIPT, __doc__, plan, argv, run=lambda sweep, _: run_sigma_chain(sweep))
+    return sweep_main(SCRIPT, __doc__, sigma_plan, argv, run=lambda sweep, _: run_sigma_chain(sweep))
 
 
 if __name__ == "__main__":

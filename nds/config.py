@@ -102,7 +102,7 @@ class TrainingConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999  # sampling uses the EMA weights (0 = the last weights)
     zero_stage: int = 2
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    precision: str = "auto"  # auto (bf16 where a timed probe of the model finds it faster) | bf16 | fp32
     log_every: int = 25
     checkpoint_every: int = 100
     max_failures: int = 1  # worker restarts, resumed from the last checkpoint

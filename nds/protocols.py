@@ -69,6 +69,17 @@ def sigma_stage_name(depths: list[int]) -> str:
     return "L" + "+".join(map(str, depths))
 
 
+def sigma_plan(cfg: Config) -> list[tuple[str, list[dict]]]:
+    """The σ sweep's stages in order. The run gives a deeper stage the best σ_{L-1} found before it;
+    the plan gives it the first swept value instead, which needs the same level trainings whichever wins."""
+    stages = []
+    for depths in sigma_stages(cfg.sweep.depths):
+        stages.append((sigma_stage_name(depths), sigma_variants(cfg, depths)))
+        if max(depths) >= 2 and cfg.sweep.carry_best_sigma:
+            cfg = with_sigma(cfg, max(depths), cfg.sweep.sigmas[0])
+    return stages
+
+
 def run_sigma_chain(sweep: Sweep) -> list[StageOutcome]:
     """The σ sweep's stages in order, each deeper stage with the best σ found before it."""
     cfg = sweep.cfg

@@ -41,11 +41,11 @@ def experiment_hash(cfg: Config, with_seed: bool = True) -> str:
     return config_hash(d)
 
 
-def preflight_trials(cfg: Config, variants: list[dict]) -> list[Config]:
-    """Every trial's config, validated, with the files of each distinct setting checked, before
-    any compute is spent."""
+def preflight_trials(cfg: Config, variants: list[dict], check_files: bool = True) -> list[Config]:
+    """Every trial's config, validated, with the files of each distinct setting checked (unless
+    ``check_files`` is off: a plan made before the data is at hand), before any compute is spent."""
     configs = [trial_config(cfg, v) for v in variants]
-    for distinct in {experiment_hash(c, with_seed=False): c for c in configs}.values():
+    for distinct in {experiment_hash(c, with_seed=False): c for c in configs}.values() if check_files else ():
         preflight(distinct)
     return configs
 

@@ -19,6 +19,8 @@ from torch import Tensor, nn
 
 from nds.config import Config
 
+MAX_CAPTION_TOKENS = 77  # CLIP's context length; longer captions are truncated
+
 CAPTION_TEMPLATES = (
     "a photo of {}",
     "a picture of {}",
@@ -63,7 +65,7 @@ def make_captions(
 class TextEncoder(nn.Module):
     """A frozen Hugging Face text encoder: captions -> (tokens [B, N, dim], mask [B, N] bool)."""
 
-    def __init__(self, model: nn.Module, tokenizer, max_length: int = 77):
+    def __init__(self, model: nn.Module, tokenizer, max_length: int = MAX_CAPTION_TOKENS):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
@@ -115,7 +117,8 @@ def encoder_dir(name: str, path: str | Path | None = None) -> Path:
     return path
 
 
-def load_text_encoder(name: str = "minilm", path: str | Path | None = None, max_length: int = 77) -> TextEncoder:
+def load_text_encoder(name: str = "minilm", path: str | Path | None = None,
+                      max_length: int = MAX_CAPTION_TOKENS) -> TextEncoder:
     """A frozen encoder from a local directory (see :func:`encoder_dir`)."""
     path = encoder_dir(name, path)
     import transformers

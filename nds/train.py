@@ -8,16 +8,18 @@ trial that names the same run, resumes from the last one. The step loop (``run_s
 """
 from __future__ import annotations
 
-import contextlib
+import copy
+import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from nds.config import Config, from_dict, to_dict
+from nds.config import Config, config_hash, from_dict, to_dict
 from nds.diffusion import diffusion_loss
 from nds.sampling import keyed_generator, noise_schedule
 from nds.hierarchy import add_condition_noise
@@ -91,7 +93,7 @@ def build_level_model(cfg: Config, level: int) -> UViT:
 
 
 def deepspeed_config(cfg: Config) -> dict:
-    """DeepSpeed keeps fp32 weights; bf16 compute, where used, comes from autocast (see ``_autocast``)."""
+    """DeepSpeed keeps fp32 weights; bf16 compute, where used, comes from autocast (see ``bf16_autocast``)."""
     t = cfg.training
     return {
         "train_micro_batch_size_per_gpu": t.batch_size,
@@ -109,12 +111,79 @@ def deepspeed_config(cfg: Config) -> dict:
     }
 
 
-def _autocast(cfg: Config, device: torch.device):
-    """bf16 autocast where asked; "auto" uses it on GPUs only: on CPUs it pays only with bf16 matrix units
-    and large matrices (the tiny U-ViT steps ran 1.5-1.8x slower under it even on AMX; ~100x without bf16 units)."""
-    precision = cfg.training.precision
-    enabled = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+def bf16_autocast(enabled: bool, device: torch.device):
+    """DeepSpeed keeps fp32 weights; bf16 compute comes from autocast where the precision says so."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+PRECISION_MARGIN = 0.95  # auto picks bf16 only if its steps take at most this fraction of fp32's
+
+
+def _probe_seconds(probe_loss, model: torch.nn.Module, bf16: bool, repeats: int = 2) -> float:
+    """Best time of a forward + backward of ``probe_loss(model, bf16)`` (after one warm-up)."""
+    times = []
+    for _ in range(repeats + 1):
+        model.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        probe_loss(model, bf16).backward()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return min(times[1:])
+
+
+def resolve_precision(cfg: Config, model: torch.nn.Module, probe_loss, device: torch.device, rank: int) -> dict:
+    """``training.precision``, with ``auto`` settled by measurement rather than by rule: rank 0 times
+    a copy of ``model`` on ``probe_loss(module, bf16)`` (one training batch) in fp32 and under bf16
+    autocast, and every rank follows it. bf16 pays only with bf16 matrix units and matrices big
+    enough to amortise the casts: on this project's CPU (AMX) a U-ViT-S level trains 1.8x faster
+    in bf16, the tiny one slower. The timings are cached per device, model and batch under
+    ``paths.cache_dir``. Returns {"precision", and for auto "fp32_s", "bf16_s", "cached"}."""
+    if cfg.training.precision != "auto":
+        return {"precision": cfg.training.precision}
+    import torch.distributed as dist
+    from filelock import FileLock
+
+    decision = [None]
+    if rank == 0:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu/{torch.get_num_threads()} threads"
+        key = config_hash({"device": name, "model": str(model), "batch": cfg.training.batch_size})
+        path = cfg.cache_dir / "precision.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock"):
+            table = json.loads(path.read_text()) if path.is_file() else {}
+            cached = key in table
+            if not cached:  # on a copy, with the random state put back: training draws what it would have
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    probe = copy.deepcopy(model).to(device).train()
+                    table[key] = {"device": name, "fp32_s": _probe_seconds(probe_loss, probe, False),
+                                  "bf16_s": _probe_seconds(probe_loss, probe, True)}
+                path.write_text(json.dumps(table, indent=2))
+        timing = table[key]
+        faster = timing["bf16_s"] <= PRECISION_MARGIN * timing["fp32_s"]
+        decision[0] = {"precision": "bf16" if faster else "fp32", "fp32_s": timing["fp32_s"],
+                       "bf16_s": timing["bf16_s"], "cached": cached}
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(decision, src=0)
+    return decision[0]
+
+
+def log_precision(decision: dict, metric_prefix: str, mlflow_run: dict | None, rank: int) -> None:
+    """Say which precision a fit uses and, for auto, the timings it was chosen by (console, MLflow)."""
+    if rank != 0:
+        return
+    timing = (f" (auto: fp32 {decision['fp32_s']:.3g} s, bf16 {decision['bf16_s']:.3g} s per step"
+              f"{', cached' if decision['cached'] else ''})") if "fp32_s" in decision else ""
+    print(f"[nds] {metric_prefix} trains in {decision['precision']}{timing}", flush=True)
+    if mlflow_run:
+        from nds.tracking import log_metrics, set_tags
+
+        set_tags(mlflow_run["uri"], mlflow_run["run_id"], {f"nds.{metric_prefix}.precision": decision["precision"]})
+        if "fp32_s" in decision:
+            log_metrics(mlflow_run["uri"], mlflow_run["run_id"],
+                        {f"{metric_prefix}/bf16_speedup": decision["fp32_s"] / decision["bf16_s"]})
 
 
 def worker_device(cfg: Config) -> torch.device:
@@ -158,8 +227,7 @@ def run_steps(cfg: Config, engine, ema: EMA, loss_at, *, start: int, steps: int,
         loss, parts = loss_at(step)
         engine.backward(loss)
         engine.step()
-        with full_weights(engine):
-            ema.update(engine.module)
+        ema.update(engine.module)
         for name, value in {"loss": float(loss.detach()), **parts}.items():
             sums[name] = sums.get(name, 0.0) + value
         count += 1
@@ -202,13 +270,10 @@ def train_loop(loop_config: dict) -> None:
 
     torch.manual_seed(cfg.seed + 1000 * level)
     model = build_level_model(cfg, level)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg))
     alphas = noise_schedule(cfg).to(device)
-    ema = EMA(cfg.training.ema_decay)
-    start = resume(engine, ema)
     batch = cfg.training.batch_size
 
-    def loss_at(step: int):
+    def batch_loss(module, step: int, bf16: bool) -> torch.Tensor:
         idx = batch_indices(cfg.seed, level, rank, step, len(targets), batch)
         draws = step_generator(cfg.seed, level, rank, step)
         x0 = torch.as_tensor(np.asarray(targets[idx]), device=device)
@@ -222,34 +287,76 @@ def train_loop(loop_config: dict) -> None:
             text["text"], text["text_mask"], _ = bank.sample(groups, draws)
         y = y if cfg.model.num_classes else None
         drop = condition_drops(len(idx), cfg.diffusion.cond_drop_prob, draws, device)
-        with _autocast(cfg, device):
-            return diffusion_loss(lambda x, t: engine(x, t, cond=cond, labels=y, drop_cond=drop, **text), x0, alphas,
-                                  generator=draws, prediction=cfg.diffusion.prediction), {}
+        with bf16_autocast(bf16, device):
+            return diffusion_loss(lambda x, t: module(x, t, cond=cond, labels=y, drop_cond=drop, **text), x0, alphas,
+                                  generator=draws, prediction=cfg.diffusion.prediction)
 
-    run_steps(cfg, engine, ema, loss_at, start=start, steps=cfg.training.steps, tags={"level": level},
-              metric_prefix=f"level{level}", mlflow_run=loop_config.get("mlflow"))
+    decision = resolve_precision(cfg, model, lambda module, bf16: batch_loss(module, 0, bf16), device, rank)
+    log_precision(decision, f"level{level}", loop_config.get("mlflow"), rank)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg))
+    ema = EMA(cfg.training.ema_decay)
+    start = resume(engine, ema)
+    bf16 = decision["precision"] == "bf16"
+    run_steps(cfg, engine, ema, lambda step: (batch_loss(engine, step, bf16), {}), start=start, steps=cfg.training.steps,
+              tags={"level": level}, metric_prefix=f"level{level}", mlflow_run=loop_config.get("mlflow"))
 
 
 class EMA:
     """Exponential moving average of the weights, used for sampling.
 
-    The decay warms up as (1 + n) / (10 + n), so short runs are not dominated by the
-    random initialisation. A decay of 0 turns it off (the EMA is the last weights).
+    The average lives beside the weights on their device and is updated in place each step (one
+    fused lerp over all tensors): no host copy. Under ZeRO-3 each rank averages only its own
+    partition of every parameter, so nothing is gathered per step; :meth:`full_state` gathers the
+    averaged partitions when the weights are exported. The decay warms up as (1 + n) / (10 + n),
+    so short runs are not dominated by the random initialisation. A decay of 0 turns it off (the
+    EMA is the last weights).
     """
 
     def __init__(self, decay: float):
         self.decay, self.updates, self.shadow = decay, 0, {}
 
+    @staticmethod
+    def _sources(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Every state-dict entry, or under ZeRO-3 this rank's partition of it."""
+        return {name: getattr(value, "ds_tensor", value).detach()
+                for name, value in module.state_dict(keep_vars=True).items()}
+
     @torch.no_grad()
     def update(self, module: torch.nn.Module) -> None:
         self.updates += 1
+        sources = self._sources(module)
+        if not self.shadow:
+            self.shadow = {name: value.float().clone() if value.is_floating_point() else value.clone()
+                           for name, value in sources.items()}
+            return
+        for name, value in sources.items():  # a resumed state comes back on the CPU
+            if self.shadow[name].device != value.device:
+                self.shadow[name] = self.shadow[name].to(value.device)
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for name, value in module.state_dict().items():
-            value = value.detach().float().cpu()
-            if name not in self.shadow or not value.is_floating_point():
-                self.shadow[name] = value.clone()
-            else:
-                self.shadow[name].lerp_(value, 1 - d)
+        floats = [name for name, value in sources.items() if value.is_floating_point()]
+        torch._foreach_lerp_([self.shadow[n] for n in floats], [sources[n].float() for n in floats], 1 - d)
+        for name in sources.keys() - set(floats):
+            self.shadow[name].copy_(sources[name])
+
+    def full_state(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The averaged weights as a full state dict on the CPU. Under ZeRO-3 every rank must call
+        it: each lends its averaged partitions to one all-gather (the weights are put back after)."""
+        entries = module.state_dict(keep_vars=True)
+        sharded = [(name, value) for name, value in entries.items() if hasattr(value, "ds_tensor")]
+        if not sharded:
+            return {name: value.detach().cpu().clone() for name, value in self.shadow.items()}
+        import deepspeed
+
+        trained = {name: value.ds_tensor.data for name, value in sharded}
+        try:
+            for name, value in sharded:
+                value.ds_tensor.data = self.shadow[name].to(value.ds_tensor.dtype)
+            with deepspeed.zero.GatheredParameters([value for _, value in sharded]):
+                return {name: (value.detach().float() if name in trained else self.shadow[name]).cpu().clone()
+                        for name, value in entries.items()}
+        finally:
+            for name, value in sharded:
+                value.ds_tensor.data = trained[name]
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
@@ -258,23 +365,16 @@ class EMA:
         self.decay, self.updates, self.shadow = state["decay"], state["updates"], state["shadow"]
 
 
-def full_weights(engine):
-    """Context in which ``engine.module`` holds full weights on every rank (ZeRO-3 gathers them)."""
-    import deepspeed
-
-    if engine.zero_optimization_stage() == 3:
-        return deepspeed.zero.GatheredParameters(list(engine.module.parameters()))
-    return contextlib.nullcontext()
-
-
 def _report_with_checkpoint(engine, ema: EMA, metrics: dict, final: bool, rank: int) -> None:
-    """Every rank saves its DeepSpeed shard (with the EMA); rank 0 adds the EMA weights for sampling."""
+    """Every rank saves its DeepSpeed shard (with its EMA); rank 0 adds the full EMA weights for sampling."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
         engine.save_checkpoint(tmp, tag="ckpt", client_state={"step": metrics["step"], "ema": ema.state_dict()})
-        if final and rank == 0:
-            torch.save(ema.shadow, os.path.join(tmp, WEIGHTS_FILE))
+        if final:
+            weights = ema.full_state(engine.module)  # a collective under ZeRO-3: every rank takes part
+            if rank == 0:
+                torch.save(weights, os.path.join(tmp, WEIGHTS_FILE))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 

@@ -56,8 +56,8 @@ from nds.nested_unet import (
 )
 from nds.sampling import noise_schedule
 from nds.sweep import TrialKind, TrialReport
-from nds.train import (EMA, _autocast, batch_indices, condition_drops, deepspeed_config, fit, load_ema_weights, resume,
-                       run_steps, step_generator, worker_device)
+from nds.train import (EMA, batch_indices, bf16_autocast, condition_drops, deepspeed_config, fit, load_ema_weights,
+                       log_precision, resolve_precision, resume, run_steps, step_generator, worker_device)
 
 BASELINES = ("nested", "cascaded", "plain")
 # The cascade's conditioning noise at sampling time, as a fraction of diffusion.timesteps. MDM App. E.1
@@ -172,18 +172,15 @@ def phase_loop(loop_config: dict) -> None:
         model = grow(previous, phase.levels)
     else:
         model = phase_module(cfg, baseline, index)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg))
     d, m = cfg.diffusion, cfg.mdm
     top = m.resolutions[-1]
     alphas = noise_schedule(cfg).to(device)
     weights = [w for r, w in zip(m.resolutions, m.loss_weights) if r in model.io_resolutions] or None
     # a super-resolution stage's condition is noised on its own (full-resolution) schedule
     cond_schedule = resolution_schedules(alphas, [top], m.resolutions[0], m.snr_power)[0] if model.spec.cond_channels else None
-    ema = EMA(cfg.training.ema_decay)
-    start = resume(engine, ema)
     batch = cfg.training.batch_size
 
-    def loss_at(step: int):
+    def batch_loss(module, step: int, bf16: bool):
         idx = batch_indices(cfg.seed, index, rank, step, len(images), batch)
         draws = step_generator(cfg.seed, index, rank, step)
         x = torch.as_tensor(model_input(images[idx], top), device=device)
@@ -193,13 +190,19 @@ def phase_loop(loop_config: dict) -> None:
             level = draw_timesteps(len(x), len(alphas), x, draws)
             low = downsample_pyramid(x, m.resolutions[:1], m.downsample)[0]
             conditions.update(cond_image=noised_upsample(low, top, level, cond_schedule, draws), cond_t=level)
-        with _autocast(cfg, device):
-            loss, per_res = multires_loss(engine, x, alphas, m.snr_power, weights, m.prediction, generator=draws,
+        with bf16_autocast(bf16, device):
+            loss, per_res = multires_loss(module, x, alphas, m.snr_power, weights, m.prediction, generator=draws,
                                           downsample=m.downsample, **conditions)
         return loss, {f"loss_{r}": float(v.detach()) for r, v in zip(model.io_resolutions, per_res)}
 
-    run_steps(cfg, engine, ema, loss_at, start=start, steps=loop_config["stop"], tags={"levels": phase.levels},
-              metric_prefix=phase_name(phase), mlflow_run=loop_config.get("mlflow"))
+    decision = resolve_precision(cfg, model, lambda module, bf16: batch_loss(module, 0, bf16)[0], device, rank)
+    log_precision(decision, phase_name(phase), loop_config.get("mlflow"), rank)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg))
+    ema = EMA(cfg.training.ema_decay)
+    start = resume(engine, ema)
+    bf16 = decision["precision"] == "bf16"
+    run_steps(cfg, engine, ema, lambda step: batch_loss(engine, step, bf16), start=start, steps=loop_config["stop"],
+              tags={"levels": phase.levels}, metric_prefix=phase_name(phase), mlflow_run=loop_config.get("mlflow"))
 
 
 @dataclass
@@ -250,7 +253,7 @@ def train_phases(cfg: Config, data_refs: dict, run_prefix: str, mlflow_run: dict
     return results
 
 
-def _forward_cost(net: NestedUNet) -> tuple[float, float]:
+def forward_cost(net: NestedUNet) -> tuple[float, float]:
     """GFLOPs of one forward per example, and parameters. Counted at batch 2: a GroupNorm with one
     channel per group cannot normalise a single 1x1 feature map (a deep core's bottleneck)."""
     spec, top, b = net.spec, net.resolutions[-1], 2
@@ -265,10 +268,10 @@ def model_costs(*models: NestedUNet) -> dict[str, float]:
     """GFLOPs of one forward (per example) and parameters of a trial's models together (``mdm/``: a
     cascade counts both stages, as every sample runs both) and of the plain UNet the size of the
     last one (``unet/``: the same blocks, input and output at the top resolution only)."""
-    costs = [_forward_cost(m) for m in models]
+    costs = [forward_cost(m) for m in models]
     last = models[-1]
     plain = NestedUNet(dataclasses.replace(last.spec, nested=False, cond_channels=0), last.levels)
-    unet_gflops, unet_params = _forward_cost(plain)
+    unet_gflops, unet_params = forward_cost(plain)
     return {"mdm/gflops": sum(c[0] for c in costs), "mdm/params": sum(c[1] for c in costs),
             "unet/gflops": unet_gflops, "unet/params": unet_params}
 

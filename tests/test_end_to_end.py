@@ -13,7 +13,8 @@ from analysis.make_tables import make_tables
 from nds.config import REPO_ROOT, load_config
 from nds.diagnostics import null_cond_name, sampled_name, true_cond_name
 from nds.metrics import DATA_CLASSIFIER, FID, INCEPTION_FILE, SUBSTITUTE
-from nds.protocols import run_sigma_chain, sigma_variants
+from nds.cli import sweep_plan
+from nds.protocols import run_sigma_chain, sigma_plan, sigma_variants
 from nds.sweep import Sweep, init_ray
 
 pytestmark = pytest.mark.slow
@@ -57,6 +58,7 @@ def test_sigma_sweep_chains_stages_and_trains_each_level_once(tmp_path):
                       "sweep.depths=[1,2,3]", "sweep.sigmas=[0.0,1.0]",
                       "training.fail_once_at_step=8", "training.max_failures=1")
     k = len(cfg.sweep.sigmas)
+    planned = sweep_plan(cfg, sigma_plan(cfg))
     with Sweep(cfg, "sweep_sigma") as sweep:
         first, second = run_sigma_chain(sweep)
     assert [t["ok"] for t in first.trials + second.trials] == [True] * 5, first.trials + second.trials
@@ -75,6 +77,10 @@ def test_sigma_sweep_chains_stages_and_trains_each_level_once(tmp_path):
     assert sweep_run.info.status == "FINISHED"
     assert sweep_run.data.metrics["trials.total"] == 5 and sweep_run.data.metrics["trials.failed"] == 0
     assert sweep_run.data.metrics["levels.trained"] == 1 + k + 1 + k + 1
+    # the planner counted exactly those trainings before anything ran, and none once they are stored
+    assert len(planned.to_train) == sweep_run.data.metrics["levels.trained"]
+    assert len(planned.trials) == sweep_run.data.metrics["trials.total"]
+    assert not sweep_plan(cfg, sigma_plan(cfg)).to_train
     stage = client.get_run(first.run_id)
     best = stage.data.tags["nds.best_sigma"]
     has_inception = (Path(cfg.eval.inception_dir) / INCEPTION_FILE).is_file()

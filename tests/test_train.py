@@ -56,6 +56,32 @@ def test_ema_warms_up_tracks_and_round_trips():
     assert torch.equal(last.shadow["weight"], module.weight.detach())
 
 
+def test_auto_precision_is_measured_once_and_leaves_the_random_state(tmp_path):
+    from nds.config import replace
+    from nds.diffusion import diffusion_loss
+    from nds.train import PRECISION_MARGIN, resolve_precision
+
+    cfg = load_config(None, ["hierarchy.spec='8x8x1, 2x2x8'", "hierarchy.L=1", "model.width=16", "model.depth=2",
+                             "model.heads=2", "training.batch_size=4", f"paths.runs_dir={tmp_path}"])
+    model = build_level_model(cfg, 1)
+    x0 = torch.randn(4, 1, 8, 8)
+    alphas = make_schedule("linear", 1000)
+
+    def probe(module, bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return diffusion_loss(lambda x, t: module(x, t), x0, alphas, generator=torch.Generator().manual_seed(0))
+
+    state = torch.get_rng_state()
+    first = resolve_precision(cfg, model, probe, torch.device("cpu"), rank=0)
+    assert torch.equal(torch.get_rng_state(), state)  # a measured fit draws what an unmeasured one would
+    assert first["precision"] in ("fp32", "bf16") and first["fp32_s"] > 0 and first["bf16_s"] > 0
+    assert (first["precision"] == "bf16") == (first["bf16_s"] <= PRECISION_MARGIN * first["fp32_s"])
+    again = resolve_precision(cfg, model, probe, torch.device("cpu"), rank=0)
+    assert again == {**first, "cached": True}
+    assert resolve_precision(replace(cfg, **{"training.precision": "fp32"}), model, probe, torch.device("cpu"), 0) == \
+        {"precision": "fp32"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("data", [pytest.param("fashion_mnist", marks=needs_fashion), "coco2014"])
 def test_text_conditional_level_trains_on_ray_deepspeed_and_samples_with_captions(data, tmp_path):
@@ -123,10 +149,14 @@ def test_each_rank_and_step_has_its_own_draws():
 
 @pytest.mark.slow
 def test_a_resumed_fit_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
-    """Two ZeRO-2 workers; the drilled fit dies at step 4 and resumes from the step-4 checkpoint. Every
-    draw (batch, t, ε, σ-noise, condition drops) is keyed by (seed, level, rank, step), so the resumed
-    fit repeats nothing and misses nothing: its EMA weights equal the uninterrupted fit's exactly."""
+    """Two workers; the drilled fit dies at step 4 and resumes from the step-4 checkpoint. Every draw
+    (batch, t, ε, σ-noise, condition drops) is keyed by (seed, level, rank, step), so the resumed fit
+    repeats nothing and misses nothing: its EMA weights equal the uninterrupted fit's exactly, under
+    ZeRO-2 and under ZeRO-3 (where each rank averages only its partition and the checkpoint holds
+    that rank's share). With the EMA off, the weights a ZeRO-3 fit exports from its partitions are
+    the ones DeepSpeed's own zero_to_fp32 rebuilds from the checkpoint."""
     import ray
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from nds.config import replace
     from nds.latents import prepare_latents
@@ -143,14 +173,24 @@ def test_a_resumed_fit_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
     ])
     prepared = prepare_latents(cfg)
     init_ray(cfg)
+    weights = {}
     try:
         refs = {"latents": {level: ray.put(z) for level, z in prepared.latents.items()},
                 "labels": ray.put(prepared.labels)}
-        plain = train_level(cfg, 1, refs, run_name="plain")
-        drill = replace(cfg, **{"training.fail_once_at_step": 4, "training.max_failures": 1})
-        resumed = train_level(drill, 1, refs, run_name="drilled")
+        for stage in (2, 3):
+            staged = replace(cfg, **{"training.zero_stage": stage})
+            drill = replace(staged, **{"training.fail_once_at_step": 4, "training.max_failures": 1})
+            for name, run_cfg in (("plain", staged), ("drilled", drill)):
+                weights[name, stage] = train_level(run_cfg, 1, refs, run_name=f"{name}-zero{stage}").model.state_dict()
+        last = train_level(replace(cfg, **{"training.zero_stage": 3, "training.ema_decay": 0.0}), 1, refs,
+                           run_name="last-zero3")
     finally:
         ray.shutdown()
-    resumed_state = resumed.model.state_dict()
-    for name, value in plain.model.state_dict().items():
-        assert torch.equal(value, resumed_state[name]), name
+    for stage in (2, 3):
+        for name, value in weights["plain", stage].items():
+            assert torch.equal(value, weights["drilled", stage][name]), (stage, name)
+    rebuilt = get_fp32_state_dict_from_zero_checkpoint(last.checkpoint_path, tag="ckpt")
+    exported = last.model.state_dict()
+    assert rebuilt.keys() == exported.keys()
+    for name, value in rebuilt.items():
+        assert torch.equal(value, exported[name]), name

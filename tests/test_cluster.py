@@ -1,4 +1,5 @@
 """`ray job submit` against a head started by cluster/start_local_head.sh (real Ray, token auth on)."""
+import json
 import os
 import shutil
 import socket
@@ -51,3 +52,58 @@ def test_job_submit_runs_the_sweep_script(tmp_path):
     assert not subprocess.run(["pgrep", "-f", head_tmp], capture_output=True).stdout  # this head is gone
     still = set(subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True).stdout.split())
     assert others <= still  # every Ray process that ran before the test still runs
+
+
+# CPUs of each node that ran a Ray Train worker, read from Ray's state API
+STATE_QUERY = """
+import json, sys
+import ray
+from ray.util.state import list_actors
+ray.init(address=sys.argv[1])
+workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=100, detail=True)
+cpus = {n["NodeID"]: n["Resources"].get("CPU", 0) for n in ray.nodes()}
+print(json.dumps({w.node_id: cpus[w.node_id] for w in workers}))
+"""
+
+
+def test_level_fits_spread_over_worker_nodes(tmp_path):
+    """A head without CPUs and two worker nodes of one CPU each (``ray start --address``, each with
+    its own custom resource): an L = 2 trial trains its two levels at once, which cannot share a node,
+    and Ray's state API shows the Train workers on both. Stopping the head's temp dir stops them all."""
+    head_tmp = tempfile.mkdtemp(prefix="raym", dir="/tmp")
+    gcs, dashboard, client, agent = free_ports(4)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "NUM_CPUS": "0", "HEAD_TMP": head_tmp, "HEAD_PORT": str(gcs),
+           "DASHBOARD_PORT": str(dashboard), "CLIENT_PORT": str(client), "AGENT_PORT": str(agent),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    script = str(REPO_ROOT / "cluster" / "start_local_head.sh")
+    others = set(subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True).stdout.split())
+    try:
+        head = subprocess.run([script], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
+        assert head.returncode == 0, head.stdout[-3000:] + head.stderr[-3000:]
+        for name in ("node_a", "node_b"):
+            node = subprocess.run(["ray", "start", "--address", f"127.0.0.1:{gcs}", "--num-cpus", "1",
+                                   "--resources", f'{{"{name}": 1}}', "--disable-usage-stats"],
+                                  cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
+            assert node.returncode == 0, node.stdout[-3000:] + node.stderr[-3000:]
+        sweep = subprocess.run(
+            [sys.executable, "experiments/sweep_sigma.py", "data.name=digits", "data.train_limit=240", "data.eval_limit=48",
+             "encoder.image_size=64", "hierarchy.spec='8x8x1, 2x2x8'", "hierarchy.L=2", "hierarchy.sigmas=[0.5]",
+             "model.width=32", "model.depth=2", "model.heads=2", "diffusion.sample_steps=4", "training.steps=8",
+             "training.batch_size=16", "eval.num_samples=32", "eval.batch_size=32", "eval.substitute_image_size=64",
+             "eval.classifier_steps=50", "sweep.depths=[2]", "sweep.sigmas=[0.5]", f"paths.runs_dir={tmp_path}",
+             f"paths.cache_dir={REPO_ROOT / 'runs' / 'test-cache'}"],
+            cwd=REPO_ROOT, env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}, capture_output=True, text=True, timeout=900)
+        assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
+        assert "levels trained 2" in sweep.stdout
+        state = subprocess.run([sys.executable, "-c", STATE_QUERY, f"127.0.0.1:{gcs}"], cwd=REPO_ROOT, env=env,
+                               capture_output=True, text=True, timeout=120)  # the client needs the head's token mode
+        assert state.returncode == 0, state.stderr[-3000:]
+        cpus_by_node = json.loads(state.stdout.splitlines()[-1])
+        assert len(cpus_by_node) == 2 and set(cpus_by_node.values()) == {1}  # the two worker nodes
+    finally:
+        subprocess.run([script, "stop"], cwd=REPO_ROOT, env=env, capture_output=True, timeout=120)
+        shutil.rmtree(head_tmp, ignore_errors=True)
+    assert not subprocess.run(["pgrep", "-f", head_tmp], capture_output=True).stdout  # head and workers are gone
+    still = set(subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True).stdout.split())
+    assert others <= still

@@ -153,7 +153,8 @@ def chain_sampling_flops(cfg: Config) -> float:
     chain = sum(level_cost(level) for level in range(1, depth + 1))
     total = e.num_samples * chain
     if depth > 1 and e.diagnostic_samples:
-        n = min(e.diagnostic_samples, e.num_samples, *( [cfg.data.eval_limit] if cfg.data.eval_limit else []))
+        held_out = cfg.data.eval_limit or e.num_samples  # eval_limit 0: the whole reference split
+        n = min(e.diagnostic_samples, e.num_samples, held_out)
         for start in range(1, depth):
             below = sum(level_cost(level) for level in range(1, start))
             total += n * (level_cost(start) + below)  # true condition

@@ -174,7 +174,7 @@ def log_precision(decision: dict, metric_prefix: str, mlflow_run: dict | None, r
     """Say which precision a fit uses and, for auto, the timings it was chosen by (console, MLflow)."""
     if rank != 0:
         return
-    timing = (f" (auto: fp32 {decision['fp32_s']:.3g} s, bf16 {decision['bf16_s']:.3g} s per step"
+    timing = (f" (auto: fp32 {decision['fp32_s']:.3g} s, bf16 {decision['bf16_s']:.3g} s per forward+backward"
               f"{', cached' if decision['cached'] else ''})") if "fp32_s" in decision else ""
     print(f"[nds] {metric_prefix} trains in {decision['precision']}{timing}", flush=True)
     if mlflow_run:

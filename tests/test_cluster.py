@@ -60,7 +60,7 @@ import json, sys
 import ray
 from ray.util.state import list_actors
 ray.init(address=sys.argv[1])
-workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=100, detail=True)
+workers = list_actors(address=sys.argv[1], filters=[("class_name", "=", "RayTrainWorker")], limit=100, detail=True)
 cpus = {n["NodeID"]: n["Resources"].get("CPU", 0) for n in ray.nodes()}
 print(json.dumps({w.node_id: cpus[w.node_id] for w in workers}))
 """

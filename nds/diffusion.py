@@ -282,11 +282,82 @@ def dpm_solver_sample(
     return x
 
 
+def fast_solver_orders(steps: int, order: int = 3) -> list[int]:
+    """The order of each step of DPM-Solver-fast (Lu et al. 2022, §3.4) for `steps` model calls:
+    third-order steps, with the remainder in one or two lower-order steps at the end."""
+    if order == 2:
+        return [2] * (steps // 2) + [1] * (steps % 2)
+    if order != 3:
+        raise ValueError(f"DPM-Solver-fast order must be 2 or 3, got {order}")
+    k = steps // 3 + 1
+    return [3] * (k - 2) + [2, 1] if steps % 3 == 0 else [3] * (k - 1) + [steps % 3]
+
+
+@torch.no_grad()
+def dpm_solver_fast_sample(
+    denoiser: Denoiser,
+    noise: Tensor,
+    alphas_cumprod: Tensor,
+    steps: int,
+    order: int = 3,
+    prediction: str = "eps",
+    threshold: float | None = None,
+) -> Tensor:
+    """Singlestep DPM-Solver++ in its "fast" arrangement, as U-ViT samples (its DPM_Solver with
+    predict_x0=True, method 'fast', order 3, time-uniform steps): `steps` model calls on a grid of
+    steps + 1 timesteps from T-1 to 0; each step of order k spans k grid intervals and evaluates
+    x0_hat at the k-1 grid points inside it (the third-order update of Lu et al. 2022, App. B, in
+    data prediction). Like U-ViT it stops at timestep 0 and returns x there (no final denoising
+    call). The grid is rounded to whole timesteps, because the denoisers here take integer t.
+    """
+    _check_prediction(prediction)
+    T = len(alphas_cumprod)
+    if not 1 <= steps < T:
+        raise ValueError(f"steps must be in [1, {T - 1}], got {steps}")
+    grid = torch.linspace(T - 1, 0, steps + 1).round().long().tolist()
+    x, i = noise, 0
+
+    def coefficients(t: int) -> tuple[Tensor, Tensor, Tensor]:
+        a = _alpha(alphas_cumprod, t, x)
+        return a.sqrt(), (1 - a).sqrt(), 0.5 * torch.log(a / (1 - a))  # α, σ, λ
+
+    def cast(v: Tensor) -> Tensor:
+        return v.to(x.dtype)
+
+    for k in fast_solver_orders(steps, order):
+        s, t = grid[i], grid[i + k]
+        _, sigma_s, lam_s = coefficients(s)
+        alpha_t, sigma_t, lam_t = coefficients(t)
+        h = lam_t - lam_s
+        d_s, _ = _denoise(denoiser, x, s, _alpha(alphas_cumprod, s, x), prediction, threshold)
+        phi_1 = torch.expm1(-h)
+        x_next = cast(sigma_t / sigma_s) * x - cast(alpha_t * phi_1) * d_s
+        if k >= 2:
+            alpha_1, sigma_1, lam_1 = coefficients(grid[i + 1])
+            r1 = (lam_1 - lam_s) / h
+            x_1 = cast(sigma_1 / sigma_s) * x - cast(alpha_1 * torch.expm1(-r1 * h)) * d_s
+            d_1, _ = _denoise(denoiser, x_1, grid[i + 1], _alpha(alphas_cumprod, grid[i + 1], x), prediction, threshold)
+            if k == 2:
+                x_next = x_next - cast(0.5 / r1 * alpha_t * phi_1) * (d_1 - d_s)
+            else:
+                alpha_2, sigma_2, lam_2 = coefficients(grid[i + 2])
+                r2 = (lam_2 - lam_s) / h
+                phi_22 = torch.expm1(-r2 * h) / (r2 * h) + 1
+                x_2 = (cast(sigma_2 / sigma_s) * x - cast(alpha_2 * torch.expm1(-r2 * h)) * d_s
+                       + cast(r2 / r1 * alpha_2 * phi_22) * (d_1 - d_s))
+                d_2, _ = _denoise(denoiser, x_2, grid[i + 2], _alpha(alphas_cumprod, grid[i + 2], x), prediction,
+                                  threshold)
+                x_next = x_next + cast((phi_1 / h + 1) / r2 * alpha_t) * (d_2 - d_s)
+        x, i = x_next, i + k
+    return x
+
+
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddpm": ddpm_sample,
     "ddim": ddim_sample,
     "dpm_solver": partial(dpm_solver_sample, variant="dpmsolver"),
     "dpm_solver++": partial(dpm_solver_sample, variant="dpmsolver++"),
+    "dpm_solver++_fast": dpm_solver_fast_sample,
 }
 
 

@@ -6,7 +6,7 @@
 Reads the finished trial runs of every nds-* experiment (or the named ones; or the config's
 tracking.experiment when it sets one), counts a config hash once (newest run) and averages the
 seeds of a setting. Writes, per table, <name>.md/.tex/.csv (and .png where there is a plot):
-table1_sigma, table2_sigma, depth, shapes, table4a_encoders, table4b_rcg, mdm (+ mdm_*.png), and
+table1_sigma, table2_sigma, table3_text, depth, shapes, table4a_encoders, table4b_rcg, mdm (+ mdm_*.png), and
 tables.md with all of them. A sweep without runs is skipped with a line saying so.
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 from analysis.plots import depth_plot, mdm_plots, sigma_plot
 from analysis.render import to_csv, to_latex, to_markdown
 from analysis.runs import EXPERIMENT_PREFIX, load_trials, metric_history
-from analysis.tables import (Table, depth_table, encoders_table, mdm_table, rcg_table, shapes_table,
-                             sigma_tables)
+from analysis.tables import (Table, depth_table, encoders_table, mdm_table, rcg_table, shapes_table, sigma_tables,
+                             text_table)
 from nds.config import ConfigError, load_config
 from nds.metrics import METRIC_PREFERENCE
 
@@ -39,7 +39,7 @@ def build_tables(tracking_uri: str, experiments: list[str] | None = None,
         where = f"experiment(s) {experiments}" if experiments else f"the {EXPERIMENT_PREFIX}* experiments"
         raise SystemExit(f"no finished trial runs in {where} at {tracking_uri}")
     tables, messages = sigma_tables(trials, metric)
-    for table, skipped in [depth_table(trials, metric), shapes_table(trials, metric), encoders_table(trials, metric),
+    for table, skipped in [text_table(trials, metric), depth_table(trials, metric), shapes_table(trials, metric), encoders_table(trials, metric),
                            rcg_table(trials, metric), mdm_table(trials, partial(metric_history, tracking_uri), metric)]:
         tables += [table] if table else []
         messages += [skipped] if skipped else []

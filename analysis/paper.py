@@ -4,7 +4,8 @@ Read from the text extractions in shared/papers/ (000_…: *Nested Diffusion Mod
 Hierarchical Latent Priors*; 003_…: *Matryoshka Diffusion Models*). Their tables are flattened
 text; a number is here only where its row and column can be read unambiguously. Left out as not
 legible: nested Table 1(a) (COCO-2014), Table 2 (conditional), Table 3 and Table 4a/4b (encoders,
-RCG: only the captions survive); MDM Fig. 4 and Fig. 8 (curves, no numbers).
+RCG: only the captions survive); MDM Fig. 4 and Fig. 8 (curves, no numbers). Table 3's place is
+taken by the published COCO FIDs of U-ViT, the single-level model the paper builds on.
 
 Their metric is Inception FID at full scale (ImageNet-100 / COCO, U-ViT-M, 50K samples), so
 their numbers show the trend to expect, not values ours should match.
@@ -50,4 +51,12 @@ MDM_FID = {
     "source": f"{MDM}, Table 1: FID of the full-scale MDM",
     "rows": [("ImageNet 256x256, FID-50K, cfg=1", 8.18), ("ImageNet 256x256, FID-50K, cfg=1.5", 3.51),
              ("MS-COCO zero-shot, FID-30K, cfg=1", 18.35), ("MS-COCO zero-shot, FID-30K, cfg=1.35", 13.43)],
+}
+
+# For nested Table 3 (text-to-image on COCO-2014; its numbers are not legible here): the published
+# MS-COCO FIDs of U-ViT (Bao et al. 2023; the table of the authors' README, baofff/U-ViT), trained on
+# COCO's training split only like the paper's own rows, FID-30K against the validation images.
+UVIT_COCO = {
+    "source": "U-ViT (Bao et al. 2023), MS-COCO 256x256 text-to-image, trained on COCO only, FID-30K",
+    "rows": [("U-ViT-S/2", 1, 5.95), ("U-ViT-S/2 (deep)", 1, 5.48)],  # model, L, FID
 }

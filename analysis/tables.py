@@ -354,7 +354,8 @@ def sigma_tables(trials: pd.DataFrame, metric: str | None = None) -> tuple[list[
 
 
 FIELD_FORMAT = {"gflops_L": _num, "gflops_total": _num, "mdm_gflops": _num, "params_total": _millions,
-                "mdm_params": _millions, "iterations": lambda x: _num(x, ".0f"), "sigmas": lambda x: x or NA}
+                "mdm_params": _millions, "iterations": lambda x: _num(x, ".0f"), "sigmas": lambda x: x or NA,
+                "cfg_scale": lambda x: _num(x, ".3g")}
 
 
 def _rows(columns: dict[str, str], metric: str, sort: list[str]):
@@ -414,6 +415,33 @@ def rcg_table(trials, metric: str | None = None):
     return _row_table(trials, "sweep_rcg", "table4b_rcg", "Table 4b: spatial hierarchy vs RCG's global vector (L = 2)",
                       ["variant"], columns, "bold = best variant;", metric,
                       paper_note="The paper's Table 4b numbers are not legible in its text, so none are shown.")
+
+
+def _paper_uvit_coco() -> Part:
+    source = paper.UVIT_COCO
+    frame = pd.DataFrame([{"source": "U-ViT README", "model": model, "L": depth, "FID": f"{fid:.2f}"}
+                          for model, depth, fid in source["rows"]])
+    return Part(f"published — {source['source']} (not our runs)", frame)
+
+
+def text_table(trials, metric: str | None = None):
+    """Table 3: text-conditional generation per depth L at its best σ_L and guidance, beside the
+    single-level U-ViT's published COCO FIDs."""
+    frame, metric = _scored(trials, "sweep_sigma", lambda f: f["condition"].str.startswith("text"), metric)
+    if frame.empty:
+        return None, "table3_text: no finished text-conditional sweep_sigma trials — skipped"
+    cells, hidden = settings(frame, ["dataset", "condition", "L", "cfg_scale", "sigma_L"], DIAGNOSTIC_FIELDS)
+    scored = cells.dropna(subset=["mean"])
+    best = scored.loc[scored.groupby(["dataset", "condition", "L"])["mean"].idxmin()]
+    best = _with_growth(best)
+    columns = {"L": "L", "σ_2..σ_L": "sigmas", "guidance": "cfg_scale", "GFLOPs total": "gflops_total",
+               "GFLOPs growth vs L=1": "growth", "params total": "params_total"}
+    caption = _caption(metric, best, "each row is the depth's best setting over σ_L and guidance; bold = best depth;",
+                       "The paper's Table 3 numbers are not legible in its text; the published part is U-ViT's "
+                       "own COCO FIDs (Inception FID at full scale): compare trends, not values.")
+    return Table("table3_text", "Table 3: text-conditional generation, best setting per depth", caption,
+                 _by_dataset(best, _rows(columns, metric, ["L"]), metric) + [_paper_uvit_coco()], best, metric,
+                 _notes("table3_text", hidden), summary=trend_summary(frame, best, metric)), None
 
 
 # -- MDM: final values per variant, curves over training iterations ------------------------------

@@ -19,10 +19,11 @@ def _hash(d: dict) -> str:
 
 
 def chain_params(dataset="fashion_mnist", depth=1, sigma=None, seed=0, classes=0, encoder="efficientnet_lite0",
-                 spec=SPEC, steps=100) -> dict:
+                 spec=SPEC, steps=100, text="", cfg_scale=1.0) -> dict:
     """Flat params as nds.config.flatten writes them (σ of levels below L fixed at 0.5)."""
     params = {"data.name": dataset, "hierarchy.L": str(depth), "hierarchy.spec": spec, "encoder.name": encoder,
-              "model.num_classes": str(classes), "model.text_encoder": "", "seed": str(seed),
+              "model.num_classes": str(classes), "model.text_encoder": text, "seed": str(seed),
+              "diffusion.cfg_scale": str(cfg_scale),
               "training.steps": str(steps)}
     params.update({f"hierarchy.shape.{i}": s.strip() for i, s in enumerate(spec.split(","), start=1)})
     params.update({f"hierarchy.sigma.{level}": str(float(sigma if level == depth else 0.5))
@@ -87,6 +88,13 @@ def log_sigma_sweep(client: MlflowClient, dataset: str = "fashion_mnist", metric
     log("L3-sigma1", 3, 1.0, 0, 1.0, status="FAILED")  # ignored: L3 σ=1.0 is missing
     log("L1", 1, None, 0, 35.0, classes=10)
     log("L2-sigma0.5", 2, 0.5, 0, 18.0, classes=10)
+    for variant, depth, sigma, seed, value, cfg in [("L1", 1, None, 0, 33.0, 1.0), ("L1", 1, None, 1, 35.0, 1.0),
+                                                    ("L2-sigma0.5", 2, 0.5, 0, 29.0, 1.0),
+                                                    ("L2-sigma1-g2", 2, 1.0, 0, 26.0, 2.0),
+                                                    ("L2-sigma1-g2", 2, 1.0, 1, 28.0, 2.0)]:
+        log_trial(client, "sweep_sigma", variant,
+                  chain_params(dataset, depth, sigma, seed, text="minilm", cfg_scale=cfg),
+                  chain_metrics(depth, value, metric), metric=metric)
 
 
 def log_other_sweeps(client: MlflowClient) -> None:
@@ -155,6 +163,21 @@ def test_table2_holds_the_conditional_runs(tables):
     assert rows[1]["no σ (L=1)"] == "35.00" and rows[2]["σ_L=0.5"] == "18.00"
 
 
+def test_table3_shows_each_depths_best_text_setting_beside_uvit(tables):
+    table = tables[0]["table3_text"]
+    ours = table.parts[0]
+    assert ours.title == "fashion_mnist — text (minilm) — ours"
+    rows = rows_by(ours)
+    assert set(rows) == {1, 2}  # one row per depth: its best σ and guidance
+    assert rows[2]["fd_effnet_lite0 ↓"] == "**27.00 ± 1.41 (n=2)**"
+    assert rows[2]["σ_2..σ_L"] == "1" and rows[2]["guidance"] == "2"
+    assert rows[1]["fd_effnet_lite0 ↓"] == "34.00 ± 1.41 (n=2)"
+    published = table.parts[-1]
+    assert published.title.startswith("published — U-ViT") and "5.95" in published.frame["FID"].tolist()
+    assert "not legible" in table.caption and any("L=2" in line for line in table.summary)
+    assert "text" not in "".join(p.title for p in tables[0]["table2_sigma"].parts[:1])  # class part first
+
+
 def test_paper_numbers_are_shown_and_labelled_as_the_papers(tables):
     by_name = tables[0]
     paper = by_name["table1_sigma"].parts[-1]
@@ -174,7 +197,7 @@ def test_substitute_metric_is_never_called_fid(tables):
         assert table.metric == SUBSTITUTE
         assert "substitute" in table.caption
         for part in table.parts:
-            if not part.title.startswith("paper"):
+            if not part.title.startswith(("paper", "published")):
                 assert not any("FID" in str(column) for column in part.frame.columns), (table.name, part.title)
                 assert "FID" not in part.title
 

@@ -117,8 +117,11 @@ FACTS = [
     _f(MDM, "§3.1", "lower resolutions by bilinear interpolation", MDM_PRESET, "mdm.downsample", "bilinear"),
     _f(MDM, "Fig. 8a", "low-resolution pretraining added before the same high-resolution schedule", MDM_PRESET,
        "sweep.mdm_phase_steps", [[0, 375000], [50000, 375000], [100000, 375000]]),
-    _f(MDM, "§4.1", "LDM baseline (KL-F4 autoencoder codes at 64x64)", MDM_PRESET, "sweep.mdm_baselines",
-       ["nested", "cascaded", "plain"], same=False, why="no LDM baseline yet (issue 13, open)"),
+    _f(MDM, "§4.1, App. E", "baselines: simple DM, cascaded DM, latent DM", MDM_PRESET, "sweep.mdm_baselines",
+       ["nested", "cascaded", "plain", "latent"]),
+    _f(MDM, "App. E.2", "latent DM on KL-F4 codes: 256 px -> 64x64", MDM_PRESET, "mdm.latent_downsample", 4),
+    _f(MDM, "App. E.2", "KL-F4 codes have 3 channels", MDM_PRESET, "mdm.latent_channels", 3,
+       why="the file itself is checked against these two before training (mdm.vae_weights)"),
 ]
 
 

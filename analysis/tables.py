@@ -72,7 +72,7 @@ def _mdm_family(variant: str) -> str:
         return "Fig. 8a: progressive-training schedules"
     if variant.startswith("res"):
         return "Fig. 8b: number of nested resolutions"
-    return "NestedUNet vs cascaded vs plain"
+    return "NestedUNet vs cascaded vs plain vs latent"
 
 
 def describe(trials: pd.DataFrame) -> pd.DataFrame:

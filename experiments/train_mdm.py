@@ -14,7 +14,7 @@ import argparse
 import logging
 import sys
 
-from nds.config import ConfigError, load_config, to_yaml
+from nds.config import ConfigError, check_latent_vae, load_config, to_yaml
 from nds.train_mdm import mdm_phases, phase_name, run_mdm
 
 
@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
             check_dataset(cfg.data.name, cfg.data.root)
         except (ValueError, FileNotFoundError) as err:
             raise ConfigError(f"data.name: {err}") from None
+        if cfg.mdm.baseline == "latent":
+            check_latent_vae(cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

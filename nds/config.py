@@ -205,8 +205,14 @@ class MDMConfig:
     threshold: float = 0.0
     downsample: str = "bilinear"  # how the lower resolutions are formed: bilinear (§3.1) | area (pixel means)
     # What is trained on that budget: nested (the NestedUNet) | cascaded (a low-resolution UNet, then a
-    # full-resolution UNet conditioned on its noised upsampled output) | plain (full resolution only).
+    # full-resolution UNet conditioned on its noised upsampled output) | plain (full resolution only) |
+    # latent (the innermost UNet on a frozen autoencoder's codes, decoded after sampling: MDM's LDM).
     baseline: str = "nested"
+    # The latent baseline's AutoencoderKL: a diffusers-format .safetensors (architecture from its
+    # metadata or a config.json beside it), and the code shape it must have, checked before training.
+    vae_weights: str = ""
+    latent_downsample: int = 4  # MDM App. E.2: KL-F4, 256 px -> 64x64 codes
+    latent_channels: int = 3
 
 
 @dataclass
@@ -481,7 +487,7 @@ def _validate_mdm(cfg: Config) -> None:
     """The mdm section: the phase schedule against the resolutions, then the NestedUNet spec's own checks."""
     from nds.diffusion import PREDICTIONS, SAMPLERS
     from nds.nested_unet import DOWNSAMPLE_MODES
-    from nds.train_mdm import baseline_phases, mdm_spec
+    from nds.train_mdm import baseline_phases, latent_spec, mdm_spec
 
     m = cfg.mdm
     res = m.resolutions
@@ -524,6 +530,17 @@ def _validate_mdm(cfg: Config) -> None:
         baseline_phases(cfg, m.baseline)
     except ConfigError as err:
         raise ConfigError(f"mdm.baseline={m.baseline}: {err}") from None
+    if m.baseline == "latent":
+        if not m.vae_weights:
+            raise ConfigError("mdm.baseline=latent needs mdm.vae_weights: the AutoencoderKL .safetensors whose codes "
+                              "it models")
+        if m.latent_downsample < 1 or m.latent_channels < 1 or res[-1] % m.latent_downsample:
+            raise ConfigError(f"mdm.latent_downsample={m.latent_downsample} must divide the top resolution {res[-1]}, "
+                              f"and mdm.latent_channels={m.latent_channels} must be >= 1")
+        try:
+            latent_spec(cfg).validate()
+        except ValueError as err:
+            raise ConfigError(f"mdm.baseline=latent ({res[-1] // m.latent_downsample}px codes): {err}") from None
 
 
 def preflight(cfg: Config) -> None:
@@ -551,6 +568,8 @@ def preflight(cfg: Config) -> None:
         raise ConfigError(f"encoder.level1_weights: no AutoencoderKL weights file at {vae}: put the VAE's "
                           f"{SD_VAE_HUB[1]} (Hugging Face repo {SD_VAE_HUB[0]}) there, or leave "
                           "encoder.level1_weights empty to use the Hugging Face cache")
+    if cfg.mdm.baseline == "latent":
+        check_latent_vae(cfg)
     m = cfg.model
     if m.text_encoder:
         from nds.text import encoder_dir
@@ -559,6 +578,28 @@ def preflight(cfg: Config) -> None:
             encoder_dir(m.text_encoder, m.text_encoder_path or None)
         except (ValueError, FileNotFoundError) as err:
             raise ConfigError(f"model.text_encoder_path: {err}") from None
+
+
+def check_latent_vae(cfg: Config) -> None:
+    """The latent baseline's autoencoder exists and makes the codes the config says it does."""
+    from nds.vae import autoencoder_config
+
+    m = cfg.mdm
+    path = Path(m.vae_weights).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"mdm.vae_weights: no AutoencoderKL weights file at {m.vae_weights} (a diffusers-format "
+                          ".safetensors, e.g. the KL-F4 autoencoder of latent-diffusion converted to diffusers)")
+    try:
+        vae = autoencoder_config(path)
+    except ValueError as err:
+        raise ConfigError(f"mdm.vae_weights: {err}") from None
+    if (vae.downsample, vae.latent_channels) != (m.latent_downsample, m.latent_channels):
+        raise ConfigError(f"mdm.vae_weights: {path} makes {vae.latent_channels}-channel codes at 1/{vae.downsample} of "
+                          f"the image size, but the config says mdm.latent_channels={m.latent_channels}, "
+                          f"mdm.latent_downsample={m.latent_downsample}")
+    if vae.in_channels != m.channels and not (m.channels == 1 and vae.in_channels == 3):
+        raise ConfigError(f"mdm.vae_weights: {path} encodes {vae.in_channels}-channel images, the data has "
+                          f"mdm.channels={m.channels}")
 
 
 # -- writing -----------------------------------------------------------------------------

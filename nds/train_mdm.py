@@ -20,6 +20,10 @@ What ``mdm.baseline`` trains, at the NestedUNet's size and iteration budget (``b
   low-resolution image, upsampled and noise-augmented, as an extra input (spec ``cond_channels``)
   and its noise level embedded. Sampling runs stage 1, then stage 2 conditioned on its samples
   noised to a fixed level (``CASCADE_NOISE_LEVEL``), so a cascade takes twice the steps.
+- ``latent``: MDM's LDM (App. E.2): the NestedUNet's innermost UNet (its "64x64 low resolution
+  model") at the code size of a frozen autoencoder (``mdm.vae_weights``), one phase of all the
+  schedule's iterations on the codes (the posterior mean: the same codes the paper precomputes,
+  computed per batch on the worker here), decoded to images after sampling.
 
 ``MDM`` is the sweep machinery's TrialKind (nds.sweep): a trial trains one of these and logs the
 quality metric at given total iteration counts, the curves of MDM Fig. 4 and Fig. 8.
@@ -27,6 +31,7 @@ quality metric at given total iteration counts, the curves of MDM Fig. 4 and Fig
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import time
@@ -59,7 +64,7 @@ from nds.sweep import TrialKind, TrialReport
 from nds.train import (EMA, batch_indices, bf16_autocast, condition_drops, deepspeed_config, fit, load_ema_weights,
                        log_precision, resolve_precision, resume, run_steps, step_generator, worker_device)
 
-BASELINES = ("nested", "cascaded", "plain")
+BASELINES = ("nested", "cascaded", "plain", "latent")
 # The cascade's conditioning noise at sampling time, as a fraction of diffusion.timesteps. MDM App. E.1
 # sweeps {1, 100, 500, 700, 1000} of 1000 and finds that 500 or 700 is needed; one level is used here.
 CASCADE_NOISE_LEVEL = 0.5
@@ -72,6 +77,13 @@ def mdm_spec(cfg: Config) -> NestedUNetSpec:
         attention_levels=m.attention_levels, stage_widths=m.stage_widths, stage_blocks=m.stage_blocks,
         heads=m.heads, num_classes=m.num_classes, cond_drop_prob=m.cond_drop_prob,
     )
+
+
+def latent_spec(cfg: Config) -> NestedUNetSpec:
+    """The latent baseline's UNet: the innermost UNet of the NestedUNet, at the autoencoder's code size."""
+    m = cfg.mdm
+    return dataclasses.replace(mdm_spec(cfg), resolutions=(m.resolutions[-1] // m.latent_downsample,),
+                               stage_widths=(), channels=m.latent_channels)
 
 
 def mdm_phases(cfg: Config) -> list[Phase]:
@@ -93,6 +105,8 @@ def baseline_phases(cfg: Config, baseline: str) -> list[Phase]:
         return phases
     if baseline == "plain":
         return [Phase(levels, total)]
+    if baseline == "latent":
+        return [Phase(1, total)]
     if baseline == "cascaded":
         low = total - phases[-1].steps
         if low < 1:
@@ -110,7 +124,32 @@ def phase_module(cfg: Config, baseline: str, index: int) -> NestedUNet:
         return NestedUNet(dataclasses.replace(spec, nested=False))
     if baseline == "cascaded" and index == 1:
         return NestedUNet(dataclasses.replace(spec, nested=False, cond_channels=spec.channels))
+    if baseline == "latent":
+        return NestedUNet(latent_spec(cfg))
     return NestedUNet(spec, phase.levels)
+
+
+@functools.lru_cache(maxsize=2)
+def latent_autoencoder(path: str):
+    """The latent baseline's frozen autoencoder (loaded once per process)."""
+    from nds.vae import load_autoencoder
+
+    return load_autoencoder(Path(path).expanduser())
+
+
+def encode_images(vae, x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images [B, C, R, R] -> scaled codes; grey images enter an RGB autoencoder as RGB."""
+    if x.shape[1] == 1 and vae.config.in_channels == 3:
+        x = x.expand(-1, 3, -1, -1)
+    with torch.no_grad():
+        return vae.encode(x)
+
+
+def decode_codes(vae, z: torch.Tensor, channels: int) -> torch.Tensor:
+    """Scaled codes -> [-1, 1] images with the data's channels (an RGB autoencoder's output averaged to grey)."""
+    with torch.no_grad():
+        x = vae.decode(z).clamp(-1, 1)
+    return x.mean(dim=1, keepdim=True) if channels == 1 and x.shape[1] != 1 else x
 
 
 def prepare_images(cfg: Config) -> tuple[np.ndarray, np.ndarray | None]:
@@ -179,11 +218,14 @@ def phase_loop(loop_config: dict) -> None:
     # a super-resolution stage's condition is noised on its own (full-resolution) schedule
     cond_schedule = resolution_schedules(alphas, [top], m.resolutions[0], m.snr_power)[0] if model.spec.cond_channels else None
     batch = cfg.training.batch_size
+    vae = latent_autoencoder(m.vae_weights).to(device) if baseline == "latent" else None
 
     def batch_loss(module, step: int, bf16: bool):
         idx = batch_indices(cfg.seed, index, rank, step, len(images), batch)
         draws = step_generator(cfg.seed, index, rank, step)
         x = torch.as_tensor(model_input(images[idx], top), device=device)
+        if vae is not None:
+            x = encode_images(vae, x)
         conditions = {"labels": torch.as_tensor(labels[idx], device=device) if labels is not None else None,
                       "drop_cond": condition_drops(len(idx), m.cond_drop_prob, draws, device)}
         if cond_schedule is not None:  # noise augmentation: a random level per example
@@ -285,8 +327,10 @@ def sample_images(cfg: Config, model: NestedUNet, n: int, labels: torch.Tensor |
     if labels is None and m.num_classes:
         labels = torch.arange(n) % m.num_classes
     extra = {"eta": d.eta} if m.sampler == "ddim" else {}
+    pixels = m.baseline != "latent"  # thresholding bounds pixels in [-1, 1]; codes have no such range
     return mdm_sample(model, n, alphas, d.sample_steps, sampler=m.sampler, power=m.snr_power,
-                      prediction=m.prediction, cfg_scale=d.cfg_scale, labels=labels, threshold=m.threshold or None,
+                      prediction=m.prediction, cfg_scale=d.cfg_scale, labels=labels,
+                      threshold=(m.threshold or None) if pixels else None,
                       generator=generator or torch.Generator().manual_seed(cfg.seed), **conditions, **extra)
 
 
@@ -309,7 +353,8 @@ def generate_images(cfg: Config, models: list[NestedUNet], n: int) -> np.ndarray
     for start in range(0, n, cfg.eval.batch_size):
         size = min(cfg.eval.batch_size, n - start)
         labels = torch.randint(m.num_classes, (size,), generator=generator) if m.num_classes else None
-        x = sample_images(cfg, first, size, labels, generator)[-1].clamp(-1, 1)
+        x = sample_images(cfg, first, size, labels, generator)[-1]
+        x = decode_codes(latent_autoencoder(m.vae_weights), x, m.channels) if m.baseline == "latent" else x.clamp(-1, 1)
         if cascaded and len(models) == 2:
             level = torch.full((size,), cond_level)
             cond = noised_upsample(x, top, level, cond_schedule, generator)

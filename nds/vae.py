@@ -219,6 +219,30 @@ def _rename_legacy_attention(state: dict[str, torch.Tensor]) -> dict[str, torch.
     return renamed
 
 
+def _config_of(path: Path, metadata: dict[str, str]) -> VAEConfig:
+    """The architecture of a weights file: its own metadata (files saved here), else the diffusers
+    ``config.json`` beside it (a diffusers VAE folder), else Stable Diffusion's VAE."""
+    if CONFIG_METADATA_KEY in metadata:
+        return VAEConfig.from_json(metadata[CONFIG_METADATA_KEY])
+    beside = path.with_name("config.json")
+    if beside.is_file():
+        known = {f.name for f in dataclasses.fields(VAEConfig)}
+        return VAEConfig.from_json(json.dumps({k: v for k, v in json.loads(beside.read_text()).items() if k in known}))
+    return VAEConfig()
+
+
+def autoencoder_config(path: str | Path) -> VAEConfig:
+    """The architecture of the AutoencoderKL in ``path`` without loading its weights (for preflight checks)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return _config_of(path, f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a safetensors file ({e})") from e
+
+
 def load_autoencoder(path: str | Path) -> AutoencoderKL:
     """A diffusers-format AutoencoderKL ``.safetensors``; errors name the file and what is wrong."""
     from safetensors import SafetensorError, safe_open
@@ -235,7 +259,7 @@ def load_autoencoder(path: str | Path) -> AutoencoderKL:
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: not a safetensors file ({e})") from e
-    cfg = VAEConfig.from_json(metadata[CONFIG_METADATA_KEY]) if CONFIG_METADATA_KEY in metadata else VAEConfig()
+    cfg = _config_of(path, metadata)
     vae = AutoencoderKL(cfg)
     try:
         vae.load_state_dict(_rename_legacy_attention(state), strict=True)

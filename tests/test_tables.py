@@ -216,7 +216,7 @@ def test_row_tables_and_skipped_sweep(tables):
 def test_mdm_final_values_and_curves(tables):
     mdm = tables[0]["mdm"]
     parts = {p.title: p for p in mdm.parts}
-    baselines = rows_by(parts["fashion_mnist — NestedUNet vs cascaded vs plain — ours (final values)"], "variant")
+    baselines = rows_by(parts["fashion_mnist — NestedUNet vs cascaded vs plain vs latent — ours (final values)"], "variant")
     assert baselines["nested"]["fd_effnet_lite0 ↓"] == "**26.00**" and baselines["cascaded"]["iterations"] == "400"
     assert baselines["plain"]["GFLOPs"] == "0.3" and baselines["plain"]["params"] == "1.5M"
     phases = rows_by(parts["fashion_mnist — Fig. 8a: progressive-training schedules — ours (final values)"], "variant")

@@ -99,13 +99,14 @@ def test_baselines_train_on_the_nested_schedules_budget():
     assert baseline_phases(three, "cascaded") == [Phase(1, 150), Phase(3, 250)]
     with pytest.raises(ConfigError, match="cascaded baseline.*phase_steps=\\[0, 400\\]"):
         baseline_phases(load_config(None, ["mdm.phase_steps=[0,400]"]), "cascaded")
-    with pytest.raises(ConfigError, match="unknown MDM baseline 'latent'"):
-        baseline_phases(cfg, "latent")
+    assert baseline_phases(cfg, "latent") == [Phase(1, 400)]
+    with pytest.raises(ConfigError, match="unknown MDM baseline 'ldm'"):
+        baseline_phases(cfg, "ldm")
     assert cfg.mdm.baseline == "nested"
     with pytest.raises(ConfigError, match="mdm.baseline=cascaded: the cascaded baseline"):
         load_config(None, ["mdm.phase_steps=[0,400]", "mdm.baseline=cascaded"])
-    with pytest.raises(ConfigError, match="mdm.baseline=latent: unknown MDM baseline"):
-        load_config(None, ["mdm.baseline=latent"])
+    with pytest.raises(ConfigError, match="mdm.baseline=ldm: unknown MDM baseline"):
+        load_config(None, ["mdm.baseline=ldm"])
 
 
 def test_baseline_models_and_their_costs():
@@ -215,3 +216,76 @@ def test_dynamic_thresholding_bounds_every_resolution(tmp_path):
     bounded = sample_images(replace(cfg, **{"mdm.threshold": 0.995}), model, 6)
     assert max(x.abs().max() for x in free) > 1.0
     assert all(x.abs().max() <= 1.0 + 1e-5 for x in bounded)
+
+
+@pytest.fixture(scope="module")
+def digits_vae(tmp_path_factory) -> Path:
+    """A small KL autoencoder fitted on the digits (8 px -> 4x4x4 codes), saved as the latent baseline reads it."""
+    from nds.data import load_dataset
+    from nds.vae import VAEConfig, save_autoencoder, train_autoencoder
+
+    images = load_dataset("digits", None, "train", limit=256).images
+    vae_cfg = VAEConfig(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                        in_channels=1)
+    path = tmp_path_factory.mktemp("vae") / "digits_vae.safetensors"
+    save_autoencoder(train_autoencoder(images, vae_cfg, image_size=8, steps=150, batch_size=32, lr=3e-3), path)
+    return path
+
+
+def latent_config(tmp_path: Path, vae: Path, *overrides: str):
+    return tiny_config(tmp_path, "mdm.baseline=latent", f"mdm.vae_weights={vae}", "mdm.latent_downsample=2",
+                       "mdm.latent_channels=4", *overrides)
+
+
+def test_latent_baseline_is_checked_before_training(tmp_path, digits_vae):
+    from nds.config import check_latent_vae
+
+    with pytest.raises(ConfigError, match="mdm.baseline=latent needs mdm.vae_weights"):
+        tiny_config(tmp_path, "mdm.baseline=latent")
+    with pytest.raises(ConfigError, match="mdm.latent_downsample=3 must divide the top resolution 8"):
+        latent_config(tmp_path, digits_vae, "mdm.latent_downsample=3")
+    with pytest.raises(ConfigError, match="mdm.vae_weights: no AutoencoderKL weights file"):
+        check_latent_vae(latent_config(tmp_path, tmp_path / "missing.safetensors"))
+    with pytest.raises(ConfigError, match="makes 4-channel codes at 1/2.*mdm.latent_channels=3"):
+        check_latent_vae(latent_config(tmp_path, digits_vae, "mdm.latent_channels=3"))
+    check_latent_vae(latent_config(tmp_path, digits_vae))
+    proc = subprocess.run([sys.executable, "experiments/train_mdm.py", *TINY, "mdm.baseline=latent",
+                           f"mdm.vae_weights={tmp_path / 'missing.safetensors'}", "mdm.latent_downsample=2",
+                           "mdm.latent_channels=4", f"paths.runs_dir={tmp_path / 'cli'}"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "mdm.vae_weights: no AutoencoderKL" in proc.stderr
+    assert not (tmp_path / "cli").exists()  # stopped before any run was made
+
+
+def test_latent_baseline_models_codes_and_decodes_them_to_images(tmp_path, digits_vae):
+    """The innermost UNet at the code size; sampling ends in the decoder, so the images are full size."""
+    cfg = latent_config(tmp_path, digits_vae)
+    model = phase_module(cfg, "latent", 0).eval()
+    assert model.io_resolutions == (4,) and model.spec.channels == 4 and not model.spec.stage_widths
+    assert model_costs(model)["mdm/gflops"] < model_costs(phase_module(cfg, "plain", 0))["mdm/gflops"]
+    images = generate_images(cfg, [model], 5)
+    assert images.shape == (5, 8, 8, 1) and images.dtype == np.uint8
+
+
+@pytest.mark.slow
+def test_latent_baseline_trains_on_codes_end_to_end(tmp_path, digits_vae):
+    """The real run: two ZeRO-2 workers encode each batch and fit the code model; its loss is on
+    codes (4x4x4), and the run logs the UNet's cost and a sample grid of decoded images."""
+    import ray
+
+    from nds.sweep import init_ray
+    from nds.train_mdm import run_mdm
+
+    cfg = latent_config(tmp_path, digits_vae, "mdm.phase_steps=[4,8]")
+    init_ray(cfg)
+    try:
+        outcome = run_mdm(cfg)
+    finally:
+        ray.shutdown()
+    (phase,) = outcome.phases
+    assert phase.phase == Phase(1, 12) and phase.model.io_resolutions == (4,) and math.isfinite(phase.final_loss)
+    assert outcome.images.shape == (cfg.eval.grid_size ** 2, 8, 8, 1)
+    client = MlflowClient(cfg.tracking_uri)
+    history = client.get_metric_history(outcome.run_id, "phase1/train_loss_4")
+    assert max(m.step for m in history) == 12
+    assert client.get_run(outcome.run_id).data.params["mdm.baseline"] == "latent"

@@ -5,7 +5,8 @@ from safetensors.torch import save_file
 
 from nds.encoders import build_encoder
 from nds.hierarchy import images_from_vae_latents
-from nds.vae import AutoencoderKL, VAEConfig, load_autoencoder, save_autoencoder, to_unit_range, train_autoencoder
+from nds.vae import (AutoencoderKL, VAEConfig, autoencoder_config, load_autoencoder, save_autoencoder, to_unit_range,
+                     train_autoencoder)
 
 TINY = VAEConfig(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4)
 
@@ -139,3 +140,23 @@ def test_vae_encoder_and_level1_decoding(tmp_path):
     assert decoded.shape == (3, 8, 8, 3) and decoded.dtype == np.uint8
     with pytest.raises(ValueError, match="multiple of 2"):
         build_encoder("vae", image_size=7, weights=str(path))
+
+
+def test_a_diffusers_folder_gives_its_architecture_in_config_json(tmp_path):
+    """Weights without our metadata take the architecture from the diffusers config.json beside them
+    (extra diffusers fields ignored); without either, Stable Diffusion's VAE is assumed."""
+    import json
+
+    vae = tiny_vae()
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    save_file(vae.state_dict(), str(path))
+    with pytest.raises(ValueError, match="not an AutoencoderKL"):
+        load_autoencoder(path)  # read as SD's VAE: the tiny weights do not fit
+    (tmp_path / "config.json").write_text(json.dumps({
+        "_class_name": "AutoencoderKL", "block_out_channels": [8, 16], "layers_per_block": 1, "latent_channels": 4,
+        "norm_num_groups": 4, "in_channels": 3, "scaling_factor": 0.5, "sample_size": 8}))
+    assert autoencoder_config(path) == VAEConfig(**{**TINY.__dict__, "scaling_factor": 0.5})
+    loaded = load_autoencoder(path)
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode(x), vae.encode(x) / TINY.scaling_factor * 0.5)

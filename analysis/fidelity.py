@@ -21,6 +21,7 @@ IMAGENET100 = "configs/sweep_sigma/imagenet100.yaml"
 COCO = "configs/sweep_sigma/coco.yaml"
 IMAGENET1K = "configs/sweep_depth/imagenet1k.yaml"
 MDM_PRESET = "configs/sweep_mdm/imagenet256.yaml"
+MDM_TEXT = "configs/sweep_mdm/coco_text.yaml"
 UVIT_IN256 = "U-ViT configs/imagenet256_uvit.py"
 UVIT_COCO = "U-ViT configs/mscoco_uvit.py"
 MARKERS = ("<!-- fidelity table: rendered by analysis/fidelity.py -->", "<!-- end of fidelity table -->")
@@ -122,6 +123,14 @@ FACTS = [
     _f(MDM, "App. E.2", "latent DM on KL-F4 codes: 256 px -> 64x64", MDM_PRESET, "mdm.latent_downsample", 4),
     _f(MDM, "App. E.2", "KL-F4 codes have 3 channels", MDM_PRESET, "mdm.latent_channels", 3,
        why="the file itself is checked against these two before training (mdm.vae_weights)"),
+    # -- MDM, text-to-image: Fig. 8c --
+    _f(MDM, "§4.1", "frozen FLAN-T5 XL text encoder", MDM_TEXT, "model.text_encoder", "t5"),
+    _f(MDM, "§4.1", "two learnable self-attention layers over the text tokens", MDM_TEXT, "", None, same=False,
+       why="not built: the NestedUNet projects the T5 tokens linearly and its core attends to them"),
+    _f(MDM, "Fig. 8c", "trained on CC12M, evaluated zero-shot on COCO", MDM_TEXT, "data.name", "coco2014", same=False,
+       why="no CC12M loader: trained on COCO-2014's training captions, scored against its validation images"),
+    _f(MDM, "Fig. 8c", "FID-30K against CLIP score over the CFG weight", MDM_TEXT, "sweep.cfg_scales",
+       [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0], why="the weights are not legible in the text; these are ours"),
 ]
 
 

@@ -6,7 +6,7 @@
 Reads the finished trial runs of every nds-* experiment (or the named ones; or the config's
 tracking.experiment when it sets one), counts a config hash once (newest run) and averages the
 seeds of a setting. Writes, per table, <name>.md/.tex/.csv (and .png where there is a plot):
-table1_sigma, table2_sigma, table3_text, depth, shapes, table4a_encoders, table4b_rcg, mdm (+ mdm_*.png), and
+table1_sigma, table2_sigma, table3_text, depth, shapes, table4a_encoders, table4b_rcg, mdm (+ mdm_*.png), fig8c_guidance (+ .png), and
 tables.md with all of them. A sweep without runs is skipped with a line saying so.
 """
 from __future__ import annotations
@@ -16,17 +16,17 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from analysis.plots import depth_plot, mdm_plots, sigma_plot
+from analysis.plots import depth_plot, guidance_plot, mdm_plots, sigma_plot
 from analysis.render import to_csv, to_latex, to_markdown
 from analysis.runs import EXPERIMENT_PREFIX, load_trials, metric_history
-from analysis.tables import (Table, depth_table, encoders_table, mdm_table, rcg_table, shapes_table, sigma_tables,
-                             text_table)
+from analysis.tables import (Table, depth_table, encoders_table, guidance_table, mdm_table, rcg_table, shapes_table,
+                             sigma_tables, text_table)
 from nds.config import ConfigError, load_config
 from nds.metrics import METRIC_PREFERENCE
 
 FORMATS = ("md", "latex", "csv", "png")
 WRITERS = {"md": (".md", to_markdown), "latex": (".tex", to_latex), "csv": (".csv", to_csv)}
-PLOTS = {"table1_sigma": sigma_plot, "table2_sigma": sigma_plot, "depth": depth_plot}
+PLOTS = {"table1_sigma": sigma_plot, "table2_sigma": sigma_plot, "depth": depth_plot, "fig8c_guidance": guidance_plot}
 
 
 def build_tables(tracking_uri: str, experiments: list[str] | None = None,
@@ -40,7 +40,8 @@ def build_tables(tracking_uri: str, experiments: list[str] | None = None,
         raise SystemExit(f"no finished trial runs in {where} at {tracking_uri}")
     tables, messages = sigma_tables(trials, metric)
     for table, skipped in [text_table(trials, metric), depth_table(trials, metric), shapes_table(trials, metric), encoders_table(trials, metric),
-                           rcg_table(trials, metric), mdm_table(trials, partial(metric_history, tracking_uri), metric)]:
+                           rcg_table(trials, metric), mdm_table(trials, partial(metric_history, tracking_uri), metric),
+                           guidance_table(trials, metric)]:
         tables += [table] if table else []
         messages += [skipped] if skipped else []
     if not tables:

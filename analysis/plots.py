@@ -81,3 +81,23 @@ def mdm_plots(table: Table, out_dir: Path) -> list[Path]:
         name = next(file for key, file in MDM_FILES.items() if family.startswith(key))
         paths.append(_save(fig, out_dir / name))
     return paths
+
+
+def guidance_plot(table: Table, path: Path) -> Path:
+    """MDM Fig. 8c: the metric against caption agreement, a line per setting, points labelled by guidance."""
+    groups = list(table.cells.groupby(["dataset", "condition"]))
+    fig, axes = _panels(groups)
+    for ax, ((dataset, condition), cells) in zip(axes, groups):
+        text_name = cells["text_name"].dropna().iloc[0] if cells["text_name"].notna().any() else None
+        for variant, points in cells.sort_values("scale").groupby("variant"):
+            x = points["text"] if text_name else points["scale"]
+            n = int(points["n"].max())
+            ax.errorbar(x, points["mean"], yerr=points["std"].fillna(0), marker="o", capsize=3,
+                        label=f"{variant} (n={n} seed{'s' if n > 1 else ''})")
+            for xi, yi, scale in zip(x, points["mean"], points["scale"]):
+                ax.annotate(f"w={scale:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xlabel(f"{text_name} ↑" if text_name else "guidance scale")
+        ax.set_ylabel(metric_header(table.metric))
+        ax.set_title(f"{dataset} — {condition}", fontsize=9)
+        ax.legend(fontsize=7)
+    return _save(fig, path)

@@ -1,4 +1,5 @@
-"""The papers' ablation tables from trial runs: Table 1/2 (L × σ_L), depth, shapes, Table 4a/4b, MDM.
+"""The papers' ablation tables from trial runs: Table 1/2 (L × σ_L), depth, shapes, Table 4a/4b, MDM
+(its curves, and the guidance curve of Fig. 8c).
 
 Each builder takes the trials (analysis.runs.load_trials: finished, a re-run config counted once),
 aggregates the seeds of each setting and returns a Table: parts of display strings, one per
@@ -15,7 +16,7 @@ import pandas as pd
 from analysis import paper
 from analysis.runs import quality_metric, settings
 from nds.diagnostics import null_cond_name, sampled_name, true_cond_name
-from nds.metrics import DATA_CLASSIFIER, FID, SUBSTITUTE
+from nds.metrics import CAPTION_CLASS_ACCURACY, CLIP_SCORE, DATA_CLASSIFIER, FID, SUBSTITUTE
 
 NA = "—"  # not applicable: L = 1 has no σ_L
 MISSING = "missing"  # no finished run with the metric for this cell
@@ -477,3 +478,59 @@ def mdm_table(trials: pd.DataFrame, history: Callable[[list[str], str], pd.DataF
     table = Table("mdm", "MDM ablations: progressive training, nested resolutions, baselines", caption,
                   parts + _paper_mdm(), cells, metric, _notes("mdm", hidden), curves)
     return table, None
+
+
+# -- MDM Fig. 8c: quality against caption agreement over guidance scales ---------------------------
+
+TEXT_SCORES = (CLIP_SCORE, CAPTION_CLASS_ACCURACY)  # first found is shown
+GUIDANCE_PREFIX = "metrics.guidance"
+
+
+def _guidance_points(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One row per run and guidance scale: the metric and the caption agreement at that scale."""
+    described = describe(runs)
+    scales = sorted({float(column[len(GUIDANCE_PREFIX):].split("/")[0]) for column in runs.columns
+                     if column.startswith(GUIDANCE_PREFIX)})
+    rows = []
+    for index, run in runs.iterrows():
+        for scale in scales:
+            prefix = f"{GUIDANCE_PREFIX}{scale:g}/"
+            text = next((name for name in TEXT_SCORES if pd.notna(run.get(prefix + name))), None)
+            if pd.notna(run.get(prefix + metric)):
+                rows.append({**described.loc[index, ["dataset", "condition", "variant"]].to_dict(), "scale": scale,
+                             "value": run[prefix + metric], "text_name": text,
+                             "text": run[prefix + text] if text else math.nan, "run_id": run["run_id"]})
+    return pd.DataFrame(rows)
+
+
+def guidance_table(trials: pd.DataFrame, metric: str | None = None):
+    """MDM Fig. 8c: each sweep_mdm setting's final model at every guidance scale of sweep.cfg_scales,
+    the quality metric (mean ± std over seeds) beside the samples' agreement with their captions."""
+    runs = trials[trials["tags.nds.sweep"] == "sweep_mdm"]
+    metric = metric or quality_metric(runs)
+    points = _guidance_points(runs, metric)
+    if points.empty:
+        return None, "fig8c_guidance: no sweep_mdm trial logged a guidance curve (sweep.cfg_scales) — skipped"
+    keys = ["dataset", "condition", "variant", "scale"]
+    cells = (points.groupby(keys).agg(mean=("value", "mean"), std=("value", "std"), n=("value", "count"),
+                                      text=("text", "mean"), text_std=("text", "std"),
+                                      text_name=("text_name", "first"))
+             .reset_index())
+    parts = []
+    for (dataset, condition), group in cells.groupby(["dataset", "condition"]):
+        text_name = group["text_name"].dropna().iloc[0] if group["text_name"].notna().any() else None
+        frame = pd.DataFrame([{"variant": c["variant"], "guidance": _num(c["scale"], ".3g"),
+                               metric_header(metric): cell(c, _is_best(c, group["mean"])),
+                               **({f"{text_name} ↑": f"{c['text']:.3f}" + ("" if pd.isna(c["text_std"])
+                                                                         else f" ± {c['text_std']:.3f}")}
+                                  if text_name else {})}
+                              for _, c in group.sort_values(["variant", "scale"]).iterrows()])
+        parts.append(Part(f"{dataset} — {condition} — ours", frame))
+    agreement = ("caption agreement: clip_score (CLIP, 100 x cosine) where eval.clip_dir was given, else "
+                 "caption_class_accuracy (the data classifier's class of a sample = its caption's class; a "
+                 "substitute, not a CLIP score)")
+    caption = _caption(metric, cells, f"a row per guidance scale of the final model; {agreement};",
+                       "MDM Fig. 8c is a curve without numbers in its text: compare its shape (quality against "
+                       "caption agreement as guidance grows), not values.")
+    return Table("fig8c_guidance", "MDM Fig. 8c: guidance trades quality against caption agreement", caption,
+                 parts, cells, metric), None

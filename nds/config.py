@@ -139,6 +139,9 @@ class EvalConfig:
     # the metric's reference images: data.eval_limit images of the held-out split (test; an image folder's
     # test/ or val/) or of the training split (the nested paper's ImageNet-100 FID, "too few val images")
     reference_split: str = "test"
+    # A local CLIP model directory (CLIPModel + processor, e.g. openai/clip-vit-base-patch16): text-conditional
+    # samples get a CLIP score (MDM Fig. 8c); without it, caption_class_accuracy where captions name classes
+    clip_dir: str = ""
 
 
 @dataclass
@@ -523,7 +526,7 @@ def _validate_mdm(cfg: Config) -> None:
     if not 0.0 <= m.cond_drop_prob < 1.0:
         raise ConfigError("mdm.cond_drop_prob must be in [0, 1)")
     try:
-        mdm_spec(cfg).validate()
+        mdm_spec(cfg, text=False).validate()
     except ValueError as err:  # names the spec field: core_widths, stage_widths, heads, ...
         raise ConfigError(f"mdm: {err}") from None
     try:
@@ -538,7 +541,7 @@ def _validate_mdm(cfg: Config) -> None:
             raise ConfigError(f"mdm.latent_downsample={m.latent_downsample} must divide the top resolution {res[-1]}, "
                               f"and mdm.latent_channels={m.latent_channels} must be >= 1")
         try:
-            latent_spec(cfg).validate()
+            latent_spec(cfg, text=False).validate()
         except ValueError as err:
             raise ConfigError(f"mdm.baseline=latent ({res[-1] // m.latent_downsample}px codes): {err}") from None
 
@@ -570,6 +573,10 @@ def preflight(cfg: Config) -> None:
                           "encoder.level1_weights empty to use the Hugging Face cache")
     if cfg.mdm.baseline == "latent":
         check_latent_vae(cfg)
+    clip = cfg.eval.clip_dir
+    if clip and not (Path(clip).expanduser() / "config.json").is_file():
+        raise ConfigError(f"eval.clip_dir: no CLIP model at {clip} (no config.json): download one (e.g. "
+                          "openai/clip-vit-base-patch16) and pass its directory, or leave it empty")
     m = cfg.model
     if m.text_encoder:
         from nds.text import encoder_dir

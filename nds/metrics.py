@@ -7,20 +7,31 @@ otherwise clearly named substitutes, never reported as ``fid``.
 - ``fd_data_classifier``: the Fréchet distance between the pooled features of a small CNN trained on
   the data's own labelled training split (``nds.data_classifier``), at the data's resolution. Given
   a classifier (``eval.data_classifier``); it ranks small models that the ImageNet features cannot.
+
+Text-image agreement of text-conditional samples (MDM Fig. 8c's other axis):
+
+- ``clip_score``: 100 x the cosine of CLIP's image and caption embeddings (clipped at 0), averaged,
+  with a local CLIP model directory (``eval.clip_dir``; e.g. openai/clip-vit-base-patch16).
+- ``caption_class_accuracy``: where CLIP is absent and captions name a class, how often the data
+  classifier puts a sample in its caption's class: a named substitute, not a CLIP score.
 """
 from __future__ import annotations
 
+import functools
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 FID = "fid"
 SUBSTITUTE = "fd_effnet_lite0"
 DATA_CLASSIFIER = "fd_data_classifier"
 METRIC_PREFERENCE = (FID, DATA_CLASSIFIER, SUBSTITUTE)  # what ranks runs, best first, among those computed
+CLIP_SCORE = "clip_score"
+CAPTION_CLASS_ACCURACY = "caption_class_accuracy"
 INCEPTION_FILE = "inception-2015-12-05.pt"
 
 
@@ -120,3 +131,54 @@ def images_quality(images: np.ndarray, ref_stats: dict, inception_dir: str, subs
     if classifier is not None and DATA_CLASSIFIER in wanted:
         scores[DATA_CLASSIFIER] = frechet(classifier.features(images, batch_size), ref_stats[DATA_CLASSIFIER])
     return scores
+
+
+@functools.lru_cache(maxsize=1)
+def _clip(clip_dir: str):
+    """(model, tokenizer, image processor) of a local CLIP directory."""
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+    path = Path(clip_dir).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no CLIP model at {path} (no config.json): download one (e.g. "
+                                "openai/clip-vit-base-patch16) on a machine with network access and pass its directory")
+    return (CLIPModel.from_pretrained(path, local_files_only=True).eval(),
+            AutoTokenizer.from_pretrained(path, local_files_only=True),
+            AutoImageProcessor.from_pretrained(path, local_files_only=True))
+
+
+def _projected(features) -> torch.Tensor:
+    """The projected embedding: transformers 5 returns it as the output's pooler_output, 4 as the tensor."""
+    return features if isinstance(features, torch.Tensor) else features.pooler_output
+
+
+@torch.no_grad()
+def clip_score(images: np.ndarray, captions: list[str], clip_dir: str, batch_size: int = 64) -> float:
+    """Mean of 100 * max(cos(CLIP image embedding, CLIP caption embedding), 0) over uint8 [N,H,W,C] images."""
+    if len(images) != len(captions):
+        raise ValueError(f"clip_score needs one caption per image: {len(images)} images, {len(captions)} captions")
+    model, tokenizer, processor = _clip(clip_dir)
+    limit = model.config.text_config.max_position_embeddings
+    scores = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size]
+        pictures = [Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x).convert("RGB") for x in batch]
+        pixels = processor(images=pictures, return_tensors="pt")["pixel_values"]
+        text = tokenizer(captions[start:start + batch_size], padding=True, truncation=True, max_length=limit,
+                         return_tensors="pt")
+        image_emb = F.normalize(_projected(model.get_image_features(pixel_values=pixels)), dim=-1)
+        text_emb = F.normalize(_projected(model.get_text_features(input_ids=text["input_ids"],
+                                                                  attention_mask=text["attention_mask"])), dim=-1)
+        scores.append(100 * (image_emb * text_emb).sum(-1).clamp(min=0))
+    return float(torch.cat(scores).mean())
+
+
+def text_agreement(images: np.ndarray, captions: list[str], caption_classes: np.ndarray | None, clip_dir: str,
+                   classifier=None, batch_size: int = 64) -> dict[str, float]:
+    """How well samples follow their captions: CLIP score with CLIP weights, else the classifier's
+    caption-class accuracy where the captions name classes, else nothing (said by the empty result)."""
+    if clip_dir:
+        return {CLIP_SCORE: clip_score(images, captions, clip_dir, batch_size)}
+    if classifier is not None and caption_classes is not None:
+        return {CAPTION_CLASS_ACCURACY: float(classifier.accuracy(images, caption_classes, batch_size))}
+    return {}

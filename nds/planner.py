@@ -205,11 +205,14 @@ def plan_mdm_sweep(stages: list[tuple[str, list[tuple[str, Config]]]]) -> SweepP
                 flops = forward_cost(net.to_empty(device="cpu"))[0] * 1e9
                 plan.trainings.append(Training(f"{name}/phase{index}", stage, f"{name} phase {index} ({baseline})",
                                                3 * flops * _global_batch(cfg) * phase.steps, _devices(cfg)))
-            guided = 2 if cfg.diffusion.cfg_scale != 1.0 and cfg.mdm.num_classes else 1
+            conditional = bool(cfg.mdm.num_classes or cfg.model.text_encoder)
+            guided = 2 if cfg.diffusion.cfg_scale != 1.0 and conditional else 1
             points = sum(n <= trial_iterations(cfg)[-1] for n in eval_at)
-            plan.samplings.append(Sampling(name, stage, points * cfg.eval.num_samples * flops
-                                           * cfg.diffusion.sample_steps * guided))
-    plan.notes.append("MDM sampling counted with each trial's last model at every evaluation point")
+            curve = sum(2 if scale != 1.0 and conditional else 1 for scale in cfg.sweep.cfg_scales)  # Fig. 8c
+            plan.samplings.append(Sampling(name, stage, (points * guided + curve) * cfg.eval.num_samples * flops
+                                           * cfg.diffusion.sample_steps))
+    plan.notes.append("MDM sampling counted with each trial's last model at every evaluation point "
+                      "(and at every scale of sweep.cfg_scales: the guidance curve)")
     return plan
 
 

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from nds import tracking
-from nds.config import Config, ConfigError, config_hash, flatten, from_dict, to_dict, to_yaml
+from nds.config import Config, ConfigError, config_hash, flatten, from_dict, replace, to_dict, to_yaml
 from nds.diffusion import draw_timesteps
 from nds.models import count_params, forward_flops
 from nds.nested_unet import (
@@ -61,6 +61,7 @@ from nds.nested_unet import (
 )
 from nds.sampling import noise_schedule
 from nds.sweep import TrialKind, TrialReport
+from nds.text import MAX_CAPTION_TOKENS, TextBank, prepare_text_condition, text_width
 from nds.train import (EMA, batch_indices, bf16_autocast, condition_drops, deepspeed_config, fit, load_ema_weights,
                        log_precision, resolve_precision, resume, run_steps, step_generator, worker_device)
 
@@ -70,19 +71,22 @@ BASELINES = ("nested", "cascaded", "plain", "latent")
 CASCADE_NOISE_LEVEL = 0.5
 
 
-def mdm_spec(cfg: Config) -> NestedUNetSpec:
-    m = cfg.mdm
+def mdm_spec(cfg: Config, text: bool = True) -> NestedUNetSpec:
+    """The NestedUNet of the config; with ``model.text_encoder`` its core attends to caption tokens
+    (``text=False``: without reading the encoder's width, for validating the rest)."""
+    m, encoder = cfg.mdm, cfg.model.text_encoder
     return NestedUNetSpec(
         resolutions=m.resolutions, channels=m.channels, core_widths=m.core_widths, core_blocks=m.core_blocks,
         attention_levels=m.attention_levels, stage_widths=m.stage_widths, stage_blocks=m.stage_blocks,
         heads=m.heads, num_classes=m.num_classes, cond_drop_prob=m.cond_drop_prob,
+        text_dim=text_width(encoder, cfg.model.text_encoder_path or None) if encoder and text else 0,
     )
 
 
-def latent_spec(cfg: Config) -> NestedUNetSpec:
+def latent_spec(cfg: Config, text: bool = True) -> NestedUNetSpec:
     """The latent baseline's UNet: the innermost UNet of the NestedUNet, at the autoencoder's code size."""
     m = cfg.mdm
-    return dataclasses.replace(mdm_spec(cfg), resolutions=(m.resolutions[-1] // m.latent_downsample,),
+    return dataclasses.replace(mdm_spec(cfg, text), resolutions=(m.resolutions[-1] // m.latent_downsample,),
                                stage_widths=(), channels=m.latent_channels)
 
 
@@ -152,10 +156,12 @@ def decode_codes(vae, z: torch.Tensor, channels: int) -> torch.Tensor:
     return x.mean(dim=1, keepdim=True) if channels == 1 and x.shape[1] != 1 else x
 
 
-def prepare_images(cfg: Config) -> tuple[np.ndarray, np.ndarray | None]:
-    """Training images as uint8 [N, H, W, C] (file datasets: decoded lazily, per batch, in the
-    workers) and the labels (None when unconditional); ``model_input`` brings a batch to the
-    full resolution."""
+def prepare_images(cfg: Config) -> dict:
+    """What the workers train on: ``images``, uint8 [N, H, W, C] (file datasets: decoded lazily, per
+    batch, in the workers; ``model_input`` brings a batch to the full resolution); ``labels`` (None
+    when unconditional); with ``model.text_encoder``, ``text``, the caption bank
+    (nds.text.prepare_text_condition: each image's own captions, or captions of its class), and
+    ``text_groups``, the class of each image for a class-caption bank (else None)."""
     from nds.data import load_dataset
 
     d, m = cfg.data, cfg.mdm
@@ -165,7 +171,17 @@ def prepare_images(cfg: Config) -> tuple[np.ndarray, np.ndarray | None]:
         raise ConfigError(f"mdm.channels={m.channels}, but data.name={d.name} has {channels}-channel images")
     if m.num_classes and data.labels.max() >= m.num_classes:
         raise ConfigError(f"mdm.num_classes={m.num_classes}, but data.name={d.name} has label {data.labels.max()}")
-    return data.images, (data.labels.astype(np.int64) if m.num_classes else None)
+    bank = prepare_text_condition(cfg, data.class_names, data.captions)
+    by_class = bank is not None and not bank.groups_are_images
+    return {"images": data.images, "labels": data.labels.astype(np.int64) if m.num_classes else None,
+            "text": bank, "text_groups": data.labels.astype(np.int64) if by_class else None}
+
+
+def caption_tokens(bank: TextBank, groups: np.ndarray | torch.Tensor, generator: torch.Generator,
+                   device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``text``/``text_mask`` of one caption per example of ``groups`` (classes or image indices), and the captions."""
+    tokens, mask, captions = bank.sample(torch.as_tensor(groups, device=device), generator)
+    return {"text": tokens, "text_mask": mask}, captions
 
 
 def model_input(images: np.ndarray, resolution: int) -> np.ndarray:
@@ -201,8 +217,8 @@ def phase_loop(loop_config: dict) -> None:
     phase = baseline_phases(cfg, baseline)[index]
     rank = ray.train.get_context().get_world_rank()
     device = worker_device(cfg)
-    images = ray.get(loop_config["images"])
-    labels = ray.get(loop_config["labels"])
+    images, labels, bank, text_groups = (ray.get(loop_config[k]) if loop_config.get(k) is not None else None
+                                         for k in ("images", "labels", "text", "text_groups"))
 
     torch.manual_seed(cfg.seed + 1000 * index)  # the same fresh outer stage on every rank
     if loop_config["previous_weights"] is not None:
@@ -228,6 +244,8 @@ def phase_loop(loop_config: dict) -> None:
             x = encode_images(vae, x)
         conditions = {"labels": torch.as_tensor(labels[idx], device=device) if labels is not None else None,
                       "drop_cond": condition_drops(len(idx), m.cond_drop_prob, draws, device)}
+        if bank is not None:  # a caption per example; the same drop nulls it, for guidance
+            conditions.update(caption_tokens(bank, idx if bank.groups_are_images else text_groups[idx], draws, device)[0])
         if cond_schedule is not None:  # noise augmentation: a random level per example
             level = draw_timesteps(len(x), len(alphas), x, draws)
             low = downsample_pyramid(x, m.resolutions[:1], m.downsample)[0]
@@ -262,7 +280,7 @@ def train_phases(cfg: Config, data_refs: dict, run_prefix: str, mlflow_run: dict
                  eval_at: Sequence[int] = (), evaluate: Evaluate | None = None) -> list[PhaseResult]:
     """Fit the phases of ``mdm.baseline`` in order; each phase's run is ``{run_prefix}-{phase_name}``, stable across retries.
 
-    ``data_refs``: Ray object refs of ``images`` and ``labels`` (from ``prepare_images``). A phase is
+    ``data_refs``: Ray object refs of what ``prepare_images`` returns (None where it returns None). A phase is
     fitted in pieces ending at the total iteration counts in ``eval_at`` that fall inside it; each
     piece is a fit of the phase's run that resumes the last piece's checkpoint (optimiser and EMA
     included), and ``evaluate(done, models)`` then gets the EMA models after ``done`` iterations in
@@ -278,8 +296,7 @@ def train_phases(cfg: Config, data_refs: dict, run_prefix: str, mlflow_run: dict
         loop_config = {
             "config": to_dict(cfg),
             "phase": index,
-            "images": data_refs["images"],
-            "labels": data_refs["labels"],
+            **{k: data_refs.get(k) for k in ("images", "labels", "text", "text_groups")},
             "previous_weights": ray.put(results[-1].model.state_dict()) if grows else None,
             "mlflow": mlflow_run,
         }
@@ -301,6 +318,9 @@ def forward_cost(net: NestedUNet) -> tuple[float, float]:
     spec, top, b = net.spec, net.resolutions[-1], 2
     xs = [torch.zeros(b, spec.channels, r, r) for r in net.io_resolutions]
     conditions = {"labels": torch.zeros(b, dtype=torch.long)} if spec.num_classes else {}
+    if spec.text_dim:  # captions padded to CLIP's context length
+        conditions.update(text=torch.zeros(b, MAX_CAPTION_TOKENS, spec.text_dim),
+                          text_mask=torch.ones(b, MAX_CAPTION_TOKENS, dtype=torch.bool))
     if spec.cond_channels:
         conditions.update(cond_image=torch.zeros(b, spec.cond_channels, top, top), cond_t=torch.zeros(b))
     return forward_flops(net, xs, torch.zeros(b), **conditions) / b / 1e9, float(count_params(net))
@@ -334,9 +354,22 @@ def sample_images(cfg: Config, model: NestedUNet, n: int, labels: torch.Tensor |
                       generator=generator or torch.Generator().manual_seed(cfg.seed), **conditions, **extra)
 
 
-def generate_images(cfg: Config, models: list[NestedUNet], n: int) -> np.ndarray:
+@dataclass
+class Samples:
+    images: np.ndarray  # uint8 [n, R, R, C]
+    captions: list[str] | None  # what each image was conditioned on (text-conditional models)
+    caption_classes: np.ndarray | None  # the class each caption names (a class-caption bank), else None
+
+
+def generate_images(cfg: Config, models: list[NestedUNet], n: int, text_bank: TextBank | None = None) -> np.ndarray:
+    """The images of :func:`generate`."""
+    return generate(cfg, models, n, text_bank).images
+
+
+def generate(cfg: Config, models: list[NestedUNet], n: int, text_bank: TextBank | None = None) -> Samples:
     """n full-resolution uint8 [n, R, R, C] images from ``mdm.baseline``'s latest models, in eval.batch_size
-    batches with a fixed seed (labels drawn at random, as MDM's FID protocol does). A model that
+    batches with a fixed seed (labels drawn at random, as MDM's FID protocol does; a text-conditional
+    model gets a caption of a random class, or of a random training image for per-image captions). A model that
     does not reach the full resolution yet (an early phase, a cascade without its second stage)
     shows its top resolution upsampled: what it can offer at that point of training."""
     from nds.hierarchy import images_from_level1
@@ -349,20 +382,27 @@ def generate_images(cfg: Config, models: list[NestedUNet], n: int) -> np.ndarray
     cascaded = cfg.mdm.baseline == "cascaded"
     first = models[0] if cascaded else models[-1]
     generator = torch.Generator().manual_seed(cfg.seed)
-    batches = []
+    batches, captions, classes = [], [], []
     for start in range(0, n, cfg.eval.batch_size):
         size = min(cfg.eval.batch_size, n - start)
         labels = torch.randint(m.num_classes, (size,), generator=generator) if m.num_classes else None
-        x = sample_images(cfg, first, size, labels, generator)[-1]
+        text = {}
+        if text_bank is not None:
+            by_label = labels is not None and not text_bank.groups_are_images
+            groups = labels if by_label else torch.randint(text_bank.num_groups, (size,), generator=generator)
+            text, batch_captions = caption_tokens(text_bank, groups, generator)
+            captions += batch_captions
+            classes += [] if text_bank.groups_are_images else groups.tolist()
+        x = sample_images(cfg, first, size, labels, generator, **text)[-1]
         x = decode_codes(latent_autoencoder(m.vae_weights), x, m.channels) if m.baseline == "latent" else x.clamp(-1, 1)
         if cascaded and len(models) == 2:
             level = torch.full((size,), cond_level)
             cond = noised_upsample(x, top, level, cond_schedule, generator)
-            x = sample_images(cfg, models[1], size, labels, generator, cond_image=cond, cond_t=level)[-1]
+            x = sample_images(cfg, models[1], size, labels, generator, cond_image=cond, cond_t=level, **text)[-1]
         if x.shape[-1] < top:
             x = F.interpolate(x, size=(top, top), mode="bilinear", align_corners=False)
         batches.append(images_from_level1(x))
-    return np.concatenate(batches)
+    return Samples(np.concatenate(batches), captions or None, np.asarray(classes, dtype=np.int64) if classes else None)
 
 
 def save_grid(images: np.ndarray, side: int, path: Path) -> Path:
@@ -402,17 +442,17 @@ def run_mdm(cfg: Config) -> MDMOutcome:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(to_yaml(cfg))
         tracking.log_artifact(uri, run_id, out_dir / "config.yaml")
-        images, labels = prepare_images(cfg)
+        data = prepare_images(cfg)
         if cfg.resources.gpus_per_worker == 0:
             prebuild_cpu_comm_op(extensions_dir(cfg))
         init_ray(cfg)
-        data_refs = {"images": ray.put(images), "labels": ray.put(labels)}
+        data_refs = {k: None if v is None else ray.put(v) for k, v in data.items()}
         phases = train_phases(cfg, data_refs, f"mdm-{run_id[:8]}", {"uri": uri, "run_id": run_id})
         models = final_models(cfg, phases)
         metrics = {f"{phase_name(p.phase)}/final_loss": p.final_loss for p in phases}
         metrics.update(model_costs(*models))
         side = cfg.eval.grid_size
-        samples = generate_images(cfg, models, side * side)
+        samples = generate_images(cfg, models, side * side, data["text"])
         grid_path = save_grid(samples, side, out_dir / "samples.png")
         tracking.log_metrics(uri, run_id, metrics)
         tracking.log_artifact(uri, run_id, grid_path)
@@ -436,7 +476,7 @@ def data_key(cfg: Config) -> str:
     """What ``prepare_images`` returns depends on."""
     m = cfg.mdm
     return config_hash({"data": to_dict(cfg)["data"], "resolution": m.resolutions[-1], "channels": m.channels,
-                        "num_classes": m.num_classes})
+                        "num_classes": m.num_classes, "text": [cfg.model.text_encoder, cfg.model.text_encoder_path]})
 
 
 def metric_key(cfg: Config) -> str:
@@ -456,8 +496,7 @@ def prepare_mdm_inputs(sweep, configs: list[Config]) -> dict:
     inputs = {"data": {}, "metric": {}, "eval_at": sorted({n for cfg in configs for n in trial_iterations(cfg)})}
     for cfg in configs:
         def put_data(cfg=cfg):
-            images, labels = prepare_images(cfg)
-            return {"images": ray.put(images), "labels": ray.put(labels)}
+            return {k: None if v is None else ray.put(v) for k, v in prepare_images(cfg).items()}
 
         inputs["data"][data_key(cfg)] = sweep.memo(("mdm-data", data_key(cfg)), put_data)
         inputs["metric"][metric_key(cfg)] = sweep.memo(("mdm-metric", metric_key(cfg)),
@@ -472,16 +511,20 @@ def run_mdm_trial(cfg: Config, inputs: dict, mlflow_run: dict, trial_dir: Path) 
     The quality metric is not in the returned metrics: the sweep logs those at step 0, which would
     add a false first point to the curve; the run's latest value of the metric is the final one.
     """
+    import ray
+
     from nds.evaluate import score_images
 
     total = trial_iterations(cfg)[-1]
     eval_at = [n for n in inputs["eval_at"] if n <= total]
     metric_state = inputs["metric"][metric_key(cfg)]
+    data_refs = inputs["data"][data_key(cfg)]
+    text_bank = ray.get(data_refs["text"]) if data_refs.get("text") is not None else None
     e = cfg.eval
     last = {}
 
     def evaluate(done: int, models: list[NestedUNet]) -> None:
-        images = generate_images(cfg, models, e.num_samples)
+        images = generate_images(cfg, models, e.num_samples, text_bank)
         scores = score_images(cfg, images, metric_state)
         tracking.log_metrics(mlflow_run["uri"], mlflow_run["run_id"], scores, step=done)
         print(f"[nds] {cfg.mdm.baseline} after {done} iterations: "
@@ -489,12 +532,36 @@ def run_mdm_trial(cfg: Config, inputs: dict, mlflow_run: dict, trial_dir: Path) 
         last["images"] = images
 
     run_prefix = "mdm-" + hashlib.sha1(str(trial_dir).encode()).hexdigest()[:12]  # stable when Tune retries the trial
-    phases = train_phases(cfg, inputs["data"][data_key(cfg)], run_prefix, mlflow_run, eval_at, evaluate)
+    phases = train_phases(cfg, data_refs, run_prefix, mlflow_run, eval_at, evaluate)
     models = final_models(cfg, phases)
     metrics = {f"{phase_name(p.phase)}/final_loss": p.final_loss for p in phases}
     metrics.update(model_costs(*models), iterations=total)
+    metrics.update(guidance_curve(cfg, models, text_bank, metric_state))
     grid = save_grid(last["images"], e.grid_size, trial_dir / "sample_grid.png")
     return TrialReport(metrics, [grid], {"nds.mdm_baseline": cfg.mdm.baseline})
+
+
+def guidance_name(scale: float, metric: str) -> str:
+    return f"guidance{scale:g}/{metric}"
+
+
+def guidance_curve(cfg: Config, models: list[NestedUNet], text_bank: TextBank | None, metric_state: dict) -> dict:
+    """MDM Fig. 8c: the final models sampled at every guidance scale of ``sweep.cfg_scales``, each scored
+    with the quality metrics and, for text-conditional models, the samples' agreement with their
+    captions (nds.metrics.text_agreement); one sampling of eval.num_samples per scale."""
+    from nds.evaluate import score_images
+    from nds.metrics import text_agreement
+
+    e, curve = cfg.eval, {}
+    for scale in cfg.sweep.cfg_scales:
+        samples = generate(replace(cfg, **{"diffusion.cfg_scale": scale}), models, e.num_samples, text_bank)
+        scores = score_images(cfg, samples.images, metric_state)
+        if samples.captions is not None:
+            scores.update(text_agreement(samples.images, samples.captions, samples.caption_classes, e.clip_dir,
+                                         metric_state["classifier"], e.batch_size))
+        curve.update({guidance_name(scale, name): value for name, value in scores.items()})
+        print(f"[nds] guidance {scale:g}: {', '.join(f'{k} {v:.3f}' for k, v in scores.items())}", flush=True)
+    return curve
 
 
 MDM = TrialKind(prepare_mdm_inputs, run_mdm_trial)

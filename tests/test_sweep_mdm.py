@@ -133,3 +133,23 @@ def test_baselines_stage_trains_cascade_and_plain_unet_on_the_same_budget(tmp_pa
     for kind in ("stage", "sweep"):
         (run,) = client.search_runs([experiment.experiment_id], filter_string=f"tags.`nds.kind` = '{kind}'")
         assert run.data.metrics["trials.total"] == 2 and "levels.trained" not in run.data.metrics
+
+
+@pytest.mark.slow
+def test_guidance_curve_of_a_text_conditional_nested_unet(tmp_path, ray_instance):
+    """MDM Fig. 8c at tiny size: a caption-conditioned NestedUNet (MiniLM tokens of the digits' class
+    captions), its final model sampled at each guidance scale, each point scored for quality and for
+    agreement with the captions (the data classifier's substitute: no CLIP weights here)."""
+    from nds.metrics import CAPTION_CLASS_ACCURACY, DATA_CLASSIFIER
+    from nds.train_mdm import guidance_name
+
+    runs, client = sweep_trials(tmp_path, "sweep.mdm_resolutions=[]", "sweep.mdm_phase_steps=[]",
+                                "sweep.mdm_baselines=[nested]", "model.text_encoder=minilm", "sweep.cfg_scales=[1,3]")
+    run = runs["nested"]
+    assert run.data.params["model.text_encoder"] == "minilm"
+    metrics = run.data.metrics
+    for scale in (1, 3):
+        assert 0.0 <= metrics[guidance_name(scale, CAPTION_CLASS_ACCURACY)] <= 1.0
+        assert metrics[guidance_name(scale, DATA_CLASSIFIER)] > 0
+    assert metrics[guidance_name(1, DATA_CLASSIFIER)] != metrics[guidance_name(3, DATA_CLASSIFIER)]
+    assert curve(client, run) == [2, 4]  # the training curve is logged as before

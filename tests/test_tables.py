@@ -118,6 +118,13 @@ def log_other_sweeps(client: MlflowClient) -> None:
                   "model.num_classes": "0", "model.text_encoder": ""}
         log_trial(client, "sweep_mdm", variant, params, {"mdm/gflops": 0.3, "mdm/params": 1.5e6},
                   history=list(zip([100, 200, 300, 400], curve)), tags={"nds.mdm_baseline": baseline})
+    for seed, shift in [(0, 0.0), (1, 2.0)]:  # Fig. 8c: a caption-conditioned NestedUNet's guidance curve
+        params = {"data.name": "fashion_mnist", "seed": str(seed), "mdm.phase_steps": "[200, 200]",
+                  "mdm.resolutions": "[14, 28]", "model.num_classes": "0", "model.text_encoder": "minilm"}
+        curve_points = {"guidance1/fd_effnet_lite0": 30.0 + shift, "guidance1/caption_class_accuracy": 0.3,
+                        "guidance3/fd_effnet_lite0": 36.0 + shift, "guidance3/caption_class_accuracy": 0.7}
+        log_trial(client, "sweep_mdm", "text-nested", params, {"mdm/gflops": 0.4, **curve_points},
+                  history=[(400, 29.0 + shift)], tags={"nds.mdm_baseline": "nested"})
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +230,16 @@ def test_mdm_final_values_and_curves(tables):
     assert set(phases) == {"phase200-200", "phase0-400"}
     curve = mdm.curves[mdm.curves["variant"] == "cascaded"].sort_values("step")
     assert curve["step"].tolist() == [100, 200, 300, 400] and curve["mean"].tolist() == [80.0, 60.0, 45.0, 35.0]
+
+
+def test_fig8c_guidance_curve_pairs_the_metric_with_caption_agreement(tables):
+    table = tables[0]["fig8c_guidance"]
+    (ours,) = table.parts
+    assert ours.title == "fashion_mnist — text (minilm) — ours"
+    rows = rows_by(ours, "guidance")
+    assert rows["1"]["fd_effnet_lite0 ↓"] == "**31.00 ± 1.41 (n=2)**" and rows["3"]["fd_effnet_lite0 ↓"] == "37.00 ± 1.41 (n=2)"
+    assert rows["3"]["caption_class_accuracy ↑"] == "0.700 ± 0.000" and rows["1"]["variant"] == "text-nested"
+    assert "substitute, not a CLIP score" in table.caption
 
 
 def test_make_tables_writes_every_format(store, tmp_path):

@@ -80,11 +80,13 @@ def test_bad_mdm_config_is_named(overrides, names):
 
 def test_images_at_the_full_resolution_and_channels_checked(tmp_path):
     cfg = tiny_config(tmp_path)
-    images, labels = prepare_images(cfg)
+    data = prepare_images(cfg)
+    images, labels = data["images"], data["labels"]
     assert images.shape == (64, 8, 8, 1) and images.dtype == np.uint8 and labels.shape == (64,)
+    assert data["text"] is None and data["text_groups"] is None
     x = model_input(images[:5], 16)  # a batch as the workers see it, at the full resolution
     assert x.shape == (5, 1, 16, 16) and x.dtype == np.float32 and -1.0 <= x.min() < x.max() <= 1.0
-    assert prepare_images(tiny_config(tmp_path, "mdm.num_classes=0"))[1] is None
+    assert prepare_images(tiny_config(tmp_path, "mdm.num_classes=0"))["labels"] is None
     with pytest.raises(ConfigError, match="mdm.channels=3"):
         prepare_images(tiny_config(tmp_path, "mdm.channels=3"))
 
@@ -289,3 +291,27 @@ def test_latent_baseline_trains_on_codes_end_to_end(tmp_path, digits_vae):
     history = client.get_metric_history(outcome.run_id, "phase1/train_loss_4")
     assert max(m.step for m in history) == 12
     assert client.get_run(outcome.run_id).data.params["mdm.baseline"] == "latent"
+
+
+def test_text_conditional_nested_unet_trains_and_samples_on_captions(tmp_path):
+    """model.text_encoder conditions the NestedUNet on caption tokens (the digits' class captions):
+    the workers get the bank and each image's class, sampling records the captions it used, and the
+    captions change the samples."""
+    from nds.train_mdm import caption_tokens, generate, sample_images
+
+    cfg = tiny_config(tmp_path, "model.text_encoder=minilm", "mdm.num_classes=0", "diffusion.cfg_scale=1.0")
+    data = prepare_images(cfg)
+    bank, groups = data["text"], data["text_groups"]
+    assert data["labels"] is None and not bank.groups_are_images and groups.shape == (64,)
+    torch.manual_seed(0)
+    model = phase_module(cfg, "nested", 1).eval()
+    assert model.spec.text_dim == bank.tokens.shape[-1] > 0
+    assert model_costs(model)["mdm/gflops"] > model_costs(phase_module(tiny_config(tmp_path), "nested", 1))["mdm/gflops"]
+    samples = generate(cfg, [model], 6, bank)
+    assert samples.images.shape == (6, 8, 8, 1) and len(samples.captions) == 6
+    assert all(c in bank.captions[k] for c, k in zip(samples.captions, samples.caption_classes))
+    g = torch.Generator().manual_seed(1)
+    zeros, ones = (caption_tokens(bank, torch.full((3,), k), g)[0] for k in (0, 1))
+    same_noise = [sample_images(cfg, model, 3, generator=torch.Generator().manual_seed(2), **text)[-1]
+                  for text in (zeros, ones)]
+    assert not torch.allclose(*same_noise)

@@ -125,8 +125,7 @@ FACTS = [
        why="the file itself is checked against these two before training (mdm.vae_weights)"),
     # -- MDM, text-to-image: Fig. 8c --
     _f(MDM, "§4.1", "frozen FLAN-T5 XL text encoder", MDM_TEXT, "model.text_encoder", "t5"),
-    _f(MDM, "§4.1", "two learnable self-attention layers over the text tokens", MDM_TEXT, "", None, same=False,
-       why="not built: the NestedUNet projects the T5 tokens linearly and its core attends to them"),
+    _f(MDM, "§4.1", "two learnable self-attention layers over the text tokens", MDM_TEXT, "mdm.text_layers", 2),
     _f(MDM, "Fig. 8c", "trained on CC12M, evaluated zero-shot on COCO", MDM_TEXT, "data.name", "coco2014", same=False,
        why="no CC12M loader: trained on COCO-2014's training captions, scored against its validation images"),
     _f(MDM, "Fig. 8c", "FID-30K against CLIP score over the CFG weight", MDM_TEXT, "sweep.cfg_scales",

@@ -204,6 +204,7 @@ class MDMConfig:
     # growing from the previous phase's EMA weights; 0 skips a phase (e.g. [0, 400] = no progression).
     phase_steps: list[int] = field(default_factory=lambda: [200, 200])
     sampler: str = "ddim"  # ddim | ddpm | dpm_solver | dpm_solver++ | dpm_solver++_fast
+    text_layers: int = 2  # with model.text_encoder: self-attention layers over the caption tokens (MDM §4.1)
     # Imagen's dynamic thresholding of every resolution's x0 at this percentile while sampling (App. C; 0 = off)
     threshold: float = 0.0
     downsample: str = "bilinear"  # how the lower resolutions are formed: bilinear (§3.1) | area (pixel means)

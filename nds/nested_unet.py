@@ -61,6 +61,7 @@ class NestedUNetSpec:
     heads: int = 4
     num_classes: int = 0
     text_dim: int = 0
+    text_layers: int = 2  # self-attention layers over the projected caption tokens (MDM §4.1)
     cond_drop_prob: float = 0.1
     nested: bool = True
     cond_channels: int = 0  # > 0: an image condition (a cascade's low-res image) joins the top input
@@ -96,6 +97,8 @@ class NestedUNetSpec:
         for name in ("channels", "core_blocks", "stage_blocks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.text_layers < 0:
+            raise ValueError(f"text_layers must be >= 0, got {self.text_layers}")
         if self.num_classes < 0 or self.text_dim < 0 or self.cond_channels < 0:
             raise ValueError(f"num_classes, text_dim and cond_channels must be >= 0, got {self.num_classes}, "
                              f"{self.text_dim}, {self.cond_channels}")
@@ -279,6 +282,9 @@ class NestedUNet(nn.Module):
         self.label_embed = nn.Embedding(spec.num_classes + 1, emb_dim) if spec.num_classes else None
         if spec.text_dim:
             self.text_proj = nn.Linear(spec.text_dim, emb_dim)
+            self.text_layers = nn.ModuleList(
+                nn.TransformerEncoderLayer(emb_dim, spec.heads, 2 * emb_dim, dropout=0.0, batch_first=True, norm_first=True)
+                for _ in range(spec.text_layers))
             self.null_text = nn.Parameter(0.02 * torch.randn(1, 1, emb_dim))
         if spec.cond_channels:
             # Concatenating the condition to the noisy input before the input conv is the same as
@@ -356,7 +362,10 @@ class NestedUNet(nn.Module):
         if self.label_embed is not None:
             emb = emb + self.label_embed(torch.where(drop_cond, self.spec.num_classes, labels))
         if self.spec.text_dim:
-            text, text_mask = null_text_tokens(self.text_proj(text), text_mask, drop_cond, self.null_text)
+            tokens, padding = self.text_proj(text), None if text_mask is None else ~text_mask
+            for layer in self.text_layers:  # learned over the frozen encoder's tokens, before the drop
+                tokens = layer(tokens, src_key_padding_mask=padding)
+            text, text_mask = null_text_tokens(tokens, text_mask, drop_cond, self.null_text)
         if self.spec.cond_channels:
             cond_t = torch.as_tensor(cond_t, device=device).expand(b)
             emb = emb + self.cond_level_embed(timestep_embedding(cond_t, self.spec.core_widths[0]))

@@ -78,7 +78,7 @@ def mdm_spec(cfg: Config, text: bool = True) -> NestedUNetSpec:
     return NestedUNetSpec(
         resolutions=m.resolutions, channels=m.channels, core_widths=m.core_widths, core_blocks=m.core_blocks,
         attention_levels=m.attention_levels, stage_widths=m.stage_widths, stage_blocks=m.stage_blocks,
-        heads=m.heads, num_classes=m.num_classes, cond_drop_prob=m.cond_drop_prob,
+        heads=m.heads, num_classes=m.num_classes, cond_drop_prob=m.cond_drop_prob, text_layers=m.text_layers,
         text_dim=text_width(encoder, cfg.model.text_encoder_path or None) if encoder and text else 0,
     )
 

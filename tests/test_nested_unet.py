@@ -390,3 +390,20 @@ def test_flops_and_params_count_nested_unet():
     inner = make(levels=1)
     assert 0 < forward_flops(inner, xs[:1], t, **conds) < flops
     assert count_params(inner) < count_params(model)
+
+
+def test_text_layers_mix_the_caption_tokens_and_respect_their_padding():
+    """MDM's learned self-attention layers over the caption tokens: they add parameters, padded
+    positions (mask False) still change nothing, a real token does."""
+    assert count_params(make(replace(SPEC, text_layers=2))) > count_params(make(replace(SPEC, text_layers=0)))
+    model = make()
+    xs, t, conds = inputs(model)
+    out = model(xs, t, **conds)[-1]
+    padded = conds["text"].clone()
+    padded[0, 2:] = torch.randn(2, SPEC.text_dim)  # example 0's masked-out positions
+    torch.testing.assert_close(model(xs, t, **{**conds, "text": padded})[-1], out)
+    changed = conds["text"].clone()
+    changed[0, 1] += 1.0
+    assert not torch.allclose(model(xs, t, **{**conds, "text": changed})[-1][0], out[0])
+    with pytest.raises(ValueError, match="text_layers must be >= 0"):
+        replace(SPEC, text_layers=-1).validate()

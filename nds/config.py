@@ -107,6 +107,7 @@ class TrainingConfig:
     checkpoint_every: int = 100
     max_failures: int = 1  # worker restarts, resumed from the last checkpoint
     fail_once_at_step: int = 0  # fault drill: raise once at this step to exercise resume (0 = off)
+    nan_at_step: int = 0  # fault drill: rank 0's loss is NaN at this step, to exercise non-finite detection (0 = off)
 
 
 @dataclass

@@ -27,7 +27,7 @@ from nds.models import ARCHITECTURE_VERSION
 ENTRY_FILE = "level.json"
 WEIGHTS_FILE = "ema_weights.pt"
 # Keys that change how a run is logged or resumed, not the weights it ends with.
-_TRAINING_BOOKKEEPING = ("log_every", "checkpoint_every", "max_failures", "fail_once_at_step")
+_TRAINING_BOOKKEEPING = ("log_every", "checkpoint_every", "max_failures", "fail_once_at_step", "nan_at_step")
 _SAMPLING_ONLY = ("sampler", "sample_steps", "cfg_scale", "eta", "clip_images", "latent_clip")
 
 

@@ -17,6 +17,7 @@ from nds import tracking
 from nds.config import Config, config_hash, flatten, from_dict, preflight, replace, to_dict, to_yaml
 
 WORKER_START_TIMEOUT_S = 6 * 3600  # how long a queued level's Train workers may wait for resources
+TRIAL_ERROR = "nds_error"  # a trial that failed in a way a retry would repeat reports its error under this key
 
 # Config sections that say where and how a run is executed or logged, not what it computes.
 _NOT_THE_EXPERIMENT = ("paths", "tracking", "resources", "sweep")
@@ -174,8 +175,22 @@ def run_trial(params: dict, *, base: dict, kind: TrialKind, inputs: dict, ctx: d
     """One Tune trial; runs as a small Ray actor while its training runs on Ray Train workers."""
     import ray.tune
 
+    from nds.train import NonFiniteLoss
+
     v = params["variant"]
     cfg = trial_config(from_dict(base), v)
+    try:
+        report, run_id = _trial(cfg, v, kind, inputs, ctx)
+    except NonFiniteLoss as err:  # deterministic: a Tune retry would only repeat it (the run is closed FAILED)
+        ray.tune.report({TRIAL_ERROR: f"{type(err).__name__}: {err}"})
+        return
+    ray.tune.report({**report.metrics, "mlflow_run_id": run_id})
+
+
+def _trial(cfg: Config, v: dict, kind: TrialKind, inputs: dict, ctx: dict) -> tuple[TrialReport, str]:
+    """The trial's MLflow run around ``kind.run``: (its report, the run id)."""
+    import ray.tune
+
     uri = ctx["uri"]
     with tracking.open_run(
         uri, ctx["experiment_id"], trial_name(v), params=flatten(cfg),
@@ -192,7 +207,7 @@ def run_trial(params: dict, *, base: dict, kind: TrialKind, inputs: dict, ctx: d
         tracking.set_tags(uri, run_id, report.tags)
         for artifact in report.artifacts:
             tracking.log_artifact(uri, run_id, artifact)
-    ray.tune.report({**report.metrics, "mlflow_run_id": run_id})
+    return report, run_id
 
 
 # -- a sweep: stages of Tune runs under one MLflow run --------------------------------------------
@@ -288,10 +303,12 @@ class Sweep:
             )
             trials = []
             for result in tuner.fit():
-                trials.append({"variant": result.config["variant"], "ok": result.error is None,
-                               "metrics": {k: v for k, v in (result.metrics or {}).items()
+                reported = result.metrics or {}
+                error = repr(result.error) if result.error else reported.get(TRIAL_ERROR)
+                trials.append({"variant": result.config["variant"], "ok": error is None,
+                               "metrics": {k: v for k, v in reported.items()
                                            if isinstance(v, (int, float)) and not isinstance(v, bool)},
-                               "error": repr(result.error) if result.error else None})
+                               "error": error})
             outcome = StageOutcome(name, run_id, trials)
             counts = level_counts(trials)
             tracking.log_metrics(self.uri, run_id, {"trials.total": len(trials),

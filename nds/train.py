@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import tempfile
 import time
@@ -208,33 +209,65 @@ def resume(engine, ema: EMA) -> int:
     return client_state["step"]
 
 
+class NonFiniteLoss(RuntimeError):
+    """A fit's training loss became NaN or Inf: deterministic under the keyed draws, so not retried."""
+
+
+NONFINITE_FILE = "nonfinite.json"  # written beside a fit's checkpoints when its loss went non-finite
+
+
+def first_nonfinite_step(local: int, device) -> int:
+    """The first step (1-based) at which any rank's loss was non-finite since the last report, or 0:
+    one all-reduce per report, so every rank stops at the same report."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return local
+    flag = torch.tensor([local if local else 2**62], dtype=torch.int64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return 0 if int(flag) == 2**62 else int(flag)
+
+
 def run_steps(cfg: Config, engine, ema: EMA, loss_at, *, start: int, steps: int, tags: dict,
-              metric_prefix: str, mlflow_run: dict | None) -> None:
+              metric_prefix: str, mlflow_run: dict | None, nonfinite_marker: str | None = None) -> None:
     """The step loop shared by U-ViT levels and NestedUNet phases: optimise, update the EMA, report
     mean losses every log_every steps and checkpoints every checkpoint_every (and at the end).
 
     ``loss_at(step)`` returns (loss, {name: float}) for the batch of that step; the extra values
     are averaged and reported like the loss. MLflow gets ``{metric_prefix}/train_{name}``.
+    A non-finite loss on any rank ends the fit at the next report, on every rank, without a
+    checkpoint: its last checkpoint keeps finite weights; rank 0 writes ``nonfinite_marker`` (from
+    ``fit``), which then raises :class:`NonFiniteLoss` instead of letting Ray retry the same NaN.
     """
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
-    fail_at = cfg.training.fail_once_at_step
-    sums, count = {}, 0
+    t = cfg.training
+    sums, count, nonfinite = {}, 0, 0
     for step in range(start, steps):
-        if fail_at and step == fail_at and start < fail_at:
-            raise RuntimeError(f"fault drill: training.fail_once_at_step={fail_at} reached")
+        if t.fail_once_at_step and step == t.fail_once_at_step and start < t.fail_once_at_step:
+            raise RuntimeError(f"fault drill: training.fail_once_at_step={t.fail_once_at_step} reached")
         loss, parts = loss_at(step)
+        if t.nan_at_step and step + 1 == t.nan_at_step and rank == 0:
+            loss = loss * float("nan")  # fault drill: one rank's loss goes NaN
+        value = float(loss.detach())
+        nonfinite = nonfinite or (0 if math.isfinite(value) else step + 1)
         engine.backward(loss)
         engine.step()
         ema.update(engine.module)
-        for name, value in {"loss": float(loss.detach()), **parts}.items():
-            sums[name] = sums.get(name, 0.0) + value
+        for name, part in {"loss": value, **parts}.items():
+            sums[name] = sums.get(name, 0.0) + part
         count += 1
 
         done = step + 1
-        if done % cfg.training.log_every and done % cfg.training.checkpoint_every and done != steps:
+        if done % t.log_every and done % t.checkpoint_every and done != steps:
             continue
+        bad = first_nonfinite_step(nonfinite, engine.device)
+        if bad:
+            if rank == 0 and nonfinite_marker:
+                Path(nonfinite_marker).parent.mkdir(parents=True, exist_ok=True)
+                Path(nonfinite_marker).write_text(json.dumps({"step": bad, "stopped": done}))
+            return
         # the means over the steps since the last report: single-step diffusion losses are noisy
         means = {name: total / count for name, total in sums.items()}
         metrics = {"step": done, **means, **tags}
@@ -298,7 +331,8 @@ def train_loop(loop_config: dict) -> None:
     start = resume(engine, ema)
     bf16 = decision["precision"] == "bf16"
     run_steps(cfg, engine, ema, lambda step: (batch_loss(engine, step, bf16), {}), start=start, steps=cfg.training.steps,
-              tags={"level": level}, metric_prefix=f"level{level}", mlflow_run=loop_config.get("mlflow"))
+              tags={"level": level}, metric_prefix=f"level{level}", mlflow_run=loop_config.get("mlflow"),
+              nonfinite_marker=loop_config.get("nonfinite_marker"))
 
 
 class EMA:
@@ -420,6 +454,9 @@ def fit(cfg: Config, loop, loop_config: dict, run_name: str, what: str):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    marker = cfg.runs_dir / "ray_results" / run_name / NONFINITE_FILE
+    marker.unlink(missing_ok=True)
+    loop_config = {**loop_config, "nonfinite_marker": str(marker)}
     r = cfg.resources
     use_gpu = r.gpus_per_worker > 0
     resources = {"CPU": r.cpus_per_worker}
@@ -439,6 +476,11 @@ def fit(cfg: Config, loop, loop_config: dict, run_name: str, what: str):
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"{what} failed: {result.error}") from result.error
+    if marker.is_file():
+        seen = json.loads(marker.read_text())
+        raise NonFiniteLoss(f"{what}: the training loss became non-finite at step {seen['step']} (stopped at step "
+                            f"{seen['stopped']}; no weights after its last checkpoint are kept; try a lower "
+                            "training.lr, more training.warmup_steps or training.precision=fp32)")
     return result
 
 

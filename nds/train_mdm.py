@@ -262,7 +262,8 @@ def phase_loop(loop_config: dict) -> None:
     start = resume(engine, ema)
     bf16 = decision["precision"] == "bf16"
     run_steps(cfg, engine, ema, lambda step: batch_loss(engine, step, bf16), start=start, steps=loop_config["stop"],
-              tags={"levels": phase.levels}, metric_prefix=phase_name(phase), mlflow_run=loop_config.get("mlflow"))
+              tags={"levels": phase.levels}, metric_prefix=phase_name(phase), mlflow_run=loop_config.get("mlflow"),
+              nonfinite_marker=loop_config.get("nonfinite_marker"))
 
 
 @dataclass

@@ -163,6 +163,29 @@ def test_failing_trial_is_recorded_and_sweep_goes_on(tmp_path):
     assert client.get_run(sweep.run_id).info.status == "FINISHED"
 
 
+def test_a_nonfinite_loss_fails_its_trial_at_once_and_keeps_no_weights(tmp_path):
+    """Rank 0 of two draws a NaN loss at step 3: both ranks stop at the step-4 report, the fit is not
+    retried (max_failures=2 would only repeat it), the trial run ends FAILED naming the step, and
+    neither the level store nor the fit's checkpoints hold weights from after it."""
+    from nds.levels import LevelStore, level_id
+    from nds.sweep import trial_config
+
+    cfg = tiny_config(tmp_path, "sweep.depths=[1]", "hierarchy.L=1", "resources.max_concurrent_trials=1",
+                      "training.nan_at_step=3", "training.max_failures=2")
+    variants = sigma_variants(cfg, [1])
+    with Sweep(cfg, "sweep_sigma") as sweep:
+        stage = sweep.stage("L1", variants)
+    assert [t["ok"] for t in stage.trials] == [False]
+    client = MlflowClient(cfg.tracking_uri)
+    (run,) = trial_runs(client, sweep.experiment_id, stage.run_id)
+    assert run.info.status == "FAILED" and "NonFiniteLoss" in run.data.tags["error"]
+    assert "non-finite at step 3" in run.data.tags["error"] and "NonFiniteLoss" in stage.trials[0]["error"]
+    assert client.get_run(sweep.run_id).info.status == "FINISHED"  # the sweep went on
+    assert LevelStore(cfg.levels_dir).get(level_id(trial_config(cfg, variants[0]), 1)) is None
+    assert client.get_metric_history(run.info.run_id, "level1/train_loss") == []  # its first report was the NaN's
+    assert not list(Path(tmp_path, "ray_results").rglob("checkpoint_*"))  # no weights were checkpointed
+
+
 def test_an_imagenet_layout_folder_runs_a_sweep(tmp_path):
     """An RGB image folder in ImageNet's train/ + val/ layout (val/ is the held-out split), with the
     metric's reference taken from the training split as the paper's ImageNet-100 protocol does."""

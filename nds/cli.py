@@ -84,7 +84,12 @@ def sweep_main(script: str, doc: str, plan: Callable[[Config], Plan], argv: list
     if args.dry_run:
         print(to_yaml(cfg))
         return 0
-    with Sweep(cfg, script) as sweep:
+    try:
+        sweep = Sweep(cfg, script)
+    except ConfigError as err:  # what only the started cluster can tell (resources no node has)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    with sweep:
         run(sweep, stages)
     trials = [t for stage in sweep.stages for t in stage.trials]
     failed = [t for t in trials if not t["ok"]]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nds import tracking
-from nds.config import Config, config_hash, flatten, from_dict, preflight, replace, to_dict, to_yaml
+from nds.config import Config, ConfigError, config_hash, flatten, from_dict, preflight, replace, to_dict, to_yaml
 
 WORKER_START_TIMEOUT_S = 6 * 3600  # how long a queued level's Train workers may wait for resources
 TRIAL_ERROR = "nds_error"  # a trial that failed in a way a retry would repeat reports its error under this key
@@ -72,6 +72,27 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=address, runtime_env=runtime_env)
     else:
         ray.init(include_dashboard=False, runtime_env=runtime_env)
+
+
+def unplaceable(cfg: Config, nodes: list[dict]) -> str | None:
+    """Why no node of the cluster (``ray.nodes()``) can hold one Train worker or one trial driver, naming
+    the config key; None when each fits on some node. A worker's CPUs and GPUs must share a node."""
+    r = cfg.resources
+    capacities = [node["Resources"] for node in nodes if node.get("Alive")]
+    have = "; ".join(f"{c.get('CPU', 0):g} CPU, {c.get('GPU', 0):g} GPU" for c in capacities) or "none"
+    asks = [("resources.driver_cpus", {"CPU": r.driver_cpus}),
+            ("resources.gpus_per_worker" if r.gpus_per_worker else "resources.cpus_per_worker",
+             {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker})]
+    for key, ask in asks:
+        if not any(all(cap.get(name, 0) >= amount for name, amount in ask.items()) for cap in capacities):
+            wanted = ", ".join(f"{amount:g} {name}" for name, amount in ask.items() if amount)
+            return f"{key}: one needs {wanted} on a single node, and no node of the Ray cluster has that (nodes: {have})"
+    worker = asks[1][1]
+    slots = sum(int(min(cap.get(name, 0) // amount for name, amount in worker.items() if amount)) for cap in capacities)
+    if slots < r.workers_per_level:
+        return (f"resources.workers_per_level={r.workers_per_level}: the Ray cluster holds {slots} workers of "
+                f"{r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU at once (nodes: {have})")
+    return None
 
 
 # -- what a trial does ---------------------------------------------------------------------------
@@ -241,12 +262,23 @@ class Sweep:
         from nds.metrics import quality_metric_name
         from nds.train import prebuild_cpu_comm_op
 
+        import ray
+
         preflight(cfg)
         self.cfg, self.name = cfg, name
         self.uri = cfg.tracking_uri
         self.metric = quality_metric_name(cfg.eval.inception_dir, cfg.uses_data_classifier)
         self.experiment = cfg.experiment_name(name)
         self.experiment_id = tracking.prepare_experiment(self.uri, self.experiment, cfg.runs_dir / "mlartifacts")
+        if cfg.resources.gpus_per_worker == 0:
+            prebuild_cpu_comm_op(extensions_dir(cfg))
+        init_ray(cfg)
+        problem = unplaceable(cfg, ray.nodes())
+        if problem and not (cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")):
+            raise ConfigError(problem + ": this local Ray instance cannot grow, so the sweep would wait, not run")
+        if problem:  # a cluster joined by address may still add nodes (an autoscaler)
+            print(f"[nds] warning: {problem}; waiting for the cluster to add one", flush=True)
+        # the run is made last: nothing above can leave it RUNNING
         self.stamp = time.strftime("%Y%m%d-%H%M%S")
         self.run_id = tracking.start_run(self.uri, self.experiment_id, f"{name}-{self.stamp}", params=flatten(cfg),
                                          tags={"nds.kind": "sweep", "nds.sweep": name, "nds.metric": self.metric,
@@ -254,9 +286,6 @@ class Sweep:
         self.stages: list[StageOutcome] = []
         self._memo: dict = {}
         print(f"[nds] MLflow: {self.uri}  experiment '{self.experiment}'  sweep run {self.run_id}", flush=True)
-        if cfg.resources.gpus_per_worker == 0:
-            prebuild_cpu_comm_op(extensions_dir(cfg))
-        init_ray(cfg)
 
     def __enter__(self) -> "Sweep":
         return self

@@ -86,3 +86,33 @@ def test_image_folder_problems_stop_in_the_dry_run(tmp_path):
     (tmp_path / "val").rename(tmp_path / "held")
     proc = run("experiments/sweep_sigma.py", "--dry-run", *folder, rgb)
     assert proc.returncode == 2 and "no test split" in proc.stderr and "val/" in proc.stderr
+
+
+def test_resources_no_node_can_hold_are_named():
+    from nds.config import load_config
+    from nds.sweep import unplaceable
+
+    def node(cpu, gpu=0.0, alive=True):
+        return {"Alive": alive, "Resources": {"CPU": cpu, **({"GPU": gpu} if gpu else {})}}
+
+    cfg = load_config(None, ["resources.workers_per_level=2", "resources.cpus_per_worker=4", "resources.gpus_per_worker=1"])
+    assert unplaceable(cfg, [node(8, 1), node(8, 1)]) is None  # one worker per node
+    assert "resources.gpus_per_worker: one needs 4 CPU, 1 GPU on a single node" in unplaceable(cfg, [node(2), node(8)])
+    assert "nodes: 2 CPU, 0 GPU; 8 CPU, 0 GPU" in unplaceable(cfg, [node(2), node(8)])
+    assert "resources.workers_per_level=2: the Ray cluster holds 1 workers" in unplaceable(cfg, [node(8, 1), node(8, 1, False)])
+    cpu = load_config(None, ["resources.cpus_per_worker=3", "resources.driver_cpus=0.5"])
+    assert unplaceable(cpu, [node(2)]).startswith("resources.cpus_per_worker: one needs 3 CPU")
+    assert unplaceable(load_config(None, ["resources.driver_cpus=4"]), [node(2)]).startswith("resources.driver_cpus")
+
+
+def test_a_sweep_asking_for_a_gpu_this_machine_lacks_stops_before_its_mlflow_run(tmp_path):
+    """On a local Ray instance (it cannot grow) a worker no node can hold fails at once, naming the key,
+    where it used to wait for hours; the sweep's MLflow run is only made after that check."""
+    from mlflow.tracking import MlflowClient
+
+    proc = run("experiments/sweep_depth.py", "sweep.depths=[1]", "resources.gpus_per_worker=1",
+               f"paths.runs_dir={tmp_path}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "resources.gpus_per_worker: one needs" in proc.stderr and "cannot grow" in proc.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert not [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]

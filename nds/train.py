@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import tempfile
@@ -228,6 +229,26 @@ def first_nonfinite_step(local: int, device) -> int:
     return 0 if int(flag) == 2**62 else int(flag)
 
 
+PROGRESS_LINES = 10  # progress lines a fit prints (rank 0), besides its first and last report
+
+
+def quiet_worker_logs() -> None:
+    """Ray Train logs every report of every worker at INFO ("Reporting training result ..."), under a
+    logger named by its file; the fit's own progress lines (``run_steps``) replace them on the console."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray Train layout: keep its lines
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def progress_line(what: str, done: int, steps: int, start: int, loss: float, seconds: float) -> str:
+    rate = (done - start) / max(seconds, 1e-9)
+    eta = (steps - done) / max(rate, 1e-9)
+    return (f"[nds] {what}: step {done}/{steps} ({100 * done / steps:.0f}%), loss {loss:.4f}, {rate:.1f} steps/s, "
+            f"{'done' if done == steps else f'ETA {eta / 60:.1f} min'}")
+
+
 def run_steps(cfg: Config, engine, ema: EMA, loss_at, *, start: int, steps: int, tags: dict,
               metric_prefix: str, mlflow_run: dict | None, nonfinite_marker: str | None = None) -> None:
     """The step loop shared by U-ViT levels and NestedUNet phases: optimise, update the EMA, report
@@ -244,6 +265,7 @@ def run_steps(cfg: Config, engine, ema: EMA, loss_at, *, start: int, steps: int,
     rank = ray.train.get_context().get_world_rank()
     t = cfg.training
     sums, count, nonfinite = {}, 0, 0
+    began, next_line = time.perf_counter(), start
     for step in range(start, steps):
         if t.fail_once_at_step and step == t.fail_once_at_step and start < t.fail_once_at_step:
             raise RuntimeError(f"fault drill: training.fail_once_at_step={t.fail_once_at_step} reached")
@@ -272,6 +294,9 @@ def run_steps(cfg: Config, engine, ema: EMA, loss_at, *, start: int, steps: int,
         means = {name: total / count for name, total in sums.items()}
         metrics = {"step": done, **means, **tags}
         sums, count = {}, 0
+        if rank == 0 and (done >= next_line or done == steps):
+            print(progress_line(metric_prefix, done, steps, start, means["loss"], time.perf_counter() - began), flush=True)
+            next_line = done + max(1, (steps - start) // PROGRESS_LINES)
         if done % cfg.training.checkpoint_every == 0 or done == steps:
             _report_with_checkpoint(engine, ema, metrics, final=done == steps, rank=rank)
         else:
@@ -289,6 +314,7 @@ def train_loop(loop_config: dict) -> None:
     import ray
     import ray.train
 
+    quiet_worker_logs()
     cfg = from_dict(loop_config["config"])
     level: int = loop_config["level"]
     rank = ray.train.get_context().get_world_rank()

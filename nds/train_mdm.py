@@ -63,7 +63,8 @@ from nds.sampling import noise_schedule
 from nds.sweep import TrialKind, TrialReport
 from nds.text import MAX_CAPTION_TOKENS, TextBank, prepare_text_condition, text_width
 from nds.train import (EMA, batch_indices, bf16_autocast, condition_drops, deepspeed_config, fit, load_ema_weights,
-                       log_precision, resolve_precision, resume, run_steps, step_generator, worker_device)
+                       log_precision, quiet_worker_logs, resolve_precision, resume, run_steps, step_generator,
+                       worker_device)
 
 BASELINES = ("nested", "cascaded", "plain", "latent")
 # The cascade's conditioning noise at sampling time, as a fraction of diffusion.timesteps. MDM App. E.1
@@ -212,6 +213,7 @@ def phase_loop(loop_config: dict) -> None:
     import ray
     import ray.train
 
+    quiet_worker_logs()
     cfg = from_dict(loop_config["config"])
     baseline, index = cfg.mdm.baseline, loop_config["phase"]
     phase = baseline_phases(cfg, baseline)[index]

@@ -194,3 +194,17 @@ def test_a_resumed_fit_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
     assert rebuilt.keys() == exported.keys()
     for name, value in rebuilt.items():
         assert torch.equal(value, exported[name]), name
+
+
+def test_progress_lines_say_how_far_a_fit_is_and_ray_trains_report_lines_are_quieted():
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    from nds.train import progress_line, quiet_worker_logs
+
+    line = progress_line("level1", 300, 1500, 100, 0.27341, 100.0)  # 200 steps in 100 s, 1,200 to go
+    assert line == "[nds] level1: step 300/1500 (20%), loss 0.2734, 2.0 steps/s, ETA 10.0 min"
+    assert progress_line("level1", 1500, 1500, 0, 0.2, 60.0).endswith("25.0 steps/s, done")
+    quiet_worker_logs()
+    assert not logging.getLogger(context.__file__).isEnabledFor(logging.INFO)

@@ -88,6 +88,10 @@ def log_sigma_sweep(client: MlflowClient, dataset: str = "fashion_mnist", metric
     log("L3-sigma1", 3, 1.0, 0, 1.0, status="FAILED")  # ignored: L3 σ=1.0 is missing
     log("L1", 1, None, 0, 35.0, classes=10)
     log("L2-sigma0.5", 2, 0.5, 0, 18.0, classes=10)
+
+
+def log_text_sweep(client: MlflowClient, dataset: str = "fashion_mnist", metric: str = SUBSTITUTE) -> None:
+    """Table 3 runs: caption-conditioned L=1 (two seeds) and L=2 at two settings, the guided one with two seeds."""
     for variant, depth, sigma, seed, value, cfg in [("L1", 1, None, 0, 33.0, 1.0), ("L1", 1, None, 1, 35.0, 1.0),
                                                     ("L2-sigma0.5", 2, 0.5, 0, 29.0, 1.0),
                                                     ("L2-sigma1-g2", 2, 1.0, 0, 26.0, 2.0),
@@ -133,6 +137,7 @@ def store(tmp_path_factory):
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
     client = MlflowClient(uri)
     log_sigma_sweep(client)
+    log_text_sweep(client)
     log_other_sweeps(client)
     return uri
 

@@ -18,7 +18,7 @@ from torch import nn
 from nds.config import Config
 from nds.diffusion import Denoiser, cfg_denoiser, make_schedule, sample, split_prediction
 from nds.hierarchy import add_condition_noise
-from nds.text import TextBank
+from nds.text import TextBank, sampling_groups
 
 
 NOISE, CONDITION_NOISE, SAMPLER_NOISE = range(3)  # a level's three streams of draws
@@ -143,9 +143,7 @@ def sample_levels(cfg: Config, models: dict[int, nn.Module], n: int, text_bank: 
             batch_labels = torch.randint(classes, (size,), generator=generator)
         text = None
         if text_bank is not None:
-            class_groups = batch_labels is not None and not text_bank.groups_are_images  # captions of the classes
-            groups = batch_labels if class_groups else torch.randint(text_bank.num_groups, (size,), generator=generator)
-            text = text_bank.sample(groups, generator)[:2]
+            text = text_bank.sample(sampling_groups(text_bank, batch_labels, size, generator), generator)[:2]
         batches.append(nested_sample(models, sigmas, size, alphas, d.sample_steps, seed=(cfg.seed, first),
                                      cfg_scale=d.cfg_scale, eta=d.eta, labels=batch_labels, clip=clips, text=text,
                                      prediction=d.prediction, sampler=d.sampler, start=start,

@@ -237,6 +237,14 @@ class ImageCaptionBank:
         return self.encoder([self.captions[0][0]])
 
 
+def sampling_groups(bank: TextBank, labels: Tensor | None, n: int, generator: torch.Generator | None) -> Tensor:
+    """What n samples draw their captions for: the sampled classes for a class-name bank given
+    labels, else groups drawn uniformly (classes, or training images of a per-image bank)."""
+    if labels is not None and not bank.groups_are_images:
+        return labels
+    return torch.randint(bank.num_groups, (n,), generator=generator)
+
+
 def prepare_text_condition(cfg: Config, class_names: Sequence[str],
                            captions: list[list[str]] | None = None) -> TextBank | None:
     """The caption bank of a text-conditional config (None without text), built once in the sweep

@@ -61,7 +61,7 @@ from nds.nested_unet import (
 )
 from nds.sampling import noise_schedule
 from nds.sweep import TrialKind, TrialReport
-from nds.text import MAX_CAPTION_TOKENS, TextBank, prepare_text_condition, text_width
+from nds.text import MAX_CAPTION_TOKENS, TextBank, prepare_text_condition, sampling_groups, text_width
 from nds.train import (EMA, batch_indices, bf16_autocast, condition_drops, deepspeed_config, fit, load_ema_weights,
                        log_precision, quiet_worker_logs, resolve_precision, resume, run_steps, step_generator,
                        worker_device)
@@ -391,8 +391,7 @@ def generate(cfg: Config, models: list[NestedUNet], n: int, text_bank: TextBank 
         labels = torch.randint(m.num_classes, (size,), generator=generator) if m.num_classes else None
         text = {}
         if text_bank is not None:
-            by_label = labels is not None and not text_bank.groups_are_images
-            groups = labels if by_label else torch.randint(text_bank.num_groups, (size,), generator=generator)
+            groups = sampling_groups(text_bank, labels, size, generator)
             text, batch_captions = caption_tokens(text_bank, groups, generator)
             captions += batch_captions
             classes += [] if text_bank.groups_are_images else groups.tolist()

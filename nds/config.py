@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+BAD_IMAGE_POLICIES = ("fail", "skip")  # data.bad_images
 
 
 class ConfigError(ValueError):
@@ -30,6 +32,7 @@ class DataConfig:
     eval_limit: int = 500  # reference images for the sample-quality metric (0 = all)
     image_size: int = 0  # image_folder/coco2014: resize to this (0 = the level-1 size; x8 for encoder.level1=vae)
     captions: str = ""  # coco2014: folder with captions_{train,val}2014.json (empty = <root>/annotations)
+    bad_images: str = "fail"  # image_folder/coco2014 files that do not decode: fail (name them) | skip (count, leave out)
 
 
 @dataclass
@@ -300,6 +303,8 @@ def _coerce(value, annotation, key: str):
     if kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
         return float(value)
     if kind == "str":
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -334,13 +339,42 @@ def parse_overrides(overrides: list[str]) -> dict:
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as err:
-            raise ConfigError(f"override '{item}': value is not valid YAML ({err})") from None
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"override '{item}': value is not valid YAML ({problem})") from None
         node = nested
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     return nested
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' given twice (first on line {seen[key]})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path):
+    """A YAML file's content; a syntax error is one line naming the file, line and column."""
+    try:
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {err.problem or err.context}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a text file ({err.reason} at byte {err.start})") from None
 
 
 def _merge_file(cfg: Config, path: Path, seen: tuple[Path, ...] = ()) -> None:
@@ -350,10 +384,7 @@ def _merge_file(cfg: Config, path: Path, seen: tuple[Path, ...] = ()) -> None:
         raise ConfigError(f"config file not found: {path}")
     if path.resolve() in seen:
         raise ConfigError(f"config file {path} extends itself (via {' -> '.join(map(str, seen))})")
-    try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    loaded = read_yaml(path)
     if isinstance(loaded, dict) and "extends" in loaded:
         _merge_file(cfg, path.parent / str(loaded.pop("extends")), (*seen, path.resolve()))
     _merge(cfg, loaded)
@@ -430,6 +461,23 @@ def validate(cfg: Config) -> None:
                           f"({len(cfg.sweep.encoders)}), got {len(cfg.sweep.encoder_specs)}")
     if not cfg.sweep.seeds:
         raise ConfigError("sweep.seeds must list at least one seed")
+    for key, seed in [("seed", cfg.seed), *((f"sweep.seeds[{i}]", s) for i, s in enumerate(cfg.sweep.seeds))]:
+        if not 0 <= seed < 2**32:  # numpy's and torch's seeds are unsigned 32-bit
+            raise ConfigError(f"{key}={seed} must be in [0, 2**32)")
+    if len(set(cfg.sweep.seeds)) != len(cfg.sweep.seeds):
+        raise ConfigError(f"sweep.seeds={cfg.sweep.seeds} repeats a seed: a repeat is not a second sample of the spread")
+    r = cfg.resources
+    if r.cpus_per_worker <= 0 or r.gpus_per_worker < 0:
+        raise ConfigError(f"resources.cpus_per_worker={r.cpus_per_worker} must be > 0 and resources.gpus_per_worker="
+                          f"{r.gpus_per_worker} >= 0")
+    if r.gpus_per_worker > 1 and r.gpus_per_worker != int(r.gpus_per_worker):
+        raise ConfigError(f"resources.gpus_per_worker={r.gpus_per_worker}: above 1 a worker takes whole GPUs")
+    if cfg.training.lr <= 0 or cfg.training.warmup_steps < 0 or cfg.training.grad_clip < 0:
+        raise ConfigError(f"training.lr={cfg.training.lr} must be > 0, training.warmup_steps="
+                          f"{cfg.training.warmup_steps} and training.grad_clip={cfg.training.grad_clip} >= 0")
+    if cfg.training.log_every < 1 or cfg.training.checkpoint_every < 1:
+        raise ConfigError(f"training.log_every={cfg.training.log_every} and training.checkpoint_every="
+                          f"{cfg.training.checkpoint_every} must be >= 1")
     from nds.models import UVIT_SIZES
 
     if cfg.model.size not in UVIT_SIZES:
@@ -471,6 +519,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"diffusion.latent_clip={d.latent_clip} must be >= 0 (0 = off)")
     if cfg.model.cond_injection not in COND_INJECTIONS:
         raise ConfigError(f"model.cond_injection='{cfg.model.cond_injection}' must be one of {list(COND_INJECTIONS)}")
+    if cfg.data.bad_images not in BAD_IMAGE_POLICIES:
+        raise ConfigError(f"data.bad_images='{cfg.data.bad_images}' must be one of {list(BAD_IMAGE_POLICIES)}")
     if cfg.eval.reference_split not in ("train", "test"):
         raise ConfigError(f"eval.reference_split='{cfg.eval.reference_split}' must be 'train' or 'test'")
     if cfg.eval.diagnostic_samples < 0:
@@ -548,15 +598,36 @@ def _validate_mdm(cfg: Config) -> None:
             raise ConfigError(f"mdm.baseline=latent ({res[-1] // m.latent_downsample}px codes): {err}") from None
 
 
-def preflight(cfg: Config) -> None:
-    """File checks, run before Ray starts so no compute is spent on a run that cannot finish."""
-    from nds.data import DATASET_CHANNELS, check_dataset
+def preflight(cfg: Config) -> dict[str, int]:
+    """File checks, run before Ray starts so no compute is spent on a run that cannot finish.
+    Returns how many image files each split leaves out under data.bad_images=skip."""
+    from nds.data import DATASET_CHANNELS, FILE_DATASETS, BadImagesError, check_dataset, load_config_split
     from nds.encoders import RANDOM_WEIGHTS, SD_VAE_HUB, check_encoder
 
+    for key, path in (("paths.runs_dir", cfg.runs_dir), ("paths.cache_dir", cfg.cache_dir),
+                      ("paths.levels_dir", cfg.levels_dir)):
+        problem = _unwritable(path)
+        if problem:
+            raise ConfigError(f"{key}: cannot write {path}: {problem}")
     try:
         check_dataset(cfg.data.name, cfg.data.root)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(f"data.name: {err}") from None
+    skipped = {}
+    if cfg.data.name in FILE_DATASETS:  # every file a run will read decodes (checked once, cached by mtime)
+        d = cfg.data
+        for split, limit in dict.fromkeys([("train", d.train_limit), ("test", d.eval_limit),
+                                           (cfg.eval.reference_split, d.eval_limit)]):
+            try:
+                left_out = load_config_split(cfg, split, limit, image_size=1).skipped
+            except BadImagesError as err:
+                raise ConfigError(f"data.bad_images=fail: {err}") from None
+            except (ValueError, FileNotFoundError) as err:
+                raise ConfigError(f"data.root: {err}") from None
+            if left_out:
+                skipped[split] = len(left_out)
+                print(f"[nds] data.bad_images=skip: {len(left_out)} {split} image file(s) left out, e.g. "
+                      f"{next(iter(left_out.items()))}", flush=True)
     channels = DATASET_CHANNELS[cfg.data.name]
     level1 = cfg.levels[0]
     if cfg.encoder.level1 == "pixels" and level1.c != channels:
@@ -587,6 +658,21 @@ def preflight(cfg: Config) -> None:
             encoder_dir(m.text_encoder, m.text_encoder_path or None)
         except (ValueError, FileNotFoundError) as err:
             raise ConfigError(f"model.text_encoder_path: {err}") from None
+    return skipped
+
+
+def _unwritable(path: Path) -> str:
+    """Why a directory could not be created or written, judged without creating it ("" if it could)."""
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            return "no existing parent directory"
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable by this user"
+    return ""
 
 
 def check_latent_vae(cfg: Config) -> None:

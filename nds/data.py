@@ -11,15 +11,19 @@ Loaders are deterministic: ``limit`` always yields the same samples.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import os
 import zlib
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
+
+from nds.config import BAD_IMAGE_POLICIES, Config
 
 FASHION_MNIST_DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
@@ -99,6 +103,7 @@ class ImageSet:
     labels: np.ndarray  # int64 [N]
     class_names: list[str]
     captions: list[list[str]] | None = None  # COCO: every caption of image i
+    skipped: dict[str, str] = field(default_factory=dict)  # files left out under data.bad_images=skip: path -> why
 
     def __post_init__(self) -> None:
         if self.images.dtype != np.uint8 or self.images.ndim != 4:
@@ -201,6 +206,87 @@ def _center_crop_resize(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
 
 
+class BadImagesError(ValueError):
+    """Image files that cannot be decoded, under data.bad_images=fail."""
+
+
+def image_problem(path: Path) -> str:
+    """Why an image file cannot be used ("zero-byte", "truncated", "corrupt: ..."), or "" if it decodes."""
+    try:
+        if path.stat().st_size == 0:
+            return "zero-byte"
+        with Image.open(path) as img:
+            img.draft("RGB", (64, 64))  # JPEG: decode every block at reduced scale; truncation still shows
+            img.load()
+    except OSError as err:
+        return "truncated" if "truncated" in str(err).lower() else f"corrupt: {err}"
+    except (SyntaxError, ValueError) as err:
+        return f"corrupt: {err}"
+    return ""
+
+
+class ImageScan:
+    """Per-file verdicts of :func:`image_problem`, cached under ``cache_dir`` by (path, size, mtime) so a
+    folder is decoded once, not once per run; a changed file is checked again."""
+
+    def __init__(self, cache_dir: Path | None, folder: Path):
+        digest = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+        self.path = cache_dir / "image_scan" / f"{digest}.json" if cache_dir else None
+        self.table = json.loads(self.path.read_text()) if self.path and self.path.is_file() else {}
+        self.changed = False
+
+    def problem(self, path: Path) -> str:
+        stat = path.stat() if path.exists() else None
+        stamp = [stat.st_size, stat.st_mtime_ns] if stat else None
+        cached = self.table.get(str(path))
+        if cached and cached[0] == stamp:
+            return cached[1]
+        verdict = image_problem(path) if stat else "missing"
+        self.table[str(path)], self.changed = [stamp, verdict], True
+        return verdict
+
+    def save(self) -> None:
+        if self.path and self.changed:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.table))
+            os.replace(tmp, self.path)
+
+
+def select_images(candidates: list, path_of: Callable, limit: int | None, policy: str, scan: ImageScan,
+                  where: Path) -> tuple[list, dict[str, str]]:
+    """The first ``limit`` usable candidates, in order, and the bad files met on the way (path -> why).
+    Under ``fail`` any bad file among those that would be used raises, naming the files and the key."""
+    if policy not in BAD_IMAGE_POLICIES:
+        raise ValueError(f"data.bad_images={policy!r} must be one of {list(BAD_IMAGE_POLICIES)}")
+    chosen, bad = [], {}
+    try:
+        for item in candidates:
+            if limit is not None and len(chosen) >= limit:
+                break
+            problem = scan.problem(path_of(item))
+            if problem:
+                bad[str(path_of(item))] = problem
+            else:
+                chosen.append(item)
+    finally:
+        scan.save()
+    if bad and policy == "fail":
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(_count_kinds(bad).items()))
+        shown = "; ".join(f"{p} ({why})" for p, why in list(bad.items())[:5])
+        raise BadImagesError(f"{len(bad)} image file(s) under {where} cannot be decoded ({kinds}): {shown}"
+                             f"{' ...' if len(bad) > 5 else ''}. Fix or remove them, or set data.bad_images=skip "
+                             "to leave them out (the count is reported and logged)")
+    return chosen, bad
+
+
+def _count_kinds(bad: dict[str, str]) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for why in bad.values():
+        counts[why.split(":")[0]] += 1
+    return dict(counts)
+
+
 IMAGE_FOLDER_SPLITS = {"train": ("train",), "test": ("test", "val")}  # ImageNet's held-out split is val/
 
 
@@ -214,14 +300,16 @@ def image_folder_split(root: Path, split: str) -> Path:
     raise FileNotFoundError(f"image folder has no {split} split: expected {wanted} with one folder per class")
 
 
-def load_image_folder(root: str | Path, split: str, image_size: int, limit: int | None = None) -> ImageSet:
+def load_image_folder(root: str | Path, split: str, image_size: int, limit: int | None = None,
+                      bad_images: str = "fail", cache_dir: Path | None = None) -> ImageSet:
     """ImageNet-style ``root/<split>/<class>/*.{png,jpg,jpeg}`` (ImageNet-100 layout: train/ and val/,
     or train/ and test/), lazily decoded.
 
     Only the directory listing is read here; pixels are decoded when indexed
     (:class:`ImageFiles`: center-cropped and resized to RGB).  With ``limit`` the
     files are taken round-robin over classes (i-th file of every class before the
-    (i+1)-th), so a small subset still covers all classes.
+    (i+1)-th), so a small subset still covers all classes. Each file taken is checked to decode
+    (``bad_images``: ``fail`` raises on a bad one, ``skip`` leaves it out and takes the next).
     """
     _check_limit(limit)
     if image_size < 1:
@@ -237,9 +325,10 @@ def load_image_folder(root: str | Path, split: str, image_size: int, limit: int 
     if not files:
         raise ValueError(f"{split_dir}: no {'/'.join(IMAGE_EXTENSIONS)} images in class folders")
     files.sort(key=lambda t: (t[0], t[1]))
-    files = files[:limit]
+    files, skipped = select_images(files, lambda t: t[2], limit, bad_images, ImageScan(cache_dir, split_dir), split_dir)
     labels = np.array([label for _, label, _ in files], dtype=np.int64)
-    return ImageSet(ImageFiles([p for _, _, p in files], image_size), labels, [d.name for d in class_dirs])
+    return ImageSet(ImageFiles([p for _, _, p in files], image_size), labels, [d.name for d in class_dirs],
+                    skipped=skipped)
 
 
 COCO_SPLITS = {"train": "train2014", "test": "val2014"}  # the paper's FID reference is the val split
@@ -259,7 +348,8 @@ def _coco_paths(root: Path, split: str, captions_dir: str | Path | None) -> tupl
 
 
 def load_coco_captions(root: str | Path, split: str, image_size: int, limit: int | None = None,
-                       captions_dir: str | Path | None = None) -> ImageSet:
+                       captions_dir: str | Path | None = None, bad_images: str = "fail",
+                       cache_dir: Path | None = None) -> ImageSet:
     """COCO-2014 images (lazily decoded) with all their captions, ordered by image id.
 
     ``train`` is train2014, ``test`` is val2014.  Only the annotation JSON is parsed
@@ -270,18 +360,21 @@ def load_coco_captions(root: str | Path, split: str, image_size: int, limit: int
     try:
         with open(json_path) as f:
             data = json.load(f)
-        entries = sorted((im["id"], im["file_name"]) for im in data["images"])[:limit]
+        entries = sorted((im["id"], im["file_name"]) for im in data["images"])
         by_image: dict[int, list[str]] = defaultdict(list)
         for ann in data["annotations"]:
             by_image[ann["image_id"]].append(ann["caption"].strip())
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{json_path}: not a COCO captions annotation file ({e!r})") from e
+    entries, skipped = select_images(entries, lambda e: image_dir / e[1], limit, bad_images,
+                                     ImageScan(cache_dir, image_dir), image_dir)
     images = ImageFiles([image_dir / file_name for _, file_name in entries], image_size)
     captions = [by_image.get(image_id, []) for image_id, _ in entries]
-    return ImageSet(images, np.zeros(len(entries), dtype=np.int64), ["coco"], captions)
+    return ImageSet(images, np.zeros(len(entries), dtype=np.int64), ["coco"], captions, skipped=skipped)
 
 
 DATASETS = ("fashion_mnist", "digits", "image_folder", "coco2014")
+FILE_DATASETS = ("image_folder", "coco2014")  # decoded from files: data.bad_images applies
 DATASET_CHANNELS = {"fashion_mnist": 1, "digits": 1, "image_folder": 3, "coco2014": 3}  # images are loaded so
 
 
@@ -314,17 +407,29 @@ def load_dataset(
     limit: int | None = None,
     image_size: int | None = None,
     captions_dir: str | Path | None = None,
+    bad_images: str = "fail",
+    cache_dir: Path | None = None,
 ) -> ImageSet:
-    """Dispatch on the config's ``data.name`` (``captions_dir`` is ``data.captions``, COCO only)."""
+    """Dispatch on the config's ``data.name`` (``captions_dir`` is ``data.captions``, COCO only;
+    ``bad_images`` and the scan cache apply to the file datasets)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {list(DATASETS)}")
     loaders: dict[str, Callable[[], ImageSet]] = {
         "fashion_mnist": lambda: load_fashion_mnist(root or FASHION_MNIST_DEFAULT_ROOT, split, limit),
         "digits": lambda: load_digits_set(split, limit),
-        "image_folder": lambda: load_image_folder(*_root_and_size(name, root, image_size, split), limit),
-        "coco2014": lambda: load_coco_captions(*_root_and_size(name, root, image_size, split), limit, captions_dir),
+        "image_folder": lambda: load_image_folder(*_root_and_size(name, root, image_size, split), limit,
+                                                  bad_images, cache_dir),
+        "coco2014": lambda: load_coco_captions(*_root_and_size(name, root, image_size, split), limit, captions_dir,
+                                               bad_images, cache_dir),
     }
     return loaders[name]()
+
+
+def load_config_split(cfg: Config, split: str, limit: int, image_size: int) -> ImageSet:
+    """``split`` of the config's dataset (``limit`` 0 = all), with its captions folder and bad-image policy."""
+    d = cfg.data
+    return load_dataset(d.name, d.root, split, limit or None, image_size, d.captions or None, d.bad_images,
+                        cfg.cache_dir)
 
 
 def _root_and_size(name: str, root: str | Path | None, image_size: int | None, split: str) -> tuple[str | Path, str, int]:

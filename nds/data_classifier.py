@@ -84,9 +84,9 @@ def classifier_key(cfg: Config, image_size: int) -> dict:
 
 
 def _load(cfg: Config, split: str, limit: int, image_size: int):
-    from nds.data import load_dataset
+    from nds.data import load_config_split
 
-    return load_dataset(cfg.data.name, cfg.data.root, split, limit or None, image_size, cfg.data.captions or None)
+    return load_config_split(cfg, split, limit, image_size)
 
 
 def train_classifier(cfg: Config, image_size: int, seed: int = 0) -> tuple[DataClassifier, float]:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from nds.config import Config, ConfigError
-from nds.data import ImageSet, load_dataset
+from nds.data import ImageSet, load_config_split
 from nds.encoders import EncoderSpec, load_vae
 from nds.hierarchy import (ChannelCompressor, FeatureCache, LevelShape, build_hierarchy, cached_features,
                            check_nesting, compressors_from_state, compressors_state, encode_levels, fit_compressors,
@@ -46,10 +46,6 @@ class PreparedLatents:
     held_out_labels: np.ndarray | None = None  # int64 [M]: their classes
 
 
-def _limit(n: int) -> int | None:
-    return n or None
-
-
 def image_size(cfg: Config) -> int:
     """Pixel size the data is loaded at: data.image_size, else what level 1 needs."""
     level1 = parse_spec(cfg.hierarchy.spec)[0]
@@ -57,8 +53,7 @@ def image_size(cfg: Config) -> int:
 
 
 def load_split(cfg: Config, split: str, limit: int) -> ImageSet:
-    d = cfg.data
-    return load_dataset(d.name, d.root, split, _limit(limit), image_size(cfg), d.captions or None)
+    return load_config_split(cfg, split, limit, image_size(cfg))
 
 
 def dataset_key(cfg: Config, split: str, limit: int) -> dict:

@@ -264,7 +264,7 @@ class Sweep:
 
         import ray
 
-        preflight(cfg)
+        skipped_images = preflight(cfg)
         self.cfg, self.name = cfg, name
         self.uri = cfg.tracking_uri
         self.metric = quality_metric_name(cfg.eval.inception_dir, cfg.uses_data_classifier)
@@ -283,6 +283,9 @@ class Sweep:
         self.run_id = tracking.start_run(self.uri, self.experiment_id, f"{name}-{self.stamp}", params=flatten(cfg),
                                          tags={"nds.kind": "sweep", "nds.sweep": name, "nds.metric": self.metric,
                                                "nds.config_hash": experiment_hash(cfg)})
+        if skipped_images:  # data.bad_images=skip: what was left out, where the sweep is compared
+            tracking.log_metrics(self.uri, self.run_id, {f"data.skipped_images.{split}": n
+                                                         for split, n in skipped_images.items()})
         self.stages: list[StageOutcome] = []
         self._memo: dict = {}
         print(f"[nds] MLflow: {self.uri}  experiment '{self.experiment}'  sweep run {self.run_id}", flush=True)

@@ -163,10 +163,10 @@ def prepare_images(cfg: Config) -> dict:
     when unconditional); with ``model.text_encoder``, ``text``, the caption bank
     (nds.text.prepare_text_condition: each image's own captions, or captions of its class), and
     ``text_groups``, the class of each image for a class-caption bank (else None)."""
-    from nds.data import load_dataset
+    from nds.data import load_config_split
 
     d, m = cfg.data, cfg.mdm
-    data = load_dataset(d.name, d.root, "train", limit=d.train_limit or None, image_size=d.image_size or m.resolutions[-1])
+    data = load_config_split(cfg, "train", d.train_limit, d.image_size or m.resolutions[-1])
     channels = data.images.shape[-1]
     if channels != m.channels:
         raise ConfigError(f"mdm.channels={m.channels}, but data.name={d.name} has {channels}-channel images")
@@ -196,12 +196,11 @@ def model_input(images: np.ndarray, resolution: int) -> np.ndarray:
 def reference_images(cfg: Config) -> np.ndarray:
     """The metric's reference: data.eval_limit images of eval.reference_split at the full resolution,
     uint8 [M, R, R, C]."""
-    from nds.data import load_dataset
+    from nds.data import load_config_split
     from nds.hierarchy import images_from_level1
 
     d, top = cfg.data, cfg.mdm.resolutions[-1]
-    images = load_dataset(d.name, d.root, cfg.eval.reference_split, limit=d.eval_limit or None,
-                          image_size=d.image_size or top).images
+    images = load_config_split(cfg, cfg.eval.reference_split, d.eval_limit, d.image_size or top).images
     if images.shape[1:3] == (top, top):
         return images
     return np.concatenate([images_from_level1(model_input(images[i : i + 1024], top)) for i in range(0, len(images), 1024)])
@@ -229,7 +228,7 @@ def phase_loop(loop_config: dict) -> None:
         model = grow(previous, phase.levels)
     else:
         model = phase_module(cfg, baseline, index)
-    d, m = cfg.diffusion, cfg.mdm
+    m = cfg.mdm
     top = m.resolutions[-1]
     alphas = noise_schedule(cfg).to(device)
     weights = [w for r, w in zip(m.resolutions, m.loss_weights) if r in model.io_resolutions] or None

@@ -1,4 +1,5 @@
 import gzip
+import io
 import pickle
 import shutil
 from pathlib import Path
@@ -10,6 +11,7 @@ from PIL import Image
 
 from nds.data import (
     FASHION_MNIST_CLASSES,
+    BadImagesError,
     ImageFiles,
     check_dataset,
     load_dataset,
@@ -134,15 +136,44 @@ def test_image_folder_center_crops(tmp_path):
     assert (ds.images[0, :, :, 1] == 255).all() and (ds.images[0, :, :, 2] == 0).all()
 
 
-def test_image_folder_corrupt_file_is_named_when_decoded(tmp_path):
+def _bad_files(root: Path) -> dict[str, Path]:
+    """A zero-byte, a truncated and a non-image file among the good ones of _image_folder."""
+    good = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(good, format="JPEG")
+    files = {"zero-byte": root / "train" / "cat" / "zero.jpg", "truncated": root / "train" / "dog" / "cut.jpg",
+             "corrupt": root / "train" / "cat" / "broken.jpg"}
+    files["zero-byte"].write_bytes(b"")
+    files["truncated"].write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    files["corrupt"].write_bytes(b"definitely not a jpeg")
+    return files
+
+
+def test_bad_image_files_fail_by_name_or_are_skipped_and_counted(tmp_path):
     _image_folder(tmp_path)
-    bad = tmp_path / "train" / "cat" / "broken.jpg"
-    bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
-    ds = load_image_folder(tmp_path, "train", image_size=8)  # listing only: nothing decoded yet
-    broken = ds.images.paths.index(bad)
-    with pytest.raises(ValueError, match="broken.jpg"):
-        ds.images[broken]
-    with pytest.raises(ValueError, match="broken.jpg"):
+    bad = _bad_files(tmp_path)
+    with pytest.raises(BadImagesError) as err:
+        load_image_folder(tmp_path, "train", image_size=8, cache_dir=tmp_path / "cache")
+    for kind, path in bad.items():
+        assert f"{path} ({kind}" in str(err.value)
+    assert "data.bad_images=skip" in str(err.value)
+    kept = load_image_folder(tmp_path, "train", image_size=8, bad_images="skip", cache_dir=tmp_path / "cache")
+    assert {Path(p): why.split(":")[0] for p, why in kept.skipped.items()} == {p: k for k, p in bad.items()}
+    assert len(kept) == 7 and np.asarray(kept.images).shape == (7, 8, 8, 3)  # what is left decodes
+    limited = load_image_folder(tmp_path, "train", image_size=8, limit=5, bad_images="skip")
+    assert len(limited) == 5  # a bad file's place goes to the next good one
+    for path in bad.values():  # mended files (new mtime) are checked again, not taken from the cache
+        Image.new("RGB", (9, 9)).save(path, format="PNG" if path.suffix == ".png" else "JPEG")
+    assert len(load_image_folder(tmp_path, "train", image_size=8, cache_dir=tmp_path / "cache")) == 10
+
+
+def test_a_file_spoiled_after_loading_is_named_when_decoded(tmp_path):
+    _image_folder(tmp_path)
+    ds = load_image_folder(tmp_path, "train", image_size=8)
+    spoiled = ds.images.paths[0]
+    spoiled.write_bytes(b"not an image any more")
+    with pytest.raises(ValueError, match=spoiled.name):
+        ds.images[0]
+    with pytest.raises(ValueError, match=spoiled.name):
         np.asarray(ds.images)
 
 

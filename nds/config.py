@@ -121,6 +121,8 @@ class ResourcesConfig:
     driver_cpus: float = 0.1
     max_concurrent_trials: int = 2
     ray_address: str = ""  # empty: join RAY_ADDRESS if set, else start a local instance
+    level_lock_stale_s: float = 600.0  # a level's trainer whose lock heartbeat is this old is stuck: waiters stop
+    level_wait_s: float = 0.0  # longest wait for a level another trial trains (0 = while its trainer lives)
 
 
 @dataclass
@@ -470,6 +472,9 @@ def validate(cfg: Config) -> None:
     if r.cpus_per_worker <= 0 or r.gpus_per_worker < 0:
         raise ConfigError(f"resources.cpus_per_worker={r.cpus_per_worker} must be > 0 and resources.gpus_per_worker="
                           f"{r.gpus_per_worker} >= 0")
+    if r.level_lock_stale_s <= 0 or r.level_wait_s < 0:
+        raise ConfigError(f"resources.level_lock_stale_s={r.level_lock_stale_s} must be > 0 and "
+                          f"resources.level_wait_s={r.level_wait_s} >= 0 (0 = no limit)")
     if r.gpus_per_worker > 1 and r.gpus_per_worker != int(r.gpus_per_worker):
         raise ConfigError(f"resources.gpus_per_worker={r.gpus_per_worker}: above 1 a worker takes whole GPUs")
     if cfg.training.lr <= 0 or cfg.training.warmup_steps < 0 or cfg.training.grad_clip < 0:

@@ -6,25 +6,39 @@ seed (``level_key``). A σ sweep over k values at depth L therefore trains k con
 copies of level L-1 and shares every other level. Entries live under ``cfg.levels_dir``
 (on storage every node sees), are written atomically, and a file lock per entry makes a
 second trial that needs a level wait for the first to train it instead of training it again.
+
+The lock is an flock on ``<id>.lock``: the kernel drops it when its holder dies (killed, OOM), on
+local disks at once and on NFSv4 when the dead client's lease runs out (about 90 s); a waiter then
+takes it and trains the level (a half-trained level left no entry: entries are published by one
+rename). A holder that is alive but stuck, or a lock that a filesystem keeps after its holder died
+(NFSv3 without lockd, some FUSE mounts), is caught by the holder's heartbeat in ``<id>.holder.json``:
+a waiter that sees it go stale for ``resources.level_lock_stale_s`` stops with an error naming the
+holder, and one that has waited ``resources.level_wait_s`` (if set) stops too, instead of hanging.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import socket
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from nds.config import Config, config_hash, to_dict
 from nds.hierarchy import parse_spec
 from nds.models import ARCHITECTURE_VERSION
 
 ENTRY_FILE = "level.json"
+LOCK_POLL_S = 2.0  # how often a waiter looks at the holder's heartbeat
+WAIT_NOTICE_S = 300.0  # a waiter says whom it waits for this often
 WEIGHTS_FILE = "ema_weights.pt"
 # Keys that change how a run is logged or resumed, not the weights it ends with.
 _TRAINING_BOOKKEEPING = ("log_every", "checkpoint_every", "max_failures", "fail_once_at_step", "nan_at_step")
@@ -87,9 +101,55 @@ class LevelStore:
                                     f"delete the directory to retrain the level")
         return LevelEntry(level_id, path, json.loads((path / ENTRY_FILE).read_text()))
 
-    def lock(self, level_id: str) -> FileLock:
-        """Held while a level is trained, so concurrent trials that need it wait instead of training it too."""
-        return FileLock(str(self.root / f"{level_id}.lock"))
+    @contextmanager
+    def hold(self, level_id: str, stale_s: float, wait_s: float = 0.0, holder: str = "") -> Iterator[None]:
+        """Held while a level is trained, so concurrent trials that need it wait instead of training it too.
+        Raises LevelLockError if the holder's heartbeat is older than ``stale_s`` or (``wait_s`` > 0) after
+        waiting that long; ``holder`` (e.g. the MLflow run) is shown to waiters."""
+        lock = FileLock(str(self.root / f"{level_id}.lock"))
+        heartbeat = self.root / f"{level_id}.holder.json"
+        started, noticed, wall_started = time.monotonic(), time.monotonic(), time.time()
+        while True:
+            try:
+                lock.acquire(timeout=LOCK_POLL_S)
+                break
+            except Timeout:
+                held_by = _read_json(heartbeat)
+                age = time.time() - held_by.get("heartbeat", wall_started)  # no heartbeat: a foreign holder
+                who = (f"{held_by.get('host')}:{held_by.get('pid')} ({held_by.get('holder') or 'no run named'})"
+                       if held_by else "an unknown process")
+                if age > stale_s:
+                    raise LevelLockError(
+                        f"level {level_id} is locked by {who}, whose heartbeat stopped {age:.0f} s ago "
+                        f"(resources.level_lock_stale_s={stale_s:g}): the holder is stuck, or the filesystem kept "
+                        f"its lock after it died. If no such process runs, delete {lock.lock_file} and run again")
+                waited = time.monotonic() - started
+                if wait_s and waited > wait_s:
+                    raise LevelLockError(f"waited {waited:.0f} s (resources.level_wait_s={wait_s:g}) for level "
+                                         f"{level_id}, which {who} is training; its heartbeat is {age:.0f} s old")
+                if time.monotonic() - noticed > WAIT_NOTICE_S:
+                    print(f"[nds] waiting {waited:.0f} s for level {level_id}, being trained by {who}", flush=True)
+                    noticed = time.monotonic()
+        stop, acquired = threading.Event(), time.time()
+
+        def beat() -> None:
+            _write_json(heartbeat, {"host": socket.gethostname(), "pid": os.getpid(), "holder": holder,
+                                    "since": acquired, "heartbeat": time.time()})
+
+        def keep_beating() -> None:
+            while not stop.wait(max(stale_s / 4, 0.1)):
+                beat()
+
+        beat()  # before the block runs: a waiter always finds whom it waits for
+        beat_thread = threading.Thread(target=keep_beating, daemon=True, name=f"level-lock-{level_id}")
+        beat_thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            beat_thread.join()
+            heartbeat.unlink(missing_ok=True)
+            lock.release()
 
     def put(self, level_id: str, weights: dict[str, torch.Tensor], info: dict) -> LevelEntry:
         """Write the entry beside the store and publish it with one rename: a crash leaves no half entry."""
@@ -103,6 +163,23 @@ class LevelStore:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return self.get(level_id)
+
+
+class LevelLockError(RuntimeError):
+    """A level's lock could not be had: its holder stopped beating, or the wait ran past its limit."""
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # not there (yet), or caught mid-write
+        return {}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
 
 
 @dataclass
@@ -119,7 +196,8 @@ def obtain_level(cfg: Config, level: int, data_refs: dict, mlflow_run: dict | No
     store = LevelStore(cfg.levels_dir)
     key = level_key(cfg, level)
     ident = config_hash(key)
-    with store.lock(ident):
+    r = cfg.resources
+    with store.hold(ident, r.level_lock_stale_s, r.level_wait_s, holder=f"MLflow run {(mlflow_run or {}).get('run_id')}"):
         entry = store.get(ident)
         if entry is not None:
             return ObtainedLevel(level, entry, trained=False)
@@ -136,7 +214,7 @@ def load_level_model(cfg: Config, entry: LevelEntry) -> torch.nn.Module:
 
     model = build_level_model(cfg, entry.info["level"])
     try:
-        state = torch.load(entry.weights, map_location="cpu")
+        state = torch.load(entry.weights, map_location="cpu", weights_only=True)  # tensors only: no pickled code
     except Exception as err:  # a truncated or foreign file: name it, say how to recover
         raise RuntimeError(f"cannot read level weights {entry.weights} ({err}); delete {entry.path} to retrain") from err
     model.load_state_dict(state)

@@ -221,7 +221,7 @@ def _trial(cfg: Config, v: dict, kind: TrialKind, inputs: dict, ctx: dict) -> tu
         parent_run_id=ctx["parent_run_id"],
     ) as run_id:
         trial_dir = Path(ray.tune.get_context().get_trial_dir())
-        (trial_dir / "config.yaml").write_text(to_yaml(cfg))
+        (trial_dir / "config.yaml").write_text(tracking.mask_credentials(to_yaml(cfg)))
         tracking.log_artifact(uri, run_id, trial_dir / "config.yaml")
         report = kind.run(cfg, inputs, {"uri": uri, "run_id": run_id}, trial_dir)
         tracking.log_metrics(uri, run_id, report.metrics)

@@ -7,6 +7,7 @@ sqlite store races in its schema migration.
 """
 from __future__ import annotations
 
+import re
 import time
 import traceback
 from collections.abc import Iterator
@@ -18,6 +19,20 @@ from mlflow.tracking import MlflowClient
 
 PARENT_TAG = "mlflow.parentRunId"
 MAX_BATCH = 100  # MLflow's limit on params per log_batch call
+# params are readable by everyone with access to the store: names like these are never logged, and
+# the user:password part of a URL value (an MLflow or S3 address) is masked
+CREDENTIAL_NAME = re.compile(r"pass(word|wd)?|secret|token|api[_-]?key|credential|private[_-]?key|auth", re.I)
+URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def mask_credentials(text: str) -> str:
+    """``text`` with the user:password part of every URL in it masked."""
+    return URL_USERINFO.sub("***@", text)
+
+
+def public_params(params: dict[str, str]) -> dict[str, str]:
+    """``params`` without credentials: credential-like names dropped, URL user:password masked."""
+    return {k: mask_credentials(str(v)) for k, v in params.items() if not CREDENTIAL_NAME.search(k)}
 
 
 def prepare_experiment(uri: str, name: str, artifact_root: Path) -> str:
@@ -38,7 +53,7 @@ def start_run(uri: str, experiment_id: str, name: str, params: dict[str, str] | 
     if parent_run_id:
         tags[PARENT_TAG] = parent_run_id
     run = client.create_run(experiment_id, run_name=name, tags=tags)
-    items = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
+    items = [Param(k, v[:6000]) for k, v in public_params(params or {}).items()]
     for i in range(0, len(items), MAX_BATCH):
         client.log_batch(run.info.run_id, params=items[i : i + MAX_BATCH])
     return run.info.run_id

@@ -516,5 +516,5 @@ def load_ema_weights(model: torch.nn.Module, result) -> torch.nn.Module:
         path = Path(ckpt_dir) / WEIGHTS_FILE
         if not path.exists():
             raise FileNotFoundError(f"checkpoint {result.checkpoint.path} has no {WEIGHTS_FILE}")
-        model.load_state_dict(torch.load(path, map_location="cpu"))
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()

@@ -441,7 +441,7 @@ def run_mdm(cfg: Config) -> MDMOutcome:
         print(f"[nds] MLflow: {uri}  experiment '{experiment}'  run {run_id}", flush=True)
         out_dir = cfg.runs_dir / "mdm" / run_id
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(to_yaml(cfg))
+        (out_dir / "config.yaml").write_text(tracking.mask_credentials(to_yaml(cfg)))
         tracking.log_artifact(uri, run_id, out_dir / "config.yaml")
         data = prepare_images(cfg)
         if cfg.resources.gpus_per_worker == 0:

@@ -119,6 +119,7 @@ CASES = [
     ("1.5 GPUs a worker", ["resources.gpus_per_worker=1.5"], "resources.gpus_per_worker"),
     ("no workers", ["resources.workers_per_level=0"], "resources.workers_per_level"),
     ("no concurrent trials", ["resources.max_concurrent_trials=0"], "resources.max_concurrent_trials"),
+    ("level lock that is always stale", ["resources.level_lock_stale_s=0"], "resources.level_lock_stale_s"),
     # the command line
     ("override without '='", ["model.width"], "key=value"),
     ("override value that is not YAML", ["model.width=[1"], r"model.width=\[1"),

@@ -1,11 +1,17 @@
 """The trained-level store: what keys a level, and how entries are written and read back."""
+import contextlib
 import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from nds.config import load_config, replace
-from nds.levels import ENTRY_FILE, WEIGHTS_FILE, LevelStore, level_id, load_level_model
+from nds.levels import ENTRY_FILE, WEIGHTS_FILE, LevelLockError, LevelStore, level_id, load_level_model
 from nds.protocols import sigma_variants
 from nds.sweep import trial_config
 from nds.train import build_level_model
@@ -80,3 +86,55 @@ def test_store_round_trip_and_half_written_entries(tmp_path):
     with pytest.raises(FileNotFoundError, match="no ema_weights.pt; delete the directory"):
         store.get(ident)
     assert json.loads((entry.path / ENTRY_FILE).read_text())["level_id"] == ident
+
+
+HOLD_AND = """
+import os, signal, sys, time
+from nds.levels import LevelStore
+with LevelStore(sys.argv[1]).hold("lvl", stale_s=float(sys.argv[3]), holder="run-abc"):
+    print("held", flush=True)
+    if sys.argv[2] == "die":
+        os.kill(os.getpid(), signal.SIGKILL)  # the OOM killer's way: no cleanup runs
+    if sys.argv[2] == "hang":
+        os.kill(os.getpid(), signal.SIGSTOP)  # alive, holding the lock, heartbeat stopped
+    time.sleep(600)
+"""
+
+
+@contextlib.contextmanager
+def lock_holder(root: Path, how: str, stale_s: float = 1.0):
+    """A separate process that takes level 'lvl''s lock and then dies, hangs, or holds it while beating."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_AND, str(root), how, str(stale_s)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_killed_lock_holder_frees_the_level_at_once(tmp_path):
+    with lock_holder(tmp_path, "die") as proc:
+        proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL and (tmp_path / "lvl.holder.json").exists()  # it left its heartbeat
+        start = time.monotonic()
+        with LevelStore(tmp_path).hold("lvl", stale_s=60):
+            assert time.monotonic() - start < 10
+    assert not (tmp_path / "lvl.holder.json").exists()
+
+
+def test_a_stuck_lock_holder_is_named_not_waited_for(tmp_path):
+    with lock_holder(tmp_path, "hang") as proc:
+        start = time.monotonic()
+        with pytest.raises(LevelLockError, match=rf"locked by .*:{proc.pid} \(run-abc\), whose heartbeat stopped.*delete .*lvl.lock"):
+            with LevelStore(tmp_path).hold("lvl", stale_s=3):
+                pass
+        assert time.monotonic() - start < 30
+
+
+def test_a_live_holder_is_waited_for_up_to_the_limit(tmp_path):
+    with lock_holder(tmp_path, "hold", stale_s=1.0) as proc:
+        time.sleep(2.5)  # longer than stale_s: only a live heartbeat keeps the waiter from calling it stuck
+        with pytest.raises(LevelLockError, match=rf"waited \d+ s \(resources.level_wait_s=3\).*:{proc.pid}"):
+            with LevelStore(tmp_path).hold("lvl", stale_s=5, wait_s=3):
+                pass

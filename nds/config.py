@@ -111,6 +111,7 @@ class TrainingConfig:
     max_failures: int = 1  # worker restarts, resumed from the last checkpoint
     fail_once_at_step: int = 0  # fault drill: raise once at this step to exercise resume (0 = off)
     nan_at_step: int = 0  # fault drill: rank 0's loss is NaN at this step, to exercise non-finite detection (0 = off)
+    kill_worker_at_step: int = 0  # fault drill: the last rank SIGKILLs itself at this step, once per fit (0 = off)
 
 
 @dataclass
@@ -160,6 +161,7 @@ class SweepConfig:
     # best (σ_L, scale) pair is carried into depth L+1. Guidance only changes sampling: no extra level trainings
     cfg_scales: list[float] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0])  # every sweep: results are mean ± std over these
+    reuse_finished: bool = True  # a trial whose finished MLflow run (same trial key) exists is reused, not rerun
     carry_best_sigma: bool = True  # sweep_sigma: depth L+1 uses the best σ_L found at depth L
     shapes: list[str] = field(default_factory=list)  # sweep_shapes: whole hierarchy.spec strings to compare
     encoders: list[str] = field(default_factory=list)  # sweep_encoders: encoder.name values (Table 4a)

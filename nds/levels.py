@@ -41,7 +41,8 @@ LOCK_POLL_S = 2.0  # how often a waiter looks at the holder's heartbeat
 WAIT_NOTICE_S = 300.0  # a waiter says whom it waits for this often
 WEIGHTS_FILE = "ema_weights.pt"
 # Keys that change how a run is logged or resumed, not the weights it ends with.
-_TRAINING_BOOKKEEPING = ("log_every", "checkpoint_every", "max_failures", "fail_once_at_step", "nan_at_step")
+_TRAINING_BOOKKEEPING = ("log_every", "checkpoint_every", "max_failures", "fail_once_at_step", "nan_at_step",
+                         "kill_worker_at_step")
 _SAMPLING_ONLY = ("sampler", "sample_steps", "cfg_scale", "eta", "clip_images", "latent_clip")
 
 

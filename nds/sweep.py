@@ -115,6 +115,14 @@ class TrialKind:
 
     prepare: Callable[["Sweep", list[Config]], dict]
     run: Callable[[Config, dict, dict, Path], TrialReport]
+    name: str  # in the trial key: two kinds never share results
+
+
+def trial_key(cfg: Config, kind: TrialKind, metric: str) -> str:
+    """What a trial computes and reports: the experiment (seed included), the kind, the quality metric and
+    the guidance scales it is scored at. A finished trial run with this key is reused, not run again."""
+    return config_hash({"experiment": experiment_hash(cfg), "kind": kind.name, "metric": metric,
+                        "cfg_scales": cfg.sweep.cfg_scales})
 
 
 def data_key(cfg: Config) -> str:
@@ -189,7 +197,7 @@ def run_chain_trial(cfg: Config, inputs: dict, mlflow_run: dict, trial_dir: Path
     return TrialReport(metrics, report.artifacts, tags)
 
 
-CHAIN = TrialKind(prepare_chain_inputs, run_chain_trial)
+CHAIN = TrialKind(prepare_chain_inputs, run_chain_trial, "chain")
 
 
 def run_trial(params: dict, *, base: dict, kind: TrialKind, inputs: dict, ctx: dict) -> None:
@@ -217,7 +225,8 @@ def _trial(cfg: Config, v: dict, kind: TrialKind, inputs: dict, ctx: dict) -> tu
         uri, ctx["experiment_id"], trial_name(v), params=flatten(cfg),
         tags={"nds.kind": "trial", "nds.sweep": ctx["sweep"], "nds.stage": ctx["stage"], "nds.variant": v["name"],
               "nds.config_hash": experiment_hash(cfg), "nds.group_hash": experiment_hash(cfg, with_seed=False),
-              "nds.metric": ctx["metric"]},
+              "nds.metric": ctx["metric"], tracking.DRIVER_TAG: ctx["driver"],
+              tracking.TRIAL_KEY_TAG: trial_key(cfg, kind, ctx["metric"])},
         parent_run_id=ctx["parent_run_id"],
     ) as run_id:
         trial_dir = Path(ray.tune.get_context().get_trial_dir())
@@ -267,6 +276,10 @@ class Sweep:
         skipped_images = preflight(cfg)
         self.cfg, self.name = cfg, name
         self.uri = cfg.tracking_uri
+        problem = tracking.unreachable(self.uri)
+        if problem:
+            raise ConfigError(f"tracking.uri (or MLFLOW_TRACKING_URI): {problem}; start it, or leave tracking.uri "
+                              "empty for the sqlite store under paths.runs_dir")
         self.metric = quality_metric_name(cfg.eval.inception_dir, cfg.uses_data_classifier)
         self.experiment = cfg.experiment_name(name)
         self.experiment_id = tracking.prepare_experiment(self.uri, self.experiment, cfg.runs_dir / "mlartifacts")
@@ -278,11 +291,15 @@ class Sweep:
             raise ConfigError(problem + ": this local Ray instance cannot grow, so the sweep would wait, not run")
         if problem:  # a cluster joined by address may still add nodes (an autoscaler)
             print(f"[nds] warning: {problem}; waiting for the cluster to add one", flush=True)
+        abandoned = tracking.close_abandoned_runs(self.uri, self.experiment_id)
+        if abandoned:
+            print(f"[nds] {abandoned} MLflow run(s) of a killed sweep driver closed as KILLED", flush=True)
         # the run is made last: nothing above can leave it RUNNING
         self.stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.driver = tracking.driver_id()
         self.run_id = tracking.start_run(self.uri, self.experiment_id, f"{name}-{self.stamp}", params=flatten(cfg),
                                          tags={"nds.kind": "sweep", "nds.sweep": name, "nds.metric": self.metric,
-                                               "nds.config_hash": experiment_hash(cfg)})
+                                               "nds.config_hash": experiment_hash(cfg), tracking.DRIVER_TAG: self.driver})
         if skipped_images:  # data.bad_images=skip: what was left out, where the sweep is compared
             tracking.log_metrics(self.uri, self.run_id, {f"data.skipped_images.{split}": n
                                                          for split, n in skipped_images.items()})
@@ -298,7 +315,7 @@ class Sweep:
             trials = [t for s in self.stages for t in s.trials]
             tracking.log_metrics(self.uri, self.run_id, {
                 "trials.total": len(trials), "trials.failed": sum(not t["ok"] for t in trials),
-                **level_counts(trials)})
+                "trials.reused": sum("reused_run" in t for t in trials), **level_counts(trials)})
         tracking.end_run(self.uri, self.run_id, error=exc)
 
     def memo(self, key, compute):
@@ -308,47 +325,75 @@ class Sweep:
         return self._memo[key]
 
     def stage(self, name: str, variants: list[dict], cfg: Config | None = None, kind: TrialKind = CHAIN) -> StageOutcome:
-        """Run ``variants`` of ``cfg`` (default: the sweep's config) as one Tune run; failed trials are recorded."""
-        from ray import tune
-
+        """Run ``variants`` of ``cfg`` (default: the sweep's config) as one Tune run; failed trials are recorded,
+        and trials an earlier finished run already holds are reused, not run again."""
         cfg = cfg or self.cfg
         configs = preflight_trials(cfg, variants)
         with tracking.open_run(self.uri, self.experiment_id, f"{self.name}-{name}", params=flatten(cfg),
-                               tags={"nds.kind": "stage", "nds.sweep": self.name, "nds.stage": name},
+                               tags={"nds.kind": "stage", "nds.sweep": self.name, "nds.stage": name,
+                                     tracking.DRIVER_TAG: self.driver},
                                parent_run_id=self.run_id) as run_id:
             print(f"[nds] {self.name} stage {name}: {len(variants)} trials: "
                   f"{', '.join(trial_name(v) for v in variants)}", flush=True)
-            inputs = kind.prepare(self, configs)
-            ctx = {"uri": self.uri, "experiment_id": self.experiment_id, "parent_run_id": run_id,
-                   "sweep": self.name, "stage": name, "metric": self.metric}
-            trainable = tune.with_parameters(run_trial, base=to_dict(cfg), kind=kind, inputs=inputs, ctx=ctx)
-            tuner = tune.Tuner(
-                tune.with_resources(trainable, {"cpu": cfg.resources.driver_cpus}),
-                param_space={"variant": tune.grid_search(variants)},
-                tune_config=tune.TuneConfig(max_concurrent_trials=cfg.resources.max_concurrent_trials),
-                run_config=tune.RunConfig(
-                    name=f"{self.name}-{self.stamp}-{name}",
-                    storage_path=str(cfg.runs_dir / "ray_results"),
-                    failure_config=tune.FailureConfig(max_failures=cfg.training.max_failures),
-                    verbose=1,
-                ),
-            )
-            trials = []
-            for result in tuner.fit():
-                reported = result.metrics or {}
-                error = repr(result.error) if result.error else reported.get(TRIAL_ERROR)
-                trials.append({"variant": result.config["variant"], "ok": error is None,
-                               "metrics": {k: v for k, v in reported.items()
-                                           if isinstance(v, (int, float)) and not isinstance(v, bool)},
-                               "error": error})
+            reused = self.finished_elsewhere(variants, configs, kind)
+            to_run = [(v, c) for v, c in zip(variants, configs) if trial_name(v) not in reused]
+            ran = self._run_trials(name, run_id, cfg, kind, to_run) if to_run else {}
+            trials = [reused.get(trial_name(v)) or ran[trial_name(v)] for v in variants]
             outcome = StageOutcome(name, run_id, trials)
             counts = level_counts(trials)
-            tracking.log_metrics(self.uri, run_id, {"trials.total": len(trials),
+            tracking.log_metrics(self.uri, run_id, {"trials.total": len(trials), "trials.reused": len(reused),
                                                     "trials.failed": sum(not t["ok"] for t in trials), **counts})
             store = f"; levels trained {counts['levels.trained']}, reused {counts['levels.reused']}" if counts else ""
-            print(f"[nds] stage {name}: {sum(t['ok'] for t in trials)}/{len(trials)} trials finished{store}", flush=True)
+            again = f" ({len(reused)} reused from earlier runs)" if reused else ""
+            print(f"[nds] stage {name}: {sum(t['ok'] for t in trials)}/{len(trials)} trials finished{again}{store}",
+                  flush=True)
         self.stages.append(outcome)
         return outcome
+
+    def finished_elsewhere(self, variants: list[dict], configs: list[Config], kind: TrialKind) -> dict[str, dict]:
+        """Trials (by name) whose result an earlier finished run of this experiment already holds
+        (``sweep.reuse_finished``): a rerun after a crash, or a sweep that overlaps another."""
+        if not self.cfg.sweep.reuse_finished:
+            return {}
+        done = tracking.finished_trials(self.uri, self.experiment_id)
+        reused = {}
+        for v, c in zip(variants, configs):
+            found = done.get(trial_key(c, kind, self.metric))
+            if found:
+                run_id, metrics = found
+                reused[trial_name(v)] = {"variant": v, "ok": True, "error": None, "reused_run": run_id,
+                                         "metrics": {k: x for k, x in metrics.items() if not k.startswith("levels.")}}
+        return reused
+
+    def _run_trials(self, name: str, run_id: str, cfg: Config, kind: TrialKind,
+                    to_run: list[tuple[dict, Config]]) -> dict[str, dict]:
+        """``to_run`` as one Tune run; its trials (variant, ok, metrics, error) by name."""
+        from ray import tune
+
+        variants = [v for v, _ in to_run]
+        inputs = kind.prepare(self, [c for _, c in to_run])
+        ctx = {"uri": self.uri, "experiment_id": self.experiment_id, "parent_run_id": run_id, "sweep": self.name,
+               "stage": name, "metric": self.metric, "driver": self.driver}
+        trainable = tune.with_parameters(run_trial, base=to_dict(cfg), kind=kind, inputs=inputs, ctx=ctx)
+        tuner = tune.Tuner(
+            tune.with_resources(trainable, {"cpu": cfg.resources.driver_cpus}),
+            param_space={"variant": tune.grid_search(variants)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=cfg.resources.max_concurrent_trials),
+            run_config=tune.RunConfig(
+                name=f"{self.name}-{self.stamp}-{name}",
+                storage_path=str(cfg.runs_dir / "ray_results"),
+                failure_config=tune.FailureConfig(max_failures=cfg.training.max_failures),
+                verbose=1,
+            ),
+        )
+        trials = {}
+        for result in tuner.fit():
+            reported = result.metrics or {}
+            error = repr(result.error) if result.error else reported.get(TRIAL_ERROR)
+            trials[trial_name(result.config["variant"])] = {
+                "variant": result.config["variant"], "ok": error is None, "error": error,
+                "metrics": {k: v for k, v in reported.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}}
+        return trials
 
     def tag_stage(self, outcome: StageOutcome, tags: dict[str, str]) -> None:
         tracking.set_tags(self.uri, outcome.run_id, tags)

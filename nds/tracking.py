@@ -7,7 +7,9 @@ sqlite store races in its schema migration.
 """
 from __future__ import annotations
 
+import os
 import re
+import socket
 import time
 import traceback
 from collections.abc import Iterator
@@ -33,6 +35,25 @@ def mask_credentials(text: str) -> str:
 def public_params(params: dict[str, str]) -> dict[str, str]:
     """``params`` without credentials: credential-like names dropped, URL user:password masked."""
     return {k: mask_credentials(str(v)) for k, v in params.items() if not CREDENTIAL_NAME.search(k)}
+
+
+def unreachable(uri: str, timeout_s: float = 10.0) -> str:
+    """Why an ``http(s)`` tracking server does not answer (its /health endpoint), or "" if it does or
+    the store is not a server. Checked before a sweep starts: MLflow's own client retries an
+    unreachable server for minutes before it fails."""
+    if not uri.startswith(("http://", "https://")):
+        return ""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError as err:
+        if err.code >= 500:
+            return f"the MLflow server at {mask_credentials(uri)} answers HTTP {err.code}"
+    except (OSError, ValueError) as err:
+        return f"no MLflow server answers at {mask_credentials(uri)} ({getattr(err, 'reason', err)})"
+    return ""
 
 
 def prepare_experiment(uri: str, name: str, artifact_root: Path) -> str:
@@ -93,3 +114,59 @@ def end_run(uri: str, run_id: str, error: BaseException | None = None) -> None:
         client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
         client.set_tag(run_id, "error.traceback", text[-5000:])
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED if error else RunStatus.FINISHED))
+
+
+DRIVER_TAG = "nds.driver"  # host:pid of the sweep driver a run belongs to
+TRIAL_KEY_TAG = "nds.trial_key"  # what a trial computes and reports: equal keys, interchangeable results
+
+
+def driver_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _driver_gone(driver: str) -> bool:
+    """True only when the driver certainly died: it ran on this host and its process is gone (a driver
+    on another host cannot be checked from here, so it counts as alive)."""
+    host, _, pid = driver.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # someone else's live process
+        return False
+    return False
+
+
+def close_abandoned_runs(uri: str, experiment_id: str) -> int:
+    """Runs left RUNNING by a sweep driver that was killed (SIGKILL, OOM, a stopped job) end KILLED,
+    with the reason; returns how many. Runs of live drivers, or of drivers on other hosts, are left."""
+    client = MlflowClient(uri)
+    running = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000)
+    closed = 0
+    for run in running:
+        driver = run.data.tags.get(DRIVER_TAG)
+        if driver and _driver_gone(driver):
+            client.set_tag(run.info.run_id, "error", f"abandoned: its sweep driver {driver} died; closed by a later sweep")
+            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+            closed += 1
+    return closed
+
+
+def finished_trials(uri: str, experiment_id: str) -> dict[str, tuple[str, dict[str, float]]]:
+    """Finished trial runs of the experiment by their trial key: (run id, final metrics); the newest
+    run of a key wins."""
+    client = MlflowClient(uri)
+    found: dict[str, tuple[str, dict[str, float]]] = {}
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string="tags.`nds.kind` = 'trial' and attributes.status = 'FINISHED'",
+                                  max_results=1000, order_by=["attributes.start_time ASC"], page_token=token)
+        for run in page:
+            key = run.data.tags.get(TRIAL_KEY_TAG)
+            if key:
+                found[key] = (run.info.run_id, dict(run.data.metrics))
+        token = page.token
+        if not token:
+            return found

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import signal
 import tempfile
 import time
 from dataclasses import dataclass
@@ -197,11 +198,31 @@ def worker_device(cfg: Config) -> torch.device:
     return torch.device("cpu")
 
 
-def resume(engine, ema: EMA) -> int:
-    """Load the run's last reported checkpoint, if any (a restarted worker or a retried run); its step."""
+def newest_complete_checkpoint(run_dir: Path, world_size: int) -> Path | None:
+    """The newest checkpoint directory of a fit's run that every rank finished writing, registered or not.
+
+    Ray Train registers a reported checkpoint only once its controller has polled the report from
+    every worker (every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``); a worker killed in that window made the
+    fit restart from the checkpoint before (from step 0 when it was the first; seen in the kill drill),
+    although the newer one was already on storage, complete."""
+    def complete(path: Path) -> bool:
+        shards = list((path / "ckpt").glob("zero_pp_rank_*_optim_states.pt"))
+        return (path / "latest").is_file() and (path / "ckpt" / "mp_rank_00_model_states.pt").is_file() and (
+            not shards or len(shards) == world_size)
+
+    found = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir() and complete(p))  # names are timestamps
+    return found[-1] if found else None
+
+
+def resume(engine, ema: EMA, run_dir: Path | None = None) -> int:
+    """Load the fit's newest checkpoint, if any (a restarted worker or a retried run); its step. That is
+    the one Ray Train hands back, or a newer complete one in ``run_dir`` that it had not yet registered."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
+    newest = newest_complete_checkpoint(run_dir, ray.train.get_context().get_world_size()) if run_dir else None
+    if newest and (not checkpoint or Path(checkpoint.path).name < newest.name):
+        checkpoint = ray.train.Checkpoint.from_directory(str(newest))
     if not checkpoint:
         return 0
     with checkpoint.as_directory() as ckpt_dir:
@@ -262,13 +283,24 @@ def run_steps(cfg: Config, engine, ema: EMA, loss_at, *, start: int, steps: int,
     """
     import ray.train
 
-    rank = ray.train.get_context().get_world_rank()
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
     t = cfg.training
     sums, count, nonfinite = {}, 0, 0
     began, next_line = time.perf_counter(), start
+    if start and rank == 0 and mlflow_run:  # what a restart cost is read off this and the steps logged before it
+        from nds.tracking import log_metrics
+
+        log_metrics(mlflow_run["uri"], mlflow_run["run_id"], {f"{metric_prefix}/resumed_from": start}, step=start)
+    killed_marker = Path(nonfinite_marker).with_name("kill_drill_done") if nonfinite_marker else None
     for step in range(start, steps):
         if t.fail_once_at_step and step == t.fail_once_at_step and start < t.fail_once_at_step:
             raise RuntimeError(f"fault drill: training.fail_once_at_step={t.fail_once_at_step} reached")
+        if (t.kill_worker_at_step and step == t.kill_worker_at_step and rank == context.get_world_size() - 1
+                and killed_marker and not killed_marker.exists()):  # fault drill: killed as the OOM killer would
+            killed_marker.parent.mkdir(parents=True, exist_ok=True)
+            killed_marker.write_text(str(step))
+            os.kill(os.getpid(), signal.SIGKILL)
         loss, parts = loss_at(step)
         if t.nan_at_step and step + 1 == t.nan_at_step and rank == 0:
             loss = loss * float("nan")  # fault drill: one rank's loss goes NaN
@@ -354,7 +386,8 @@ def train_loop(loop_config: dict) -> None:
     log_precision(decision, f"level{level}", loop_config.get("mlflow"), rank)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg))
     ema = EMA(cfg.training.ema_decay)
-    start = resume(engine, ema)
+    marker = loop_config.get("nonfinite_marker")  # beside the fit's checkpoints
+    start = resume(engine, ema, Path(marker).parent if marker else None)
     bf16 = decision["precision"] == "bf16"
     run_steps(cfg, engine, ema, lambda step: (batch_loss(engine, step, bf16), {}), start=start, steps=cfg.training.steps,
               tags={"level": level}, metric_prefix=f"level{level}", mlflow_run=loop_config.get("mlflow"),

@@ -260,7 +260,8 @@ def phase_loop(loop_config: dict) -> None:
     log_precision(decision, phase_name(phase), loop_config.get("mlflow"), rank)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg))
     ema = EMA(cfg.training.ema_decay)
-    start = resume(engine, ema)
+    marker = loop_config.get("nonfinite_marker")  # beside the fit's checkpoints
+    start = resume(engine, ema, Path(marker).parent if marker else None)
     bf16 = decision["precision"] == "bf16"
     run_steps(cfg, engine, ema, lambda step: batch_loss(engine, step, bf16), start=start, steps=loop_config["stop"],
               tags={"levels": phase.levels}, metric_prefix=phase_name(phase), mlflow_run=loop_config.get("mlflow"),
@@ -565,4 +566,4 @@ def guidance_curve(cfg: Config, models: list[NestedUNet], text_bank: TextBank | 
     return curve
 
 
-MDM = TrialKind(prepare_mdm_inputs, run_mdm_trial)
+MDM = TrialKind(prepare_mdm_inputs, run_mdm_trial, "mdm")

@@ -116,3 +116,16 @@ def test_a_sweep_asking_for_a_gpu_this_machine_lacks_stops_before_its_mlflow_run
     assert "resources.gpus_per_worker: one needs" in proc.stderr and "cannot grow" in proc.stderr
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert not [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+
+
+def test_an_unreachable_mlflow_server_stops_the_sweep_before_compute(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = run("experiments/sweep_sigma.py", "data.name=digits", f"tracking.uri=http://127.0.0.1:{port}",
+               f"paths.runs_dir={tmp_path}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"tracking.uri (or MLFLOW_TRACKING_URI): no MLflow server answers at http://127.0.0.1:{port}" in proc.stderr
+    assert not (tmp_path / "ray_results").exists() and not (tmp_path / "levels").exists()

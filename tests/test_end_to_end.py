@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from analysis.make_tables import make_tables
-from nds.config import REPO_ROOT, load_config
+from nds.config import REPO_ROOT, load_config, replace
 from nds.diagnostics import null_cond_name, sampled_name, true_cond_name
 from nds.metrics import DATA_CLASSIFIER, FID, INCEPTION_FILE, SUBSTITUTE
 from nds.cli import sweep_plan
@@ -128,9 +128,16 @@ def test_sigma_sweep_chains_stages_and_trains_each_level_once(tmp_path):
         assert f"{run.data.metrics[sweep.metric]:.2f}" in rows["3"]
     assert (tmp_path / "tables" / "table1_sigma.csv").is_file() and (tmp_path / "tables" / "table1_sigma.png").is_file()
 
-    # a second sweep over the same settings trains nothing
+    # a second sweep over the same settings reuses every finished trial (nothing runs) ...
     with Sweep(cfg, "sweep_sigma") as again:
         stage = again.stage("again", sigma_variants(cfg, [2]))
+    assert {t.get("reused_run") for t in stage.trials} == {
+        r.info.run_id for r in trial_runs(client, sweep.experiment_id, first.run_id) if r.data.params["hierarchy.L"] == "2"}
+    assert client.get_run(stage.run_id).data.metrics["trials.reused"] == k
+    # ... and, told to run them again, trains no level: all come from the store
+    again_cfg = replace(cfg, **{"sweep.reuse_finished": False})
+    with Sweep(again_cfg, "sweep_sigma") as again:
+        stage = again.stage("again", sigma_variants(again_cfg, [2]))
     assert stage.count("levels.trained") == 0 and stage.count("levels.reused") == 2 * k
 
 

@@ -26,39 +26,51 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A tracking server on a fresh sqlite store; its process group is ended afterwards."""
-    tmp = tmp_path_factory.mktemp("server")
-    port = _free_port()
-    log = open(tmp / "server.log", "w")
+def start_server(tmp: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:port over the sqlite store in ``tmp``, once it answers /health."""
+    log = open(tmp / "server.log", "a")
     proc = subprocess.Popen(
         [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{tmp / 'db'}", "--default-artifact-root", str(tmp / "artifacts")],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # its own group: the server and its workers
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job runner: one process less to start
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180  # generous: other work may load the machine
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not come up:\n{(tmp / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+    log.close()
+    deadline = time.monotonic() + 180  # generous: other work may load the machine
+    while True:
         try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                if response.status == 200:
+                    return proc
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_server(proc)
+            pytest.fail(f"mlflow server did not come up:\n{(tmp / 'server.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """End the server's process group (the server and its workers), and only that."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A tracking server on a fresh sqlite store; its process group is ended afterwards."""
+    tmp = tmp_path_factory.mktemp("server")
+    port = _free_port()
+    proc = start_server(tmp, port)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_server(proc)
 
 
 def _rest(url: str, path: str, body: dict | None = None) -> dict:
@@ -108,3 +120,45 @@ def test_make_tables_reads_the_server(logged, tmp_path):
     markdown = make_tables(logged, None, tmp_path, formats=("md",))
     assert "**21.00**" in markdown and "| 3 | 2x2x16 |" in markdown
     assert {p.name for p in tmp_path.iterdir()} >= {"table1_sigma.md", "table2_sigma.md", "table4a_encoders.md"}
+
+
+def test_a_server_restart_mid_sweep_loses_no_trial(tmp_path):
+    """The tracking server stopped while a trial trains and started again ~20 s later on the same store:
+    MLflow's client retries (with backoff) carry the sweep over; every run ends FINISHED."""
+    from nds.config import REPO_ROOT
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(tmp_path, port)
+    sweep = subprocess.Popen(
+        [sys.executable, "experiments/sweep_sigma.py", "data.name=digits", "data.train_limit=240", "data.eval_limit=48",
+         "encoder.image_size=64", "hierarchy.spec='8x8x1, 2x2x8'", "hierarchy.sigmas=[0.5]", "sweep.depths=[2]",
+         "sweep.sigmas=[0.5]", "sweep.seeds=[0,1]", "model.width=32", "model.depth=2", "model.heads=2",
+         "diffusion.sample_steps=4", "training.steps=30", "training.batch_size=16", "training.log_every=2",
+         "resources.workers_per_level=1", "resources.max_concurrent_trials=1", "eval.num_samples=32",
+         "eval.batch_size=32", "eval.substitute_image_size=64", "eval.classifier_steps=50",
+         f"paths.cache_dir={REPO_ROOT / 'runs' / 'test-cache'}", f"tracking.uri={url}", f"paths.runs_dir={tmp_path / 'runs'}"],
+        cwd=REPO_ROOT, stdout=open(tmp_path / "sweep.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    output = lambda: (tmp_path / "sweep.log").read_text()[-4000:]  # noqa: E731
+    try:
+        client = MlflowClient(url)
+        deadline = time.monotonic() + 900
+        while not [r for r in client.search_runs(["0", *(e.experiment_id for e in client.search_experiments())],
+                                                 filter_string="tags.`nds.kind` = 'trial'")
+                   if any(k.endswith("train_loss") for k in r.data.metrics)]:
+            assert sweep.poll() is None and time.monotonic() < deadline, output()
+            time.sleep(2)
+        stop_server(proc)  # mid-fit: the trial's workers are logging losses
+        time.sleep(20)
+        proc = start_server(tmp_path, port)
+        assert sweep.wait(timeout=1200) == 0, output()
+        experiment = client.get_experiment_by_name("nds-sweep-sigma")
+        runs = client.search_runs([experiment.experiment_id])
+        assert {r.info.status for r in runs} == {"FINISHED"}
+        trials = [r for r in runs if r.data.tags["nds.kind"] == "trial"]
+        assert len(trials) == 2 and all(r.data.metrics["level1/train_loss"] > 0 for r in trials)
+    finally:
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+            sweep.wait()
+        stop_server(proc)

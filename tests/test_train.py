@@ -208,3 +208,24 @@ def test_progress_lines_say_how_far_a_fit_is_and_ray_trains_report_lines_are_qui
     assert progress_line("level1", 1500, 1500, 0, 0.2, 60.0).endswith("25.0 steps/s, done")
     quiet_worker_logs()
     assert not logging.getLogger(context.__file__).isEnabledFor(logging.INFO)
+
+
+def test_resume_takes_the_newest_checkpoint_every_rank_finished(tmp_path):
+    from nds.train import newest_complete_checkpoint
+
+    def checkpoint(name: str, ranks: list[int], latest: bool = True) -> None:
+        ckpt = tmp_path / name / "ckpt"
+        ckpt.mkdir(parents=True)
+        (ckpt / "mp_rank_00_model_states.pt").write_bytes(b"x")
+        for r in ranks:
+            (ckpt / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"x")
+        if latest:
+            (tmp_path / name / "latest").write_text("ckpt")
+
+    assert newest_complete_checkpoint(tmp_path, world_size=2) is None
+    checkpoint("checkpoint_2026-12-02_04-28-46.615509", [0, 1])
+    checkpoint("checkpoint_2026-12-02_04-29-10.000001", [0])  # rank 1 died before its shard was written
+    checkpoint("checkpoint_2026-12-02_04-29-20.000001", [0, 1], latest=False)  # still being written
+    assert newest_complete_checkpoint(tmp_path, 2).name == "checkpoint_2026-12-02_04-28-46.615509"
+    checkpoint("checkpoint_2026-12-02_04-30-00.000001", [0, 1])
+    assert newest_complete_checkpoint(tmp_path, 2).name == "checkpoint_2026-12-02_04-30-00.000001"

@@ -69,9 +69,28 @@ def init_ray(cfg: Config) -> None:
                                 "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": start_timeout}}
     address = cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
+        problem = _unanswered(address)
+        if problem:  # ray.init would retry for minutes before failing
+            raise ConfigError(f"resources.ray_address (or RAY_ADDRESS) = {address}: {problem}; start the cluster "
+                              "(ray start --head, cluster/start_local_head.sh) or leave both empty for a local instance")
         ray.init(address=address, runtime_env=runtime_env)
     else:
         ray.init(include_dashboard=False, runtime_env=runtime_env)
+
+
+def _unanswered(address: str, timeout_s: float = 10.0) -> str:
+    """Why nothing answers at a Ray address of the form [ray://|http://]host:port ("" if something does,
+    or the address names no port, like "auto")."""
+    import socket
+
+    host, _, port = address.split("://")[-1].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        return ""
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        return f"nothing answers at {host}:{port} ({err.strerror or err})"
+    return ""
 
 
 def unplaceable(cfg: Config, nodes: list[dict]) -> str | None:
@@ -283,14 +302,14 @@ class Sweep:
         self.metric = quality_metric_name(cfg.eval.inception_dir, cfg.uses_data_classifier)
         self.experiment = cfg.experiment_name(name)
         self.experiment_id = tracking.prepare_experiment(self.uri, self.experiment, cfg.runs_dir / "mlartifacts")
-        if cfg.resources.gpus_per_worker == 0:
-            prebuild_cpu_comm_op(extensions_dir(cfg))
         init_ray(cfg)
         problem = unplaceable(cfg, ray.nodes())
         if problem and not (cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")):
             raise ConfigError(problem + ": this local Ray instance cannot grow, so the sweep would wait, not run")
         if problem:  # a cluster joined by address may still add nodes (an autoscaler)
             print(f"[nds] warning: {problem}; waiting for the cluster to add one", flush=True)
+        if cfg.resources.gpus_per_worker == 0:  # before any Train worker starts: built once, not per worker
+            prebuild_cpu_comm_op(extensions_dir(cfg))
         abandoned = tracking.close_abandoned_runs(self.uri, self.experiment_id)
         if abandoned:
             print(f"[nds] {abandoned} MLflow run(s) of a killed sweep driver closed as KILLED", flush=True)

@@ -129,3 +129,15 @@ def test_an_unreachable_mlflow_server_stops_the_sweep_before_compute(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"tracking.uri (or MLFLOW_TRACKING_URI): no MLflow server answers at http://127.0.0.1:{port}" in proc.stderr
     assert not (tmp_path / "ray_results").exists() and not (tmp_path / "levels").exists()
+
+
+def test_a_ray_address_where_nothing_listens_stops_the_sweep_at_once(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = run("experiments/sweep_sigma.py", "data.name=digits", f"resources.ray_address=127.0.0.1:{port}",
+               f"paths.runs_dir={tmp_path}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"resources.ray_address (or RAY_ADDRESS) = 127.0.0.1:{port}: nothing answers at 127.0.0.1:{port}" in proc.stderr

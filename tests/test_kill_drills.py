@@ -125,13 +125,15 @@ def test_worker_and_driver_kills_lose_at_most_a_checkpoint_interval_and_nothing_
     assert all(stored_after[k] == v for k, v in stored_before.items())
     rerun = next(r for r in finished_now if r.info.run_id != finished_before[0].info.run_id)
     assert rerun.data.metrics["levels.trained"] == len(stored_after) - len(stored_before)
-    # an unfinished level resumed from its last checkpoint: at most one checkpoint interval redone
+    # an unfinished level resumed from its last checkpoint: at most one checkpoint interval redone (a
+    # checkpoint is reported before its step reaches MLflow, so it may be past the last step logged)
     lost = {}
     for level in (1, 2):
         resumed = client.get_metric_history(rerun.info.run_id, f"level{level}/resumed_from")
         if resumed:
-            lost[level] = logged_before[level] - max(m.value for m in resumed)
-            assert 0 <= lost[level] <= CHECKPOINT_EVERY
+            redone = logged_before[level] - max(m.value for m in resumed)
+            assert redone <= CHECKPOINT_EVERY
+            lost[level] = max(redone, 0)
     assert lost, "no level of the interrupted trial resumed from a checkpoint"
     # the worker kill in every fit of the first run cost at most one checkpoint interval too
     first_trial = finished_before[0]
@@ -140,7 +142,7 @@ def test_worker_and_driver_kills_lose_at_most_a_checkpoint_interval_and_nothing_
     assert max(m.step for m in steps_logged(client, first_trial, 1)) == STEPS
     worker_loss = KILL_WORKER_AT - resumed[0].value
     history = steps_logged(client, first_trial, 1)
-    worker_recovery = (resumed[0].timestamp - max(m.timestamp for m in history if m.step <= KILL_WORKER_AT)) / 1000
+    worker_recovery = (resumed[0].timestamp - max(m.timestamp for m in history if m.timestamp < resumed[0].timestamp)) / 1000
     print(json.dumps({"drill": "kill", "worker_kill": {"steps_lost": worker_loss, "recovery_s": round(worker_recovery, 1)},
                       "driver_kill": {"trials_rerun": len(rerun_trials),
                                       "levels_retrained": sum(stored_after[k] != v for k, v in stored_before.items()),

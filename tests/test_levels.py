@@ -1,6 +1,7 @@
 """The trained-level store: what keys a level, and how entries are written and read back."""
 import contextlib
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,9 +76,12 @@ def test_store_round_trip_and_half_written_entries(tmp_path):
         assert torch.equal(loaded.state_dict()[name], value)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".staging")]
 
-    # a crash before the rename leaves only a staging directory, which is never read as an entry
-    (tmp_path / f".staging-{level_id(cfg, 1)}-dead").mkdir()
-    assert store.get(level_id(cfg, 1)) is None
+    # a crash before the rename leaves a whole staging directory (weights and level.json), which is never
+    # read as an entry; the level is then trained and published as if it had never been tried
+    other = level_id(cfg, 1)
+    shutil.copytree(entry.path, tmp_path / f".staging-{other}-dead")
+    assert store.get(other) is None
+    assert store.put(other, build_level_model(cfg, 1).state_dict(), {"level": 1}).info["level"] == 1
 
     (entry.path / WEIGHTS_FILE).write_bytes(b"truncated")
     with pytest.raises(RuntimeError, match=f"cannot read level weights .*{WEIGHTS_FILE}.*delete"):

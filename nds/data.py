@@ -13,7 +13,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from nds.config import BAD_IMAGE_POLICIES, Config
+from nds.files import write_json
 
 FASHION_MNIST_DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
@@ -247,10 +247,7 @@ class ImageScan:
 
     def save(self) -> None:
         if self.path and self.changed:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self.table))
-            os.replace(tmp, self.path)
+            write_json(self.path, self.table)
 
 
 def select_images(candidates: list, path_of: Callable, limit: int | None, policy: str, scan: ImageScan,

@@ -8,7 +8,6 @@ trained once per (data, settings) and cached under ``<cache_dir>/data_classifier
 """
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
@@ -17,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from nds.config import Config, ConfigError, config_hash
+from nds.files import atomic_path
 
 VERSION = 1  # bump when the architecture or training recipe changes: old cache entries are then ignored
 WIDTHS = (32, 64, 128)
@@ -127,11 +127,9 @@ def obtain_classifier(cfg: Config, image_size: int) -> tuple[DataClassifier, flo
         return model.eval(), saved["accuracy"]
     start = time.perf_counter()
     model, accuracy = train_classifier(cfg, image_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"state_dict": model.state_dict(), "accuracy": accuracy, "key": key,
-                "channels": model.trunk[0].in_channels, "num_classes": model.head.out_features}, tmp)
-    os.replace(tmp, path)  # atomic: a concurrent sweep reads a whole file or none
+    with atomic_path(path) as tmp:  # a concurrent sweep reads a whole file or none
+        torch.save({"state_dict": model.state_dict(), "accuracy": accuracy, "key": key,
+                    "channels": model.trunk[0].in_channels, "num_classes": model.head.out_features}, tmp)
     print(f"[nds] data classifier for {cfg.data.name} at {image_size} px: {cfg.eval.classifier_steps} steps in "
           f"{time.perf_counter() - start:.0f} s, test accuracy {accuracy:.3f} -> {path}", flush=True)
     return model, accuracy

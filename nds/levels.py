@@ -33,6 +33,7 @@ import torch
 from filelock import FileLock, Timeout
 
 from nds.config import Config, config_hash, to_dict
+from nds.files import write_json
 from nds.hierarchy import parse_spec
 from nds.models import ARCHITECTURE_VERSION
 
@@ -134,7 +135,7 @@ class LevelStore:
         stop, acquired = threading.Event(), time.time()
 
         def beat() -> None:
-            _write_json(heartbeat, {"host": socket.gethostname(), "pid": os.getpid(), "holder": holder,
+            write_json(heartbeat, {"host": socket.gethostname(), "pid": os.getpid(), "holder": holder,
                                     "since": acquired, "heartbeat": time.time()})
 
         def keep_beating() -> None:
@@ -175,12 +176,6 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError):  # not there (yet), or caught mid-write
         return {}
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
 
 
 @dataclass

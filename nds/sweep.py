@@ -138,10 +138,11 @@ class TrialKind:
 
 
 def trial_key(cfg: Config, kind: TrialKind, metric: str) -> str:
-    """What a trial computes and reports: the experiment (seed included), the kind, the quality metric and
-    the guidance scales it is scored at. A finished trial run with this key is reused, not run again."""
-    return config_hash({"experiment": experiment_hash(cfg), "kind": kind.name, "metric": metric,
-                        "cfg_scales": cfg.sweep.cfg_scales})
+    """What a trial computes and reports: the experiment (seed included), the workers per fit (they set
+    the global batch), the kind, the quality metric and the guidance scales it is scored at. A finished
+    trial run with this key is reused, not run again."""
+    return config_hash({"experiment": experiment_hash(cfg), "workers": cfg.resources.workers_per_level,
+                        "kind": kind.name, "metric": metric, "cfg_scales": cfg.sweep.cfg_scales})
 
 
 def data_key(cfg: Config) -> str:

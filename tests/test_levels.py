@@ -142,3 +142,18 @@ def test_a_live_holder_is_waited_for_up_to_the_limit(tmp_path):
         with pytest.raises(LevelLockError, match=rf"waited \d+ s \(resources.level_wait_s=3\).*:{proc.pid}"):
             with LevelStore(tmp_path).hold("lvl", stale_s=5, wait_s=3):
                 pass
+
+
+def test_a_trial_is_reused_only_for_the_same_results():
+    from nds.sweep import CHAIN, trial_key
+    from nds.train_mdm import MDM
+
+    cfg = config("hierarchy.L=2")
+    key = trial_key(cfg, CHAIN, "fd")
+    for where, how in {"paths.runs_dir": "/elsewhere", "resources.cpus_per_worker": 0.5,
+                       "resources.max_concurrent_trials": 7, "tracking.experiment": "nds-other"}.items():
+        assert trial_key(replace(cfg, **{where: how}), CHAIN, "fd") == key, where  # how it runs, not what
+    for where, how in {"seed": 1, "resources.workers_per_level": 2, "sweep.cfg_scales": [1.0, 3.0],
+                       "training.steps": 7, "hierarchy.sigmas": [0.25, 0.5]}.items():
+        assert trial_key(replace(cfg, **{where: how}), CHAIN, "fd") != key, where
+    assert trial_key(cfg, MDM, "fd") != key and trial_key(cfg, CHAIN, "fid") != key

@@ -118,12 +118,17 @@ def test_a_sweep_asking_for_a_gpu_this_machine_lacks_stops_before_its_mlflow_run
     assert not [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
 
 
-def test_an_unreachable_mlflow_server_stops_the_sweep_before_compute(tmp_path):
+def unused_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on."""
     import socket
 
-    with socket.socket() as s:  # a port nothing listens on
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_mlflow_server_stops_the_sweep_before_compute(tmp_path):
+    port = unused_port()
     proc = run("experiments/sweep_sigma.py", "data.name=digits", f"tracking.uri=http://127.0.0.1:{port}",
                f"paths.runs_dir={tmp_path}")
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -132,11 +137,7 @@ def test_an_unreachable_mlflow_server_stops_the_sweep_before_compute(tmp_path):
 
 
 def test_a_ray_address_where_nothing_listens_stops_the_sweep_at_once(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = unused_port()
     proc = run("experiments/sweep_sigma.py", "data.name=digits", f"resources.ray_address=127.0.0.1:{port}",
                f"paths.runs_dir={tmp_path}")
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -15,17 +15,12 @@ from nds.protocols import sigma_plan
 BASE = ["data.name=digits"]  # data that ships with scikit-learn: only the case under test is wrong
 
 
-def _yaml(text: str):
+def _yaml(content: str | bytes):
+    """A config file bad.yaml holding ``content`` (text, or raw bytes)."""
     def write(tmp: Path) -> list[str]:
-        (tmp / "bad.yaml").write_text(text)
-        return ["--config", str(tmp / "bad.yaml")]
-    return write
-
-
-def _bytes(data: bytes):
-    def write(tmp: Path) -> list[str]:
-        (tmp / "bad.yaml").write_bytes(data)
-        return ["--config", str(tmp / "bad.yaml")]
+        path = tmp / "bad.yaml"
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return ["--config", str(path)]
     return write
 
 
@@ -129,7 +124,7 @@ CASES = [
     ("YAML key given twice", _yaml("training:\n  steps: 3\n  lr: 0.01\n  steps: 5\n"), r"bad.yaml:4:.*'steps' given twice"),
     ("YAML that is a list", _yaml("- model\n- training\n"), "<root>"),
     ("YAML section that is a scalar", _yaml("model: 3\n"), "'model'"),
-    ("binary config file", _bytes(b"\xff\xfe\x00\x01binary"), "bad.yaml: not a text file"),
+    ("binary config file", _yaml(b"\xff\xfe\x00\x01binary"), "bad.yaml: not a text file"),
     ("config that extends itself", _extends_itself, "extends itself"),
     ("dataset folder that does not exist", lambda tmp: ["data.name=fashion_mnist", f"data.root={tmp / 'nowhere'}"],
      "nowhere"),

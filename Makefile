@@ -6,7 +6,7 @@ DATA    := /usr/share/datasets/fashion-mnist
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup data demo test tables clean-runs
+.PHONY: setup data browser demo test tables clean-runs
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,13 @@ data:
 	  (apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)); \
 	else echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist' (Debian/Ubuntu), or point data.root at a folder with its IDX files." >&2; exit 1; fi
 
+# headless Chromium for the MLflow UI test (tests/test_mlflow_server.py); the test is skipped without it
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then echo "Chromium: $$(command -v chromium)"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y -q chromium chromium-driver || (apt-get update -q && apt-get install -y -q chromium chromium-driver)); \
+	else echo "Chromium is missing: the MLflow UI test will be skipped (sudo apt-get install chromium chromium-driver)." >&2; fi
+
 demo: setup data
 	$(PY) experiments/sweep_sigma.py
 	$(PY) analysis/make_tables.py
@@ -29,7 +36,7 @@ demo: setup data
 tables: setup
 	$(PY) analysis/make_tables.py
 
-test: setup data
+test: setup data browser
 	$(PY) -m pytest -q
 
 clean-runs:

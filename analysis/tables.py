@@ -16,7 +16,7 @@ import pandas as pd
 from analysis import paper
 from analysis.runs import quality_metric, settings
 from nds.diagnostics import null_cond_name, sampled_name, true_cond_name
-from nds.metrics import CAPTION_CLASS_ACCURACY, CLIP_SCORE, DATA_CLASSIFIER, FID, SUBSTITUTE
+from nds.metrics import CAPTION_CLASS_ACCURACY, anchor_name, CLIP_SCORE, DATA_CLASSIFIER, FID, SUBSTITUTE
 
 NA = "—"  # not applicable: L = 1 has no σ_L
 MISSING = "missing"  # no finished run with the metric for this cell
@@ -124,7 +124,7 @@ def diagnostic_metrics(metric: str) -> dict[str, str]:
     """Field of the tables -> the chain diagnostic's logged metric (``nds.diagnostics``), for ``metric``."""
     return {"diag_sampled": sampled_name(metric), "true_cond": true_cond_name(metric, 1),
             "null_cond": null_cond_name(metric, 1), "z_fd": "level2/z_fd", "z_fd_floor": "level2/z_fd_floor",
-            "z_std": "level2/z_std"}
+            "z_std": "level2/z_std", "anchor_real": anchor_name(metric, "real"), "anchor_noise": anchor_name(metric, "noise")}
 
 
 DIAGNOSTIC_FIELDS = tuple(diagnostic_metrics(FID))
@@ -468,7 +468,8 @@ def mdm_table(trials: pd.DataFrame, history: Callable[[list[str], str], pd.DataF
     cells, hidden = settings(frame, ["dataset", "family", "variant"])
     curves = (steps[steps["group"].isin(cells["group"])]
               .merge(cells[["group", "dataset", "family", "variant"]], on="group")
-              .groupby(["dataset", "family", "variant", "step"])["value"].agg(["mean", "std"]).reset_index())
+              .groupby(["dataset", "family", "variant", "step"])["value"].agg(["mean", "std", "count"])
+              .rename(columns={"count": "n"}).reset_index())
     build = _rows({"variant": "variant", "baseline": "baseline", "resolutions": "resolutions",
                    "phase steps": "phase_steps", "iterations": "iterations", "GFLOPs": "mdm_gflops",
                    "params": "mdm_params"}, metric, ["variant"])

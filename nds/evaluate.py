@@ -11,7 +11,7 @@ from torch import nn
 from nds import metrics
 from nds.config import Config
 from nds.diagnostics import chain_diagnostic, latent_stats
-from nds.figures import level_grid
+from nds.figures import chain_title, level_grid, sample_grid, save_png
 from nds.latents import level1_decoder
 from nds.models import count_params, forward_flops
 from nds.sampling import sample_levels
@@ -33,7 +33,23 @@ def prepare_metric(cfg: Config, reference_images: np.ndarray) -> dict:
     classifier, accuracy = obtain_classifier(cfg, reference_images.shape[1]) if cfg.uses_data_classifier else (None, None)
     stats = metrics.reference_stats(reference_images, e.inception_dir, e.substitute_image_size, e.batch_size, classifier)
     ranking = metrics.quality_metric_name(e.inception_dir, cfg.uses_data_classifier)
-    return {"ref_stats": stats, "classifier": classifier, "classifier_accuracy": accuracy, "ranking": ranking}
+    state = {"ref_stats": stats, "classifier": classifier, "classifier_accuracy": accuracy, "ranking": ranking}
+    return {**state, "anchors": metric_anchors(cfg, state, reference_images)}
+
+
+def metric_anchors(cfg: Config, metric_state: dict, reference_images: np.ndarray) -> dict[str, float]:
+    """Where the ranking metric sits for known image sets of a trial's sample count: real training
+    images (the best a model can do) and uniform noise (learned nothing). Plots draw them, so a
+    difference reads against the metric's whole range."""
+    from nds.data import load_config_split
+
+    n = min(cfg.eval.num_samples, len(reference_images))
+    size = reference_images.shape[1]
+    real = np.asarray(load_config_split(cfg, "train", n, size).images[:n])
+    noise = np.random.default_rng(0).integers(0, 256, (n, *reference_images.shape[1:]), dtype=np.uint8)
+    ranking = metric_state["ranking"]
+    return {metrics.anchor_name(ranking, what): score_images(cfg, images, metric_state, names=(ranking,))[ranking]
+            for what, images in (("real", real), ("noise", noise))}
 
 
 def score_images(cfg: Config, images: np.ndarray, metric_state: dict,
@@ -65,26 +81,11 @@ def level_costs(models: dict[int, nn.Module], text_bank: TextBank | None = None)
     return costs
 
 
-def image_grid(images: np.ndarray, side: int) -> np.ndarray:
-    """uint8 [N,H,W,C] -> one [side*H, side*W, C] mosaic of the first side² images."""
-    n, h, w, c = images.shape
-    side = min(side, int(np.sqrt(n)))
-    tiles = images[: side * side].reshape(side, side, h, w, c)
-    return tiles.transpose(0, 2, 1, 3, 4).reshape(side * h, side * w, c)
-
-
 def generate_images(cfg: Config, models: dict[int, nn.Module], n: int,
                     text_bank: TextBank | None = None) -> np.ndarray:
     """n uint8 images from the chain: level 1 decoded to pixels as :func:`nds.latents.prepare_latents`
     formed it (rescaled pixels, or the VAE's decoder)."""
     return level1_decoder(cfg)(sample_levels(cfg, models, n, text_bank)[1])
-
-
-def _save_png(image: np.ndarray, path: Path) -> Path:
-    from PIL import Image
-
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
-    return path
 
 
 def evaluate_chain(cfg: Config, models: dict[int, nn.Module], metric_state: dict, out_dir: Path,
@@ -99,10 +100,12 @@ def evaluate_chain(cfg: Config, models: dict[int, nn.Module], metric_state: dict
     decode = level1_decoder(cfg)
     images = decode(levels[1])
     scores = score_images(cfg, images, metric_state)
-    artifacts = [_save_png(image_grid(images, e.grid_size), out_dir / "sample_grid.png")]
+    title = chain_title(cfg)
+    artifacts = [save_png(sample_grid(images, e.grid_size, title), out_dir / "sample_grid.png")]
     if train_latents is not None and len(levels) > 1:
         columns = {level: z[: e.grid_size] for level, z in levels.items()}
-        artifacts.append(_save_png(level_grid(columns, train_latents, decode), out_dir / "level_grid.png"))
+        grid = level_grid(columns, train_latents, decode, [str(shape) for shape in cfg.levels], title)
+        artifacts.append(save_png(grid, out_dir / "level_grid.png"))
     if held_out and train_latents is not None and len(levels) > 1 and e.diagnostic_samples:
         ranking = metric_state["ranking"]
         scores.update(latent_stats(levels, held_out, train_latents))
@@ -112,4 +115,4 @@ def evaluate_chain(cfg: Config, models: dict[int, nn.Module], metric_state: dict
 
             scores.update(chain_diagnostic(cfg, models, images, ranking, ranking_score, decode, held_out,
                                            held_out_labels, text_bank))
-    return EvalReport({**scores, **level_costs(models, text_bank)}, artifacts)
+    return EvalReport({**scores, **level_costs(models, text_bank), **metric_state.get("anchors", {})}, artifacts)

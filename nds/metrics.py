@@ -35,6 +35,11 @@ CAPTION_CLASS_ACCURACY = "caption_class_accuracy"
 INCEPTION_FILE = "inception-2015-12-05.pt"
 
 
+def anchor_name(metric: str, what: str) -> str:
+    """The logged value of ``metric`` for a known image set (``real``, ``noise``; nds.evaluate.metric_anchors)."""
+    return f"anchor/{metric}/{what}"
+
+
 def write_pngs(images: np.ndarray, folder: Path) -> Path:
     """uint8 [N,H,W,C] -> numbered PNGs (clean-fid reads folders)."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -325,7 +325,8 @@ class Sweep:
                                                          for split, n in skipped_images.items()})
         self.stages: list[StageOutcome] = []
         self._memo: dict = {}
-        print(f"[nds] MLflow: {self.uri}  experiment '{self.experiment}'  sweep run {self.run_id}", flush=True)
+        print(f"[nds] MLflow: {tracking.mask_credentials(self.uri)}  experiment '{self.experiment}'  sweep run "
+              f"{self.run_id}\n[nds] see it: {tracking.ui_link(self.uri, self.experiment_id)}", flush=True)
 
     def __enter__(self) -> "Sweep":
         return self

@@ -20,6 +20,8 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 PARENT_TAG = "mlflow.parentRunId"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # what MLflow 3's UI reads to choose an experiment's landing page
+MODEL_TRAINING = "custom_model_development"
 MAX_BATCH = 100  # MLflow's limit on params per log_batch call
 # params are readable by everyone with access to the store: names like these are never logged, and
 # the user:password part of a URL value (an MLflow or S3 address) is masked
@@ -57,14 +59,27 @@ def unreachable(uri: str, timeout_s: float = 10.0) -> str:
 
 
 def prepare_experiment(uri: str, name: str, artifact_root: Path) -> str:
-    """Create the store (if new) and the experiment (with an absolute artifact location)."""
+    """Create the store (if new) and the experiment (with an absolute artifact location), marked as
+    model training so MLflow's UI opens it on its runs, not on the GenAI (traces) overview."""
     client = MlflowClient(uri)
     client.search_experiments(max_results=1)  # runs the store's schema migration, once, here
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    artifact_root.mkdir(parents=True, exist_ok=True)
-    return client.create_experiment(name, artifact_location=artifact_root.resolve().as_uri())
+    if experiment is None:
+        artifact_root.mkdir(parents=True, exist_ok=True)
+        return client.create_experiment(name, artifact_location=artifact_root.resolve().as_uri(),
+                                        tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:  # made before nds tagged its experiments
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    return experiment.experiment_id
+
+
+def ui_link(uri: str, experiment_id: str) -> str:
+    """Where to see an experiment's runs: MLflow 3's UI opens on its GenAI pages unless the link asks
+    for the model-training view."""
+    route = f"/#/experiments/{experiment_id}?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        return mask_credentials(uri.rstrip("/")) + route
+    return f"`mlflow ui --backend-store-uri {mask_credentials(uri)}`, then http://127.0.0.1:5000{route}"
 
 
 def start_run(uri: str, experiment_id: str, name: str, params: dict[str, str] | None = None,

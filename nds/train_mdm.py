@@ -407,14 +407,11 @@ def generate(cfg: Config, models: list[NestedUNet], n: int, text_bank: TextBank 
     return Samples(np.concatenate(batches), captions or None, np.asarray(classes, dtype=np.int64) if classes else None)
 
 
-def save_grid(images: np.ndarray, side: int, path: Path) -> Path:
-    from PIL import Image
+def save_grid(cfg: Config, images: np.ndarray, path: Path) -> Path:
+    from nds.figures import sample_grid, save_png
 
-    from nds.evaluate import image_grid
-
-    grid = image_grid(images, side)
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
-    return path
+    title = f"NestedUNet {cfg.mdm.baseline} · {'x'.join(map(str, cfg.mdm.resolutions))} px · seed {cfg.seed}"
+    return save_png(sample_grid(images, cfg.eval.grid_size, title), path)
 
 
 @dataclass
@@ -455,7 +452,7 @@ def run_mdm(cfg: Config) -> MDMOutcome:
         metrics.update(model_costs(*models))
         side = cfg.eval.grid_size
         samples = generate_images(cfg, models, side * side, data["text"])
-        grid_path = save_grid(samples, side, out_dir / "samples.png")
+        grid_path = save_grid(cfg, samples, out_dir / "samples.png")
         tracking.log_metrics(uri, run_id, metrics)
         tracking.log_artifact(uri, run_id, grid_path)
     return MDMOutcome(run_id, experiment_id, phases, samples)
@@ -539,7 +536,7 @@ def run_mdm_trial(cfg: Config, inputs: dict, mlflow_run: dict, trial_dir: Path) 
     metrics = {f"{phase_name(p.phase)}/final_loss": p.final_loss for p in phases}
     metrics.update(model_costs(*models), iterations=total)
     metrics.update(guidance_curve(cfg, models, text_bank, metric_state))
-    grid = save_grid(last["images"], e.grid_size, trial_dir / "sample_grid.png")
+    grid = save_grid(cfg, last["images"], trial_dir / "sample_grid.png")
     return TrialReport(metrics, [grid], {"nds.mdm_baseline": cfg.mdm.baseline})
 
 

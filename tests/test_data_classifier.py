@@ -1,12 +1,13 @@
 """nds.data_classifier: the CNN behind fd_data_classifier, trained on the data's labelled split and cached."""
 import numpy as np
+import pytest
 import torch
 
 from nds.config import load_config
 from nds.data_classifier import DataClassifier, obtain_classifier
 from nds.evaluate import prepare_metric, score_images
 from nds.latents import load_split
-from nds.metrics import DATA_CLASSIFIER, SUBSTITUTE, quality_metric_name
+from nds.metrics import DATA_CLASSIFIER, SUBSTITUTE, anchor_name, quality_metric_name
 
 STEPS = 150
 
@@ -32,9 +33,17 @@ def test_classifier_learns_the_classes_and_is_cached(tmp_path):
 
 
 def test_features_resize_any_input_to_the_training_size():
+    """A 16 px copy of an 8 px image (each pixel doubled) reads like the 8 px image, not like 16 px
+    input fed to the trunk as it is (global pooling alone would accept any size)."""
+    torch.manual_seed(0)
     model = DataClassifier(channels=1, num_classes=3, image_size=8)
-    images = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 1), dtype=np.uint8)
-    assert model.features(images, batch_size=2).shape == (5, model.feature_dim)
+    small = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 1), dtype=np.uint8)
+    large = small.repeat(2, axis=1).repeat(2, axis=2)
+    resized, native = model.features(large, batch_size=2), model.features(small)
+    assert resized.shape == (5, model.feature_dim)
+    with torch.no_grad():
+        unresized = model.pooled(torch.as_tensor(large).permute(0, 3, 1, 2).float() / 127.5 - 1.0).double().numpy()
+    assert np.abs(resized - native).mean() < 0.5 * np.abs(unresized - native).mean()
 
 
 def test_real_images_beat_degraded_ones_beat_noise(tmp_path):
@@ -48,6 +57,9 @@ def test_real_images_beat_degraded_ones_beat_noise(tmp_path):
     scores = {name: score_images(cfg, images, state)[DATA_CLASSIFIER]
               for name, images in (("real", real), ("noisy", noisy), ("noise", noise))}
     assert scores["real"] < scores["noisy"] < scores["noise"], scores
+    anchors = state["anchors"]  # what plots draw: training images and uniform noise at a trial's sample count
+    assert anchors[anchor_name(DATA_CLASSIFIER, "real")] == pytest.approx(scores["real"])  # the same 100 images
+    assert scores["noisy"] < anchors[anchor_name(DATA_CLASSIFIER, "noise")]
     assert set(score_images(cfg, real, state)) >= {DATA_CLASSIFIER, SUBSTITUTE}
 
 
@@ -55,7 +67,7 @@ def test_the_ranking_metric_follows_the_config(tmp_path):
     cfg = digits_config(tmp_path)
     assert cfg.uses_data_classifier and quality_metric_name("/nonexistent", cfg.uses_data_classifier) == DATA_CLASSIFIER
     off = digits_config(tmp_path, "eval.data_classifier=false")
-    assert not off.uses_data_classifier and quality_metric_name("/nonexistent", False) == SUBSTITUTE
+    assert not off.uses_data_classifier and quality_metric_name("/nonexistent", off.uses_data_classifier) == SUBSTITUTE
     assert prepare_metric(off, np.asarray(load_split(off, "test", 20).images))["classifier"] is None
     coco = load_config(None, ["data.name=coco2014", f"data.root={tmp_path}"])
     assert not coco.uses_data_classifier  # COCO has no class labels to learn

@@ -8,8 +8,7 @@ from safetensors.torch import save_file
 from sklearn.datasets import load_sample_image
 
 import nds.encoders as encoders
-from nds.config import load_config
-from nds.encoders import (ENCODERS, RANDOM_WEIGHTS, EncoderSpec, _random_cnn, build_encoder, check_encoder,
+from nds.encoders import (ENCODERS, RANDOM_WEIGHTS, EncoderSpec, build_encoder, check_encoder,
                           extract_features)
 
 
@@ -89,7 +88,6 @@ def test_pixels_encoder_is_the_resized_image_in_unit_range():
 
 
 def test_random_cnn_is_seeded_and_leaves_global_rng_alone():
-    assert "NOT pretrained" in _random_cnn.__doc__
     torch.manual_seed(123)
     before = torch.rand(1)
     torch.manual_seed(123)
@@ -118,8 +116,10 @@ def test_extract_features_batches_match_one_pass_and_report_progress():
 def test_registry_names_every_encoder_of_the_paper():
     assert set(ENCODERS) == {"efficientnet_lite0", "moco_v3_vit_b16", "dino_vit_b16", "clip_vit_b16", "rcg_moco_v3",
                              "vae", "pixels", "random_cnn"}
-    for name in ENCODERS:
-        load_config(None, [f"encoder.name={name}"])  # each is a config value
+    for name in ENCODERS:  # the preflight check accepts each (random weights: no file needed) ...
+        check_encoder(name, RANDOM_WEIGHTS)
+    with pytest.raises(ValueError, match="unknown encoder 'resnet9000'"):  # ... and nothing else
+        check_encoder("resnet9000", RANDOM_WEIGHTS)
 
 
 # -- ViT-B/16 family, RCG, weights sources ---------------------------------------------------------

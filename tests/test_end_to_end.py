@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from analysis.make_tables import make_tables
 from nds.config import REPO_ROOT, load_config, replace
 from nds.diagnostics import null_cond_name, sampled_name, true_cond_name
-from nds.metrics import DATA_CLASSIFIER, FID, INCEPTION_FILE, SUBSTITUTE
+from nds.metrics import DATA_CLASSIFIER, FID, INCEPTION_FILE, SUBSTITUTE, anchor_name
 from nds.cli import sweep_plan
 from nds.protocols import run_sigma_chain, sigma_plan, sigma_variants
 from nds.sweep import Sweep, init_ray
@@ -98,6 +98,8 @@ def test_sigma_sweep_chains_stages_and_trains_each_level_once(tmp_path):
         assert params["encoder.name"] == "efficientnet_lite0" and params["hierarchy.shape.1"] == "8x8x1"
         assert all(math.isfinite(metrics[m]) and metrics[m] > 0 for m in (SUBSTITUTE, DATA_CLASSIFIER))
         assert (FID in metrics) == has_inception
+        # where the metric sits for real training images and for noise, for the plots' range
+        assert 0 < metrics[anchor_name(sweep.metric, "real")] < metrics[anchor_name(sweep.metric, "noise")]
         assert metrics["levels.trained"] + metrics["levels.reused"] == depth
         # the chain diagnostic, in the metric that ranks the sweep, for every level below the top
         assert (sampled_name(sweep.metric) in metrics) == (depth > 1)

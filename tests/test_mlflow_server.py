@@ -122,11 +122,13 @@ def test_make_tables_reads_the_server(logged, tmp_path):
     assert {p.name for p in tmp_path.iterdir()} >= {"table1_sigma.md", "table2_sigma.md", "table4a_encoders.md"}
 
 
-def test_a_server_restart_mid_sweep_loses_no_trial(tmp_path):
-    """The tracking server stopped while a trial trains and started again ~20 s later on the same store:
-    MLflow's client retries (with backoff) carry the sweep over; every run ends FINISHED."""
+@pytest.fixture(scope="module")
+def restarted_sweep(tmp_path_factory):
+    """A tiny sweep against a real server that is stopped while a trial trains and started again ~20 s
+    later on the same store; yields (server url, the sweep's exit code, its output) with the server up."""
     from nds.config import REPO_ROOT
 
+    tmp_path = tmp_path_factory.mktemp("restart")
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     proc = start_server(tmp_path, port)
@@ -151,14 +153,63 @@ def test_a_server_restart_mid_sweep_loses_no_trial(tmp_path):
         stop_server(proc)  # mid-fit: the trial's workers are logging losses
         time.sleep(20)
         proc = start_server(tmp_path, port)
-        assert sweep.wait(timeout=1200) == 0, output()
-        experiment = client.get_experiment_by_name("nds-sweep-sigma")
-        runs = client.search_runs([experiment.experiment_id])
-        assert {r.info.status for r in runs} == {"FINISHED"}
-        trials = [r for r in runs if r.data.tags["nds.kind"] == "trial"]
-        assert len(trials) == 2 and all(r.data.metrics["level1/train_loss"] > 0 for r in trials)
+        code = sweep.wait(timeout=1200)
+        yield url, code, output()
     finally:
         if sweep.poll() is None:
             os.killpg(sweep.pid, signal.SIGKILL)
             sweep.wait()
         stop_server(proc)
+
+
+def test_a_server_restart_mid_sweep_loses_no_trial(restarted_sweep):
+    """MLflow's client retries (with backoff) carry the sweep over the restart; every run ends FINISHED."""
+    url, code, output = restarted_sweep
+    assert code == 0, output
+    client = MlflowClient(url)
+    experiment = client.get_experiment_by_name("nds-sweep-sigma")
+    runs = client.search_runs([experiment.experiment_id])
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    trials = [r for r in runs if r.data.tags["nds.kind"] == "trial"]
+    assert len(trials) == 2 and all(r.data.metrics["level1/train_loss"] > 0 for r in trials)
+
+
+def test_the_mlflow_ui_shows_the_sweep_as_a_researcher_reads_it(restarted_sweep, tmp_path):
+    """In headless Chromium: the experiment opens on its training runs, a trial's parent is its stage and
+    the stage's the sweep, the compare view lines up the swept params and the metric, a grid displays,
+    and the sweep's HTML report (logged by make_tables) is among its artifacts. Screenshots go under runs/."""
+    from browser import Browser, browser_missing
+    from nds.config import REPO_ROOT
+
+    if browser_missing():
+        pytest.skip(browser_missing())
+    url, code, output = restarted_sweep
+    assert code == 0, output
+    client = MlflowClient(url)
+    experiment = client.get_experiment_by_name("nds-sweep-sigma")
+    runs = client.search_runs([experiment.experiment_id])
+    by_kind = lambda kind: [r for r in runs if r.data.tags["nds.kind"] == kind]  # noqa: E731
+    [sweep], [stage], trials = by_kind("sweep"), by_kind("stage"), by_kind("trial")
+    make_tables(url, ["nds-sweep-sigma"], tmp_path / "tables", ("md", "png"), report_dir=tmp_path / "report")
+    assert "report/nds-sweep-sigma.html" in {a.path for a in client.list_artifacts(sweep.info.run_id, "report")}
+
+    shots = REPO_ROOT / "runs" / "ui-screenshots"
+    with Browser(url, shots) as ui:
+        page = ui.open(f"/experiments/{experiment.experiment_id}", "experiment")
+        assert "/runs" in ui.url and sweep.info.run_name in page  # the runs table, not the GenAI overview
+        assert "Token Usage" not in page and "Traces\n0" not in page
+        trial_page = ui.open(f"/experiments/{experiment.experiment_id}/runs/{trials[0].info.run_id}", "trial")
+        assert f"Parent run\n{stage.info.run_name}" in trial_page
+        stage_page = ui.open(f"/experiments/{experiment.experiment_id}/runs/{stage.info.run_id}", "stage")
+        assert f"Parent run\n{sweep.info.run_name}" in stage_page
+        ids = json.dumps([r.info.run_id for r in trials])
+        compare = ui.open(f"/compare-runs?runs={ids}&experiments={json.dumps([experiment.experiment_id])}", "compare")
+        assert all(r.info.run_name in compare for r in trials)  # a column per trial
+        for name in ("hierarchy.L", "hierarchy.sigma.2", "seed", sweep.data.tags["nds.metric"]):
+            assert name in compare, name
+        ui.open(f"/experiments/{experiment.experiment_id}/runs/{trials[0].info.run_id}/artifacts/level_grid.png", "grid")
+        assert max(ui.image_widths()) >= 512  # the level grid, loaded and readable
+        report = ui.open_file(tmp_path / "report" / "nds-sweep-sigma.html", "report")
+        assert "What the runs show" in report or "table1_sigma" in report
+        assert all(r.info.run_id in report for r in trials)
+    assert {p.name for p in shots.iterdir()} >= {"experiment.png", "compare.png", "grid.png", "report.png"}

@@ -8,7 +8,8 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from analysis.make_tables import build_tables, main, make_tables
-from nds.metrics import DATA_CLASSIFIER, FID, SUBSTITUTE
+from analysis.plots import sigma_figure
+from nds.metrics import DATA_CLASSIFIER, FID, SUBSTITUTE, anchor_name
 
 SPEC = "28x28x1, 4x4x32, 2x2x16"
 GFLOPS = {1: 1.0, 2: 0.1, 3: 0.05}
@@ -32,7 +33,8 @@ def chain_params(dataset="fashion_mnist", depth=1, sigma=None, seed=0, classes=0
 
 
 def chain_metrics(depth: int, value: float, metric: str = SUBSTITUTE) -> dict:
-    metrics = {SUBSTITUTE: value, "levels.trained": depth, "levels.reused": 0}
+    metrics = {SUBSTITUTE: value, "levels.trained": depth, "levels.reused": 0,
+               anchor_name(SUBSTITUTE, "real"): 1.5, anchor_name(SUBSTITUTE, "noise"): 115.0}
     if metric == FID:
         metrics[FID] = value + 100
     if metric == DATA_CLASSIFIER:
@@ -166,6 +168,18 @@ def test_table1_dedupes_averages_seeds_bolds_best_and_says_missing(tables):
     assert rows[3]["σ_L=0.0"] == "missing" and rows[3]["z_L"] == "2x2x16"
     assert rows[2]["GFLOPs total"] == "1.1" and rows[2]["GFLOPs growth vs L=1"] == "+10.0%"
     assert rows[2]["params (level L)"] == "0.1M"
+
+
+def test_the_sigma_plot_shows_seed_counts_error_bars_and_the_metric_range(tables):
+    table = tables[0]["table1_sigma"]
+    ax = sigma_figure(table).axes[0]
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert "L=1, no σ (n=2 seeds)" in labels  # the two seeds of L = 1
+    assert any(label.startswith("L=2 (n=") for label in labels)
+    assert "real images (1.5)" in labels and "uniform noise (115.0)" in labels  # the logged anchors
+    bottom, top = ax.get_ylim()
+    assert bottom == 0 and top > 115  # the whole range from 0 past noise, not zoomed onto the points
+    assert any(len(line.get_segments()) for line in ax.collections)  # error bars drawn
 
 
 def test_table2_holds_the_conditional_runs(tables):
@@ -344,3 +358,32 @@ def test_guidance_rows_diagnostic_columns_and_the_plain_sentences(tmp_path):
     log("L2-sigma0.5-cfg3", 2, 0.5, 3.0, [38.5, 42.0, 36.0], diag=(31.0, 41.0))  # a noisy re-run: no finding
     table = next(t for t in build_tables(client.tracking_uri)[0] if t.name == "table1_sigma")
     assert "not a finding" in " ".join(table.summary)
+
+
+def test_each_experiment_gets_a_report_with_its_tables_and_every_run_id(store, tmp_path):
+    from analysis.runs import load_trials
+
+    make_tables(store, None, tmp_path / "tables", ("md",), report_dir=tmp_path / "report")
+    page = (tmp_path / "report" / "nds-sweep-sigma.html").read_text()
+    for table in build_tables(store, ["nds-sweep-sigma"])[0]:
+        assert f"id='{table.name}'" in page and table.parts[0].title in page
+    assert "What the runs show" in page or "chain diagnostic" not in page
+    assert "<img" in page  # the σ plot, inlined
+    for run_id in load_trials(store, ["nds-sweep-sigma"])["run_id"]:
+        assert run_id in page
+    other = load_trials(store, ["nds-sweep-encoders"])["run_id"]
+    assert len(other) and not any(run_id in page for run_id in other)  # one experiment per page
+    assert {p.name for p in (tmp_path / "report").iterdir()} >= {"nds-sweep-sigma.html", "nds-sweep-encoders.html"}
+
+
+def test_a_report_over_an_experiment_without_finished_runs_says_so(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    log_trial(client, "sweep_sigma", "L1", chain_params(), chain_metrics(1, 40.0), status="FAILED")
+    from analysis.make_tables import write_reports
+
+    [path] = write_reports(client.tracking_uri, None, tmp_path / "report")
+    assert path.name == "nds-sweep-sigma.html" and "No finished trial runs" in path.read_text()
+    with pytest.raises(SystemExit, match="no finished trial runs"):  # the tables have nothing to show either
+        main(["--tracking-uri", client.tracking_uri, "--out-dir", str(tmp_path / "t"), "--report-dir",
+              str(tmp_path / "r"), f"paths.runs_dir={tmp_path}"])
+    assert "No finished trial runs" in (tmp_path / "r" / "nds-sweep-sigma.html").read_text()

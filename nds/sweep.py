@@ -263,6 +263,34 @@ def _trial(cfg: Config, v: dict, kind: TrialKind, inputs: dict, ctx: dict) -> tu
 # -- a sweep: stages of Tune runs under one MLflow run --------------------------------------------
 
 
+def trial_lines(stage: str, total: int, metric: str):
+    """A Tune callback that prints one line per trial as it ends: its name, how many of the stage's
+    trials are done, the time so far, and its metric or its error."""
+    from ray import tune
+
+    class TrialLines(tune.Callback):
+        def __init__(self) -> None:
+            self.done, self.start = 0, time.monotonic()
+
+        def _line(self, trial, outcome: str) -> None:
+            self.done += 1
+            minutes, seconds = divmod(int(time.monotonic() - self.start), 60)
+            print(f"[nds] stage {stage}: trial {trial_name(trial.config['variant'])} {outcome} "
+                  f"({self.done}/{total}, {minutes}:{seconds:02d})", flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            result = trial.last_result or {}
+            error = result.get(TRIAL_ERROR)
+            value = result.get(metric)
+            self._line(trial, f"failed: {error}" if error else
+                       f"finished, {metric} {value:.2f}" if isinstance(value, (int, float)) else "finished")
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self._line(trial, "failed (see its MLflow run)")
+
+    return TrialLines()
+
+
 def level_counts(trials: list[dict]) -> dict[str, int]:
     """Level-store trainings and reuses summed over trials; empty when the trials do not use the
     store (an MDM trial trains its one model itself)."""
@@ -404,7 +432,8 @@ class Sweep:
                 name=f"{self.name}-{self.stamp}-{name}",
                 storage_path=str(cfg.runs_dir / "ray_results"),
                 failure_config=tune.FailureConfig(max_failures=cfg.training.max_failures),
-                verbose=1,
+                verbose=0,  # Tune's status tables; one line per finished trial instead (trial_lines)
+                callbacks=[trial_lines(name, len(variants), self.metric)],
             ),
         )
         trials = {}

@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the metric the tables show (default: the newest run's best of " + ", ".join(METRIC_PREFERENCE) + ")")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = parser.parse_args(argv)
+    if args.experiments:  # --experiments takes every word after it: key=value words are overrides
+        args.overrides += [word for word in args.experiments if "=" in word]
+        args.experiments = [word for word in args.experiments if "=" not in word] or None
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:

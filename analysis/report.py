@@ -128,7 +128,7 @@ def render_report(tracking_uri: str, experiment: str, tables: list[Table], messa
 def publish_report(tracking_uri: str, experiment: str, page: str, out_dir: Path) -> Path:
     """Write the page to ``out_dir/<experiment>.html`` and log it to the experiment's newest sweep run."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{experiment}.html"
+    path = out_dir / (re.sub(r"[^\w.-]+", "_", experiment) + ".html")  # a file name whatever the experiment's name
     path.write_text(page)
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)

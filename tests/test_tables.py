@@ -281,10 +281,13 @@ def test_make_tables_writes_every_format(store, tmp_path):
 def test_cli_formats_and_exit_codes(store, tmp_path, capsys):
     assert main(["--tracking-uri", store, "--out-dir", str(tmp_path), "--format", "csv",
                  "--experiments", "nds-sweep-rcg", f"paths.runs_dir={tmp_path}"]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["table4b_rcg.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report", "table4b_rcg.csv"]  # runs_dir=tmp_path applied
+    assert [p.name for p in (tmp_path / "report").iterdir()] == ["nds-sweep-rcg.html"]
     assert "table1_sigma: no finished sweep_sigma trials" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="no finished trial runs in experiment"):
-        main(["--tracking-uri", store, "--out-dir", str(tmp_path), "--experiments", "nds-nothing-here"])
+        main(["--tracking-uri", store, "--out-dir", str(tmp_path), "--experiments", "nds-nothing-here",
+              f"paths.runs_dir={tmp_path}"])
+    assert "No finished trial runs" in (tmp_path / "report" / "nds-nothing-here.html").read_text()
 
 
 def test_true_fid_is_labelled_fid(tmp_path):

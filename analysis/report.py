@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from analysis.render import BOLD
 from analysis.runs import load_trials
 from analysis.tables import Table, describe
 from nds.tracking import mask_credentials
@@ -25,7 +26,6 @@ from nds.tracking import mask_credentials
 GRID_FILES = ("level_grid.png", "sample_grid.png")  # what a chain trial logs (MDM: sample_grid.png)
 MAX_GRID_SETTINGS = 24  # settings whose grids are shown (newest first); the page stays a few MB
 ARTIFACT_DIR = "report"  # where the page goes among the sweep run's artifacts
-BOLD = re.compile(r"\*\*(.+?)\*\*")
 STYLE = """body{font-family:sans-serif;margin:2em auto;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:13px}th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.ids{font-family:monospace;font-size:11px;color:#555}

@@ -16,7 +16,7 @@ import pandas as pd
 from analysis import paper
 from analysis.runs import quality_metric, settings
 from nds.diagnostics import null_cond_name, sampled_name, true_cond_name
-from nds.metrics import CAPTION_CLASS_ACCURACY, anchor_name, CLIP_SCORE, DATA_CLASSIFIER, FID, SUBSTITUTE
+from nds.metrics import CAPTION_CLASS_ACCURACY, CLIP_SCORE, DATA_CLASSIFIER, FID, SUBSTITUTE, anchor_name
 
 NA = "—"  # not applicable: L = 1 has no σ_L
 MISSING = "missing"  # no finished run with the metric for this cell

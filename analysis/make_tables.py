@@ -19,16 +19,25 @@ import sys
 from functools import partial
 from pathlib import Path
 
+from mlflow.tracking import MlflowClient
+
 from analysis.plots import depth_plot, guidance_plot, mdm_plots, sigma_plot
 from analysis.render import to_csv, to_latex, to_markdown
 from analysis.report import publish_report, render_report
 from analysis.runs import EXPERIMENT_PREFIX, experiment_names, load_trials, metric_history
-from analysis.tables import (Table, depth_table, encoders_table, guidance_table, mdm_table, rcg_table, shapes_table,
-                             sigma_tables, text_table)
+from analysis.tables import (
+    Table,
+    depth_table,
+    encoders_table,
+    guidance_table,
+    mdm_table,
+    rcg_table,
+    shapes_table,
+    sigma_tables,
+    text_table,
+)
 from nds.config import ConfigError, load_config
-from mlflow.tracking import MlflowClient
-
-from nds.metrics import METRIC_PREFERENCE
+from nds.eval.metrics import METRIC_PREFERENCE
 
 FORMATS = ("md", "latex", "csv", "png")
 WRITERS = {"md": (".md", to_markdown), "latex": (".tex", to_latex), "csv": (".csv", to_csv)}

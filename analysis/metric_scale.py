@@ -13,9 +13,9 @@ import json
 import numpy as np
 
 from nds.config import load_config
-from nds.evaluate import prepare_metric, score_images
-from nds.latents import load_split
-from nds.metrics import quality_metric_name
+from nds.eval.evaluate import prepare_metric, score_images
+from nds.eval.metrics import quality_metric_name
+from nds.latents.prepare import load_split
 
 
 def degraded_sets(real: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:

@@ -4,10 +4,11 @@ from __future__ import annotations
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from nds.metrics import METRIC_PREFERENCE, SUBSTITUTE
+from nds.eval.metrics import METRIC_PREFERENCE, SUBSTITUTE
+from nds.tracking import Tag, tag_filter
 
 EXPERIMENT_PREFIX = "nds-"
-IDENTITY = ["tags.nds.sweep", "tags.nds.variant", "tags.nds.config_hash"]
+IDENTITY = [f"tags.{Tag.SWEEP}", f"tags.{Tag.VARIANT}", f"tags.{Tag.CONFIG_HASH}"]
 
 
 def _frame(runs) -> pd.DataFrame:
@@ -49,7 +50,7 @@ def load_trials(tracking_uri: str, experiments: list[str] | None = None) -> pd.D
     if not ids:
         return pd.DataFrame()
     runs = _pages(client.search_runs, experiment_ids=ids, max_results=1000,
-                  filter_string="tags.`nds.kind` = 'trial' and attributes.status = 'FINISHED'")
+                  filter_string=tag_filter(Tag.KIND, "trial") + " and attributes.status = 'FINISHED'")
     frame = _frame(runs)
     if frame.empty:
         return frame

@@ -15,8 +15,9 @@ import pandas as pd
 
 from analysis import paper
 from analysis.runs import quality_metric, settings
-from nds.diagnostics import null_cond_name, sampled_name, true_cond_name
-from nds.metrics import CAPTION_CLASS_ACCURACY, CLIP_SCORE, DATA_CLASSIFIER, FID, SUBSTITUTE, anchor_name
+from nds.eval.diagnostics import null_cond_name, sampled_name, true_cond_name
+from nds.eval.metrics import CAPTION_CLASS_ACCURACY, CLIP_SCORE, DATA_CLASSIFIER, FID, SUBSTITUTE, anchor_name
+from nds.tracking import Tag
 
 NA = "—"  # not applicable: L = 1 has no σ_L
 MISSING = "missing"  # no finished run with the metric for this cell
@@ -86,17 +87,17 @@ def describe(trials: pd.DataFrame) -> pd.DataFrame:
 
         depth = int(get("params.hierarchy.L", 1))
         sigmas = [float(get(f"params.hierarchy.sigma.{level}")) for level in range(2, depth + 1)]
-        variant = get("tags.nds.variant", "")
+        variant = get(f"tags.{Tag.VARIANT}", "")
         rows[index] = {
             "run_id": run["run_id"], "start_time": run["start_time"],
-            "group": f'{variant}|{get("tags.nds.group_hash", None) or get("tags.nds.config_hash")}',  # a setting's seeds
+            "group": f'{variant}|{get(f"tags.{Tag.GROUP_HASH}", None) or get(f"tags.{Tag.CONFIG_HASH}")}',  # a setting's seeds
             "variant": variant, "dataset": get("params.data.name", "?"), "condition": _condition(get),
             "L": depth, "sigma_L": sigmas[-1] if sigmas else math.nan, "sigmas": ", ".join(f"{s:g}" for s in sigmas),
             "z_L": get(f"params.hierarchy.shape.{depth}", "n/a"), "spec": get("params.hierarchy.spec", "n/a"),
             "encoder": get("params.encoder.name", "n/a"),
             "gflops_L": get(f"metrics.level{depth}/gflops"), "params_L": get(f"metrics.level{depth}/params"),
             "gflops_total": get("metrics.total/gflops"), "params_total": get("metrics.total/params"),
-            "family": _mdm_family(variant), "baseline": get("tags.nds.mdm_baseline", "n/a"),
+            "family": _mdm_family(variant), "baseline": get(f"tags.{Tag.MDM_BASELINE}", "n/a"),
             "resolutions": get("params.mdm.resolutions", "n/a"), "phase_steps": get("params.mdm.phase_steps", "n/a"),
             "mdm_gflops": get("metrics.mdm/gflops"), "mdm_params": get("metrics.mdm/params"),
             "cfg_scale": float(get("params.diffusion.cfg_scale", math.nan)), "seed": get("params.seed", "?"),
@@ -108,7 +109,7 @@ def _scored(trials: pd.DataFrame, sweep: str, keep: Callable[[pd.DataFrame], pd.
             metric: str | None = None):
     """The described runs of one sweep (optionally filtered), with ``value`` = ``metric`` (default:
     ``analysis.runs.quality_metric`` of those runs)."""
-    runs = trials[trials["tags.nds.sweep"] == sweep]
+    runs = trials[trials[f"tags.{Tag.SWEEP}"] == sweep]
     frame = describe(runs)
     if keep is not None and not frame.empty:
         frame = frame[keep(frame)]
@@ -121,7 +122,7 @@ def _scored(trials: pd.DataFrame, sweep: str, keep: Callable[[pd.DataFrame], pd.
 
 
 def diagnostic_metrics(metric: str) -> dict[str, str]:
-    """Field of the tables -> the chain diagnostic's logged metric (``nds.diagnostics``), for ``metric``."""
+    """Field of the tables -> the chain diagnostic's logged metric (``nds.eval.diagnostics``), for ``metric``."""
     return {"diag_sampled": sampled_name(metric), "true_cond": true_cond_name(metric, 1),
             "null_cond": null_cond_name(metric, 1), "z_fd": "level2/z_fd", "z_fd_floor": "level2/z_fd_floor",
             "z_std": "level2/z_std", "anchor_real": anchor_name(metric, "real"), "anchor_noise": anchor_name(metric, "noise")}
@@ -507,7 +508,7 @@ def _guidance_points(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
 def guidance_table(trials: pd.DataFrame, metric: str | None = None):
     """MDM Fig. 8c: each sweep_mdm setting's final model at every guidance scale of sweep.cfg_scales,
     the quality metric (mean ± std over seeds) beside the samples' agreement with their captions."""
-    runs = trials[trials["tags.nds.sweep"] == "sweep_mdm"]
+    runs = trials[trials[f"tags.{Tag.SWEEP}"] == "sweep_mdm"]
     metric = metric or quality_metric(runs)
     points = _guidance_points(runs, metric)
     if points.empty:

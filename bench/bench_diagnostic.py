@@ -1,4 +1,4 @@
-"""What the chain diagnostic (nds.diagnostics) adds to a trial's evaluation, printed as one JSON object.
+"""What the chain diagnostic (nds.eval.diagnostics) adds to a trial's evaluation, printed as one JSON object.
 
 A trial with L > 1 samples ``eval.num_samples`` images through its chain and scores them with every
 metric; the diagnostic then samples level 1 (and the levels below each l < L) again from the true and
@@ -26,12 +26,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nds.config import load_config, replace  # noqa: E402
-from nds.data_classifier import DataClassifier  # noqa: E402
-from nds.diagnostics import chain_diagnostic, latent_stats  # noqa: E402
-from nds.hierarchy import images_from_level1  # noqa: E402
-from nds.metrics import DATA_CLASSIFIER, images_quality, reference_stats  # noqa: E402
-from nds.sampling import sample_levels  # noqa: E402
-from nds.train import build_level_model  # noqa: E402
+from nds.diffusion.chain import sample_levels  # noqa: E402
+from nds.eval.data_classifier import DataClassifier  # noqa: E402
+from nds.eval.diagnostics import chain_diagnostic, latent_stats  # noqa: E402
+from nds.eval.metrics import DATA_CLASSIFIER, images_quality, reference_stats  # noqa: E402
+from nds.latents.hierarchy import images_from_level1  # noqa: E402
+from nds.train.engine import build_level_model  # noqa: E402
 
 
 def timed(fn):

@@ -2,7 +2,7 @@
 
 - step_s: one AdamW training step of a U-ViT-S level (the first level of the paper's ImageNet
   chain, 32x32x4 given 6x6x32) at the given batch.
-- ema_s: ``nds.train.EMA.update`` after that step (in place on the weights' device, one fused lerp).
+- ema_s: ``nds.train.engine.EMA.update`` after that step (in place on the weights' device, one fused lerp).
 - host_copy_ema_s: the EMA as it was before issue 14, for comparison: every step each state-dict
   tensor copied to the host in fp32, then averaged there. On a CPU the copy is free (the tensors
   already live there), so the two differ only by the fused update; on a GPU the old one pays a
@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nds.diffusion import cosine_schedule, diffusion_loss  # noqa: E402
-from nds.models import count_params, uvit_from_size  # noqa: E402
-from nds.train import EMA  # noqa: E402
+from nds.diffusion.process import cosine_schedule, diffusion_loss  # noqa: E402
+from nds.models.uvit import count_params, uvit_from_size  # noqa: E402
+from nds.train.engine import EMA  # noqa: E402
 
 
 class HostCopyEMA:

@@ -39,7 +39,7 @@ def bench_extraction(n: int) -> dict:
     import torch
 
     from nds.data import load_fashion_mnist
-    from nds.encoders import build_encoder, extract_features
+    from nds.latents.encoders import build_encoder, extract_features
 
     images = load_fashion_mnist("/usr/share/datasets/fashion-mnist", "train", n).images
     encoder = build_encoder("efficientnet_lite0", image_size=128)
@@ -54,8 +54,8 @@ def bench_extraction(n: int) -> dict:
 def bench_cache(train_limit: int) -> dict:
     """Two sweeps' latent preparation on the demo config: the second must run no encoder pass."""
     from nds.config import load_config
-    from nds.encoders import FrozenEncoder
-    from nds.latents import prepare_latents
+    from nds.latents.encoders import FrozenEncoder
+    from nds.latents.prepare import prepare_latents
 
     forward = FrozenEncoder.forward
     counts = {"calls": 0, "images": 0}
@@ -86,7 +86,7 @@ def bench_cache(train_limit: int) -> dict:
 
 
 def _svd_child(rows: int, queue) -> None:
-    from nds.hierarchy import ChannelCompressor
+    from nds.latents.hierarchy import ChannelCompressor
 
     rng = np.random.default_rng(0)
     # decaying spectrum over SIGNAL_RANK directions, on top of full-rank noise

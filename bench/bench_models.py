@@ -40,10 +40,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nds.diffusion import cosine_schedule, diffusion_loss  # noqa: E402
-from nds.hierarchy import parse_spec  # noqa: E402
-from nds.models import count_params, forward_flops, uvit_from_size  # noqa: E402
-from nds.nested_unet import NestedUNet, NestedUNetSpec, downsample_pyramid, multires_loss  # noqa: E402
+from nds.config.specs import NestedUNetSpec, parse_spec  # noqa: E402
+from nds.diffusion.process import cosine_schedule, diffusion_loss  # noqa: E402
+from nds.models.nested_unet import NestedUNet, downsample_pyramid, multires_loss  # noqa: E402
+from nds.models.uvit import count_params, forward_flops, uvit_from_size  # noqa: E402
 
 IMAGENET_SPEC = "32x32x4, 6x6x32, 4x4x24, 2x2x16"
 COCO_SPEC = "32x32x4, 8x8x64, 6x6x56, 4x4x48, 2x2x40"

@@ -24,10 +24,12 @@ import numpy as np
 
 from nds import tracking
 from nds.config import Config, ConfigError, config_hash, load_config
-from nds.encoders import RANDOM_WEIGHTS, EncoderSpec
-from nds.hierarchy import FeatureCache, cached_features, parse_spec
-from nds.knn import Panel, encoder_panel, render_figure
-from nds.latents import dataset_key, extraction_args, load_split
+from nds.config.specs import parse_spec
+from nds.eval.knn import Panel, encoder_panel, render_figure
+from nds.latents.encoders import RANDOM_WEIGHTS, EncoderSpec
+from nds.latents.hierarchy import FeatureCache, cached_features
+from nds.latents.prepare import dataset_key, extraction_args, load_split
+from nds.tracking import Tag
 
 SMALL_VAE = {"block_out_channels": (16, 32, 64), "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 16}
 SMALL_VAE_BATCH = 32
@@ -36,7 +38,7 @@ log = logging.getLogger("knn_figure")
 
 def small_vae_weights(cfg: Config, images: np.ndarray, image_size: int, steps: int) -> Path:
     """A small KL-VAE trained on the training images, cached by what determines it."""
-    from nds.vae import VAEConfig, save_autoencoder, train_autoencoder
+    from nds.latents.vae import VAEConfig, save_autoencoder, train_autoencoder
 
     vae_cfg = VAEConfig(**SMALL_VAE)
     key = config_hash({"data": dataset_key(cfg, "train", cfg.data.train_limit), "vae": SMALL_VAE, "batch": SMALL_VAE_BATCH,
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                for p in panels for lv, a in zip(p.levels, p.agreement)}
     uri = cfg.tracking_uri
     experiment_id = tracking.prepare_experiment(uri, args.experiment, cfg.runs_dir / "mlartifacts")
-    with tracking.open_run(uri, experiment_id, f"knn-{tag}", tags={"nds.kind": "knn_figure"}, params={
+    with tracking.open_run(uri, experiment_id, f"knn-{tag}", tags={Tag.KIND: "knn_figure"}, params={
         "encoders": " | ".join(p.name for p in panels), "levels": args.levels or cfg.hierarchy.spec, "k": args.k,
         "data.name": cfg.data.name, "data.train_limit": cfg.data.train_limit, "data.eval_limit": cfg.data.eval_limit,
     }) as run_id:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import sys
 
-from nds.cli import preset, sweep_main
-from nds.protocols import encoder_variants
+from nds.sweep.cli import preset, sweep_main
+from nds.sweep.protocols import encoder_variants
 
 SCRIPT = "sweep_encoders"
 

@@ -1,4 +1,4 @@
-"""Matryoshka Diffusion ablations as one sweep, each stage one Ray Tune run (nds.train_mdm.MDM trials):
+"""Matryoshka Diffusion ablations as one sweep, each stage one Ray Tune run (nds.train.mdm.MDM trials):
 
     python experiments/sweep_mdm.py [--config FILE] [--dry-run] [key=value ...]
     python experiments/sweep_mdm.py --config configs/sweep_mdm/imagenet256.yaml
@@ -8,7 +8,7 @@
   progressive  MDM Fig. 8a: a variant per entry of sweep.mdm_phase_steps (e.g. [[0,200],[100,100]]).
   baselines    MDM Fig. 4: NestedUNet vs cascaded vs plain UNet (sweep.mdm_baselines) at the base
                config's size and iteration budget: a variant per value of mdm.baseline
-               (nds/train_mdm.py says what each one is).
+               (nds/train/mdm.py says what each one is).
 
 A stage runs only if its list is non-empty; every variant runs once per seed in sweep.seeds. Each
 trial logs the quality metric at the end of every phase of any trial in its stage, with MLflow
@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import sys
 
-from nds.cli import Plan, preset, sweep_main
 from nds.config import Config, ConfigError
-from nds.planner import plan_mdm_sweep
-from nds.sweep import Sweep, trial_config, variant
-from nds.train_mdm import MDM
+from nds.sweep.cli import Plan, preset, sweep_main
+from nds.sweep.mdm import MDM
+from nds.sweep.planner import plan_mdm_sweep
+from nds.sweep.runner import Sweep, trial_config, variant
 
 SCRIPT = "sweep_mdm"
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import sys
 
-from nds.cli import preset, sweep_main
-from nds.protocols import shape_variants
+from nds.sweep.cli import preset, sweep_main
+from nds.sweep.protocols import shape_variants
 
 SCRIPT = "sweep_shapes"
 

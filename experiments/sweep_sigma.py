@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import sys
 
-from nds.cli import sweep_main
-from nds.protocols import run_sigma_chain, sigma_plan
+from nds.sweep.cli import sweep_main
+from nds.sweep.protocols import run_sigma_chain, sigma_plan
 
 SCRIPT = "sweep_sigma"
 

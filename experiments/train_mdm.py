@@ -14,8 +14,11 @@ import argparse
 import logging
 import sys
 
-from nds.config import ConfigError, check_latent_vae, load_config, to_yaml
-from nds.train_mdm import mdm_phases, phase_name, run_mdm
+from nds.config import ConfigError, load_config, to_yaml
+from nds.config.specs import mdm_phases
+from nds.sweep.mdm import run_mdm
+from nds.sweep.preflight import check_latent_vae
+from nds.train.mdm import phase_name
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -131,8 +131,31 @@ def end_run(uri: str, run_id: str, error: BaseException | None = None) -> None:
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED if error else RunStatus.FINISHED))
 
 
-DRIVER_TAG = "nds.driver"  # host:pid of the sweep driver a run belongs to
-TRIAL_KEY_TAG = "nds.trial_key"  # what a trial computes and reports: equal keys, interchangeable results
+class Tag:
+    """The ``nds.*`` tags on every run nds logs: code, analysis and tests name them through this class."""
+
+    KIND = "nds.kind"  # sweep | stage | trial | mdm | knn_figure
+    SWEEP = "nds.sweep"  # the sweep a run belongs to (sweep_sigma, sweep_mdm, ...)
+    STAGE = "nds.stage"  # the stage (one Ray Tune run) a trial belongs to
+    VARIANT = "nds.variant"  # the trial's setting, without the seed
+    CONFIG_HASH = "nds.config_hash"  # what the run computes, seed included
+    GROUP_HASH = "nds.group_hash"  # the same without the seed: a setting's seeds share it
+    METRIC = "nds.metric"  # the quality metric that ranks the sweep's runs
+    DRIVER = "nds.driver"  # host:pid of the sweep driver a run belongs to
+    TRIAL_KEY = "nds.trial_key"  # what a trial computes and reports: equal keys, interchangeable results
+    MDM_BASELINE = "nds.mdm_baseline"  # nested | cascaded | plain | latent
+    BEST_SIGMA = "nds.best_sigma"  # on a σ stage: the σ carried into the next depth
+    BEST_CFG_SCALE = "nds.best_cfg_scale"  # ... and the guidance scale
+
+    @staticmethod
+    def level(level: int, field: str = "") -> str:
+        """The level-store entry a chain trial used for ``level`` (field: path | trained_here)."""
+        return f"nds.level.{level}" + (f".{field}" if field else "")
+
+
+def tag_filter(tag: str, value: str) -> str:
+    """An MLflow search filter on one tag's value."""
+    return f"tags.`{tag}` = '{value}'"
 
 
 def driver_id() -> str:
@@ -161,7 +184,7 @@ def close_abandoned_runs(uri: str, experiment_id: str) -> int:
     running = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000)
     closed = 0
     for run in running:
-        driver = run.data.tags.get(DRIVER_TAG)
+        driver = run.data.tags.get(Tag.DRIVER)
         if driver and _driver_gone(driver):
             client.set_tag(run.info.run_id, "error", f"abandoned: its sweep driver {driver} died; closed by a later sweep")
             client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
@@ -176,10 +199,10 @@ def finished_trials(uri: str, experiment_id: str) -> dict[str, tuple[str, dict[s
     found: dict[str, tuple[str, dict[str, float]]] = {}
     token = None
     while True:
-        page = client.search_runs([experiment_id], filter_string="tags.`nds.kind` = 'trial' and attributes.status = 'FINISHED'",
+        page = client.search_runs([experiment_id], filter_string=tag_filter(Tag.KIND, "trial") + " and attributes.status = 'FINISHED'",
                                   max_results=1000, order_by=["attributes.start_time ASC"], page_token=token)
         for run in page:
-            key = run.data.tags.get(TRIAL_KEY_TAG)
+            key = run.data.tags.get(Tag.TRIAL_KEY)
             if key:
                 found[key] = (run.info.run_id, dict(run.data.metrics))
         token = page.token

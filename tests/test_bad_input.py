@@ -9,8 +9,8 @@ import pytest
 import ray
 from PIL import Image
 
-from nds.cli import sweep_main
-from nds.protocols import sigma_plan
+from nds.sweep.cli import sweep_main
+from nds.sweep.protocols import sigma_plan
 
 BASE = ["data.name=digits"]  # data that ships with scikit-learn: only the case under test is wrong
 

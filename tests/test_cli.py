@@ -90,7 +90,7 @@ def test_image_folder_problems_stop_in_the_dry_run(tmp_path):
 
 def test_resources_no_node_can_hold_are_named():
     from nds.config import load_config
-    from nds.sweep import unplaceable
+    from nds.sweep.runtime import unplaceable
 
     def node(cpu, gpu=0.0, alive=True):
         return {"Alive": alive, "Resources": {"CPU": cpu, **({"GPU": gpu} if gpu else {})}}

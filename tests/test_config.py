@@ -1,4 +1,4 @@
-from nds.config import (Config, config_hash, flatten, from_dict, load_config, replace, to_dict)
+from nds.config import Config, config_hash, flatten, from_dict, load_config, replace, to_dict
 
 
 def test_defaults_validate_and_round_trip():

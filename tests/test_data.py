@@ -14,13 +14,12 @@ from nds.data import (
     BadImagesError,
     ImageFiles,
     check_dataset,
+    load_coco_captions,
     load_dataset,
     load_digits_set,
     load_fashion_mnist,
-    load_coco_captions,
     load_image_folder,
 )
-
 
 
 @needs_fashion

@@ -1,13 +1,13 @@
-"""nds.data_classifier: the CNN behind fd_data_classifier, trained on the data's labelled split and cached."""
+"""nds.eval.data_classifier: the CNN behind fd_data_classifier, trained on the data's labelled split and cached."""
 import numpy as np
 import pytest
 import torch
 
 from nds.config import load_config
-from nds.data_classifier import DataClassifier, obtain_classifier
-from nds.evaluate import prepare_metric, score_images
-from nds.latents import load_split
-from nds.metrics import DATA_CLASSIFIER, SUBSTITUTE, anchor_name, quality_metric_name
+from nds.eval.data_classifier import DataClassifier, obtain_classifier
+from nds.eval.evaluate import prepare_metric, score_images
+from nds.eval.metrics import DATA_CLASSIFIER, SUBSTITUTE, anchor_name, quality_metric_name
+from nds.latents.prepare import load_split
 
 STEPS = 150
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from nds.config import load_config
-from nds.diagnostics import chain_diagnostic, latent_stats, null_cond_name, sampled_name, true_cond_name
-from nds.diffusion import diffusion_loss, make_schedule
-from nds.models import UViT
-from nds.sampling import nested_sample, sample_levels
+from nds.diffusion.chain import keyed_generator, nested_sample, sample_levels
+from nds.diffusion.process import diffusion_loss, make_schedule
+from nds.eval.diagnostics import chain_diagnostic, latent_stats, null_cond_name, sampled_name, true_cond_name
+from nds.models.uvit import UViT
 
 SPEC = ["hierarchy.spec='8x8x1, 1x1x4'", "hierarchy.L=2", "hierarchy.sigmas=[0.0]", "sweep.depths=[1,2]",
         "diffusion.sample_steps=10", "diffusion.prediction=v", "eval.batch_size=64"]
@@ -72,7 +72,7 @@ def test_null_condition_ignores_the_condition_and_is_unguided():
     given = nested_sample(models, {2: 0.0}, 6, alphas, 4, seed=(1,), start=1, given=torch.randn(6, 4, 1, 1))[1]
     assert not torch.allclose(null, given)
     level1 = models[1]
-    noise = torch.randn(6, 1, 8, 8, generator=__import__("nds.sampling", fromlist=["x"]).keyed_generator(1, 1, 0))
+    noise = torch.randn(6, 1, 8, 8, generator=keyed_generator(1, 1, 0))
     with torch.no_grad():  # the null branch's first step equals a dropped-condition forward on any condition
         t = torch.full((6,), 999)
         a = level1(noise, t, cond=torch.randn(6, 4, 1, 1), drop_cond=torch.ones(6, dtype=torch.bool))

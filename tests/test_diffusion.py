@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from nds.diffusion import (
-    SAMPLERS,
+from nds.config.specs import SAMPLERS
+from nds.diffusion.process import (
     cfg_denoiser,
     cosine_schedule,
     ddim_sample,
@@ -395,7 +395,7 @@ class OracleLevel(nn.Module):
 
 
 def test_nested_sampling_reads_v_models_as_eps_models():
-    from nds.sampling import nested_sample
+    from nds.diffusion.chain import nested_sample
 
     ac = linear_schedule(1000)
     runs = {}

@@ -7,9 +7,8 @@ import torch
 from safetensors.torch import save_file
 from sklearn.datasets import load_sample_image
 
-import nds.encoders as encoders
-from nds.encoders import (ENCODERS, RANDOM_WEIGHTS, EncoderSpec, build_encoder, check_encoder,
-                          extract_features)
+import nds.latents.encoders as encoders
+from nds.latents.encoders import ENCODERS, RANDOM_WEIGHTS, EncoderSpec, build_encoder, check_encoder, extract_features
 
 
 @pytest.fixture(scope="module")

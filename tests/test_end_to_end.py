@@ -11,11 +11,13 @@ from mlflow.tracking import MlflowClient
 
 from analysis.make_tables import make_tables
 from nds.config import REPO_ROOT, load_config, replace
-from nds.diagnostics import null_cond_name, sampled_name, true_cond_name
-from nds.metrics import DATA_CLASSIFIER, FID, INCEPTION_FILE, SUBSTITUTE, anchor_name
-from nds.cli import sweep_plan
-from nds.protocols import run_sigma_chain, sigma_plan, sigma_variants
-from nds.sweep import Sweep, init_ray
+from nds.eval.diagnostics import null_cond_name, sampled_name, true_cond_name
+from nds.eval.metrics import DATA_CLASSIFIER, FID, INCEPTION_FILE, SUBSTITUTE, anchor_name
+from nds.sweep.cli import sweep_plan
+from nds.sweep.protocols import run_sigma_chain, sigma_plan, sigma_variants
+from nds.sweep.runner import Sweep
+from nds.sweep.runtime import init_ray
+from nds.tracking import Tag
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +84,7 @@ def test_sigma_sweep_chains_stages_and_trains_each_level_once(tmp_path):
     assert len(planned.trials) == sweep_run.data.metrics["trials.total"]
     assert not sweep_plan(cfg, sigma_plan(cfg)).to_train
     stage = client.get_run(first.run_id)
-    best = stage.data.tags["nds.best_sigma"]
+    best = stage.data.tags[Tag.BEST_SIGMA]
     has_inception = (Path(cfg.eval.inception_dir) / INCEPTION_FILE).is_file()
     assert sweep.metric == (FID if has_inception else DATA_CLASSIFIER)  # the σ carried on is chosen by it
     by_sigma = {float(r.data.params["hierarchy.sigma.2"]): r.data.metrics[sweep.metric]
@@ -113,9 +115,9 @@ def test_sigma_sweep_chains_stages_and_trains_each_level_once(tmp_path):
             assert metrics["diagnostic/samples"] == min(cfg.eval.num_samples, cfg.data.eval_limit)
         for level in range(1, depth + 1):
             assert metrics[f"level{level}/gflops"] > 0 and metrics[f"level{level}/params"] > 0
-            entry = Path(tags[f"nds.level.{level}.path"])  # the link to the level store entry it used
+            entry = Path(tags[Tag.level(level, "path")])  # the link to the level store entry it used
             assert entry.parent == cfg.levels_dir and (entry / "ema_weights.pt").is_file()
-            if tags[f"nds.level.{level}.trained_here"] == "true":
+            if tags[Tag.level(level, "trained_here")] == "true":
                 history = client.get_metric_history(run.info.run_id, f"level{level}/train_loss")
                 assert max(m.step for m in history) == cfg.training.steps
                 assert all(math.isfinite(m.value) for m in history)
@@ -176,8 +178,8 @@ def test_a_nonfinite_loss_fails_its_trial_at_once_and_keeps_no_weights(tmp_path)
     """Rank 0 of two draws a NaN loss at step 3: both ranks stop at the step-4 report, the fit is not
     retried (max_failures=2 would only repeat it), the trial run ends FAILED naming the step, and
     neither the level store nor the fit's checkpoints hold weights from after it."""
-    from nds.levels import LevelStore, level_id
-    from nds.sweep import trial_config
+    from nds.sweep.level_store import LevelStore, level_id
+    from nds.sweep.runner import trial_config
 
     cfg = tiny_config(tmp_path, "sweep.depths=[1]", "hierarchy.L=1", "resources.max_concurrent_trials=1",
                       "training.nan_at_step=3", "training.max_failures=2")

@@ -3,8 +3,8 @@ latent rows by their nearest training image."""
 import numpy as np
 import torch
 
-from nds.figures import MIN_WIDTH, labelled_grid, level_grid, level_rows, nearest_rows, sample_grid
-from nds.hierarchy import images_from_level1
+from nds.eval.figures import MIN_WIDTH, labelled_grid, level_grid, level_rows, nearest_rows, sample_grid
+from nds.latents.hierarchy import images_from_level1
 
 
 def test_nearest_rows_finds_the_training_latent_a_sample_equals():

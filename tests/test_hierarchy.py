@@ -5,22 +5,20 @@ import numpy as np
 import pytest
 import torch
 
-import nds.hierarchy as hierarchy
-from nds.encoders import EncoderSpec, build_encoder
-from nds.hierarchy import (
+import nds.latents.hierarchy as hierarchy
+from nds.config.specs import LevelShape, check_nesting, parse_spec
+from nds.latents.encoders import EncoderSpec, build_encoder
+from nds.latents.hierarchy import (
     ChannelCompressor,
     FeatureCache,
-    LevelShape,
     add_condition_noise,
     build_hierarchy,
     cached_features,
-    check_nesting,
     compressors_from_state,
     compressors_state,
     fit_compressors,
     image_level,
     images_from_level1,
-    parse_spec,
     pool,
 )
 

@@ -4,14 +4,14 @@ from PIL import Image
 
 from experiments.knn_figure import main as knn_main
 from experiments.knn_figure import spread_queries
-from nds.hierarchy import LevelShape, parse_spec
-from nds.knn import Panel, encoder_panel, label_agreement, levels_for, nearest_neighbours, render_figure
+from nds.config.specs import LevelShape, parse_spec
+from nds.eval.knn import Panel, encoder_panel, label_agreement, levels_for, nearest_neighbours, render_figure
 
 
 def test_nearest_neighbours_match_brute_force_across_bank_chunks(monkeypatch):
-    import nds.knn
+    import nds.eval.knn
 
-    monkeypatch.setattr(nds.knn, "BANK_CHUNK", 7)  # several chunks, merged
+    monkeypatch.setattr(nds.eval.knn, "BANK_CHUNK", 7)  # several chunks, merged
     rng = np.random.default_rng(0)
     bank, queries = rng.normal(size=(50, 5)), rng.normal(size=(6, 5))
     dist = ((queries[:, None] - bank[None]) ** 2).sum(-1)
@@ -46,13 +46,19 @@ def test_panel_finds_class_neighbours_of_class_structured_features():
     assert [n.shape for n in panel.neighbours] == [(3, 5), (3, 5)]
 
 
-def test_render_figure_writes_a_png(tmp_path):
-    bank = np.random.default_rng(0).integers(0, 256, (10, 8, 8, 1), dtype=np.uint8)
-    nn_idx = [np.array([[1, 2], [3, 4]]), np.array([[5, 6], [7, 8]])]
-    panels = [Panel("a", parse_spec("2x2x4, 1x1x2"), nn_idx, [1.0, 1.0]), Panel("b", parse_spec("2x2x4"), nn_idx[:1], [0.5])]
-    path = render_figure(bank[:2], bank, panels, tmp_path / "fig" / "knn.png")
+def test_the_figure_shows_the_query_and_exactly_the_neighbours_of_each_level(tmp_path):
+    """Each bank image is one solid colour: the PNG holds the query's and every listed neighbour's
+    colour, and none of the bank images no panel lists."""
+    colours = [(25 * i, 255 - 25 * i, (97 * i) % 256) for i in range(10)]
+    bank = np.stack([np.full((8, 8, 3), c, dtype=np.uint8) for c in colours])
+    panels = [Panel("a", parse_spec("2x2x4, 1x1x2"), [np.array([[1, 2]]), np.array([[3, 4]])], [1.0, 1.0]),
+              Panel("b", parse_spec("2x2x4"), [np.array([[5, 6]])], [0.5])]
+    path = render_figure(bank[:1], bank, panels, tmp_path / "fig" / "knn.png")
     with Image.open(path) as img:
-        assert img.format == "PNG" and img.width > img.height > 100
+        assert img.format == "PNG"
+        shown = {tuple(px[:3]) for px in np.asarray(img.convert("RGB")).reshape(-1, 3)}
+    assert all(colours[i] in shown for i in range(7))  # the query (0) and neighbours 1-6
+    assert not any(colours[i] in shown for i in (7, 8, 9))
 
 
 def test_spread_queries_pick_distinct_classes():

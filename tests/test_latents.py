@@ -2,16 +2,18 @@ import numpy as np
 import pytest
 import torch
 
-import nds.evaluate
-import nds.hierarchy
-from nds.config import ConfigError, load_config, preflight
+import nds.eval.evaluate
+import nds.latents.hierarchy
+from nds.config import ConfigError, load_config
+from nds.config.specs import parse_spec
 from nds.data import load_digits_set
-from nds.encoders import EncoderSpec
-from nds.evaluate import generate_images
-from nds.hierarchy import encode_levels, images_from_level1, images_from_vae_latents, parse_spec
-from nds.latents import level1_decoder, prepare_latents
-from nds.train import build_level_model
-from nds.vae import AutoencoderKL, VAEConfig, save_autoencoder, to_unit_range
+from nds.eval.evaluate import generate_images
+from nds.latents.encoders import EncoderSpec
+from nds.latents.hierarchy import encode_levels, images_from_level1, images_from_vae_latents
+from nds.latents.prepare import level1_decoder, prepare_latents
+from nds.latents.vae import AutoencoderKL, VAEConfig, save_autoencoder, to_unit_range
+from nds.sweep.preflight import preflight
+from nds.train.engine import build_level_model
 
 
 def config(tmp_path, *overrides):
@@ -35,7 +37,7 @@ def test_targets_for_every_level_and_cache_reuse(tmp_path, monkeypatch):
     def no_encoder(*args, **kwargs):
         raise AssertionError("the encoder ran although the hierarchy was cached")
 
-    monkeypatch.setattr(nds.hierarchy, "extract_features", no_encoder)
+    monkeypatch.setattr(nds.latents.hierarchy, "extract_features", no_encoder)
     second = prepare_latents(cfg)
     for level in first.latents:
         np.testing.assert_array_equal(first.latents[level], second.latents[level])
@@ -119,7 +121,7 @@ def test_generated_vae_level1_is_decoded_to_pixels_before_scoring(tmp_path, monk
         sampled.append(z1)
         return images_from_level1(z1)
 
-    monkeypatch.setattr(nds.evaluate, "level1_decoder", lambda cfg: keep_z1)
+    monkeypatch.setattr(nds.eval.evaluate, "level1_decoder", lambda cfg: keep_z1)
     generate_images(cfg, models, 5)
     z1 = torch.cat(sampled)
     np.testing.assert_array_equal(images, images_from_vae_latents(z1, vae))

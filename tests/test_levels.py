@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from nds.config import load_config, replace
-from nds.levels import ENTRY_FILE, WEIGHTS_FILE, LevelLockError, LevelStore, level_id, load_level_model
-from nds.protocols import sigma_variants
-from nds.sweep import trial_config
-from nds.train import build_level_model
+from nds.sweep.level_store import ENTRY_FILE, WEIGHTS_FILE, LevelLockError, LevelStore, level_id, load_level_model
+from nds.sweep.protocols import sigma_variants
+from nds.sweep.runner import trial_config
+from nds.train.engine import build_level_model
 
 SPEC = ["hierarchy.spec='8x8x1, 2x2x8, 1x1x4'", "model.width=16", "model.depth=2", "model.heads=2"]
 
@@ -94,7 +94,7 @@ def test_store_round_trip_and_half_written_entries(tmp_path):
 
 HOLD_AND = """
 import os, signal, sys, time
-from nds.levels import LevelStore
+from nds.sweep.level_store import LevelStore
 with LevelStore(sys.argv[1]).hold("lvl", stale_s=float(sys.argv[3]), holder="run-abc"):
     print("held", flush=True)
     if sys.argv[2] == "die":
@@ -145,8 +145,8 @@ def test_a_live_holder_is_waited_for_up_to_the_limit(tmp_path):
 
 
 def test_a_trial_is_reused_only_for_the_same_results():
-    from nds.sweep import CHAIN, trial_key
-    from nds.train_mdm import MDM
+    from nds.sweep.mdm import MDM
+    from nds.sweep.runner import CHAIN, trial_key
 
     cfg = config("hierarchy.L=2")
     key = trial_key(cfg, CHAIN, "fd")

@@ -2,7 +2,7 @@
 import numpy as np
 
 from analysis.metric_scale import degraded_sets, main
-from nds.metrics import DATA_CLASSIFIER, SUBSTITUTE
+from nds.eval.metrics import DATA_CLASSIFIER, SUBSTITUTE
 
 
 def test_degraded_sets_keep_the_shape_and_dtype():

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from test_tables import chain_metrics, chain_params, log_sigma_sweep, log_trial
 
 from analysis.make_tables import make_tables
-from test_tables import chain_metrics, chain_params, log_sigma_sweep, log_trial
+from nds.tracking import Tag, tag_filter
 
 pytestmark = pytest.mark.slow  # the server takes 20 s or more to start on a 2-core machine
 MLFLOW = Path(sys.executable).parent / "mlflow"
@@ -94,9 +95,9 @@ def test_runs_line_up_for_the_compare_view(logged):
     encoders = _rest(logged, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=nds-sweep-encoders")["experiment"]
     ids = [experiment["experiment_id"], encoders["experiment_id"]]
     trials = _rest(logged, "/api/2.0/mlflow/runs/search",
-                   {"experiment_ids": ids, "filter": "tags.`nds.kind` = 'trial'", "max_results": 100})["runs"]
+                   {"experiment_ids": ids, "filter": tag_filter(Tag.KIND, "trial"), "max_results": 100})["runs"]
     sigma_trials = _rest(logged, "/api/2.0/mlflow/runs/search",
-                         {"experiment_ids": ids, "filter": "tags.`nds.sweep` = 'sweep_sigma'", "max_results": 100})["runs"]
+                         {"experiment_ids": ids, "filter": tag_filter(Tag.SWEEP, "sweep_sigma"), "max_results": 100})["runs"]
     assert len(trials) == 12 and len(sigma_trials) == 12  # 11 + 1 trials; the sweep_sigma stage and its 11
     tags = lambda run: {t["key"]: t["value"] for t in run["data"]["tags"]}  # noqa: E731
     params = lambda run: {p["key"]: p["value"] for p in run["data"]["params"]}  # noqa: E731
@@ -105,10 +106,10 @@ def test_runs_line_up_for_the_compare_view(logged):
     for run in trials:
         parent = tags(run)["mlflow.parentRunId"]
         stage = by_id.get(parent) or _rest(logged, f"/api/2.0/mlflow/runs/get?run_id={parent}")["run"]
-        assert tags(stage)["nds.kind"] == "stage" and tags(stage)["nds.sweep"] == tags(run)["nds.sweep"]
+        assert tags(stage)[Tag.KIND] == "stage" and tags(stage)[Tag.SWEEP] == tags(run)[Tag.SWEEP]
 
     deepest = [params(r) for r in trials if params(r)["hierarchy.L"] == "3"]
-    sweeps = {tags(r)["nds.sweep"] for r in trials if params(r)["hierarchy.L"] == "3"}
+    sweeps = {tags(r)[Tag.SWEEP] for r in trials if params(r)["hierarchy.L"] == "3"}
     assert sweeps == {"sweep_sigma", "sweep_encoders"}  # the same columns in the compare view across sweeps
     shared = set.intersection(*(set(p) for p in deepest))
     assert {"hierarchy.L", "hierarchy.sigma.2", "hierarchy.sigma.3", "hierarchy.shape.3", "encoder.name",
@@ -146,7 +147,7 @@ def restarted_sweep(tmp_path_factory):
         client = MlflowClient(url)
         deadline = time.monotonic() + 900
         while not [r for r in client.search_runs(["0", *(e.experiment_id for e in client.search_experiments())],
-                                                 filter_string="tags.`nds.kind` = 'trial'")
+                                                 filter_string=tag_filter(Tag.KIND, "trial"))
                    if any(k.endswith("train_loss") for k in r.data.metrics)]:
             assert sweep.poll() is None and time.monotonic() < deadline, output()
             time.sleep(2)
@@ -170,7 +171,7 @@ def test_a_server_restart_mid_sweep_loses_no_trial(restarted_sweep):
     experiment = client.get_experiment_by_name("nds-sweep-sigma")
     runs = client.search_runs([experiment.experiment_id])
     assert {r.info.status for r in runs} == {"FINISHED"}
-    trials = [r for r in runs if r.data.tags["nds.kind"] == "trial"]
+    trials = [r for r in runs if r.data.tags[Tag.KIND] == "trial"]
     assert len(trials) == 2 and all(r.data.metrics["level1/train_loss"] > 0 for r in trials)
     # the console: one line per trial as it ends, not Tune's status tables
     lines = [line for line in output.splitlines() if line.startswith("[nds] stage") and ": trial " in line]
@@ -183,6 +184,7 @@ def test_the_mlflow_ui_shows_the_sweep_as_a_researcher_reads_it(restarted_sweep,
     the stage's the sweep, the compare view lines up the swept params and the metric, a grid displays,
     and the sweep's HTML report (logged by make_tables) is among its artifacts. Screenshots go under runs/."""
     from browser import Browser, browser_missing
+
     from nds.config import REPO_ROOT
 
     if browser_missing():
@@ -192,7 +194,7 @@ def test_the_mlflow_ui_shows_the_sweep_as_a_researcher_reads_it(restarted_sweep,
     client = MlflowClient(url)
     experiment = client.get_experiment_by_name("nds-sweep-sigma")
     runs = client.search_runs([experiment.experiment_id])
-    by_kind = lambda kind: [r for r in runs if r.data.tags["nds.kind"] == kind]  # noqa: E731
+    by_kind = lambda kind: [r for r in runs if r.data.tags[Tag.KIND] == kind]  # noqa: E731
     [sweep], [stage], trials = by_kind("sweep"), by_kind("stage"), by_kind("trial")
     make_tables(url, ["nds-sweep-sigma"], tmp_path / "tables", ("md", "png"), report_dir=tmp_path / "report")
     assert "report/nds-sweep-sigma.html" in {a.path for a in client.list_artifacts(sweep.info.run_id, "report")}
@@ -209,7 +211,7 @@ def test_the_mlflow_ui_shows_the_sweep_as_a_researcher_reads_it(restarted_sweep,
         ids = json.dumps([r.info.run_id for r in trials])
         compare = ui.open(f"/compare-runs?runs={ids}&experiments={json.dumps([experiment.experiment_id])}", "compare")
         assert all(r.info.run_name in compare for r in trials)  # a column per trial
-        for name in ("hierarchy.L", "hierarchy.sigma.2", "seed", sweep.data.tags["nds.metric"]):
+        for name in ("hierarchy.L", "hierarchy.sigma.2", "seed", sweep.data.tags[Tag.METRIC]):
             assert name in compare, name
         ui.open(f"/experiments/{experiment.experiment_id}/runs/{trials[0].info.run_id}/artifacts/level_grid.png", "grid")
         assert max(ui.image_widths()) >= 512  # the level grid, loaded and readable

@@ -2,15 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from nds.diffusion import cfg_denoiser, diffusion_loss, guided, linear_schedule
-from nds.models import (
-    UVIT_SIZES,
-    UViT,
-    count_params,
-    forward_flops,
-    upsample_geometry,
-    uvit_from_size,
-)
+from nds.config.specs import UVIT_SIZES
+from nds.diffusion.process import cfg_denoiser, diffusion_loss, guided, linear_schedule
+from nds.models.uvit import UViT, count_params, forward_flops, upsample_geometry, uvit_from_size
 
 TINY = UVIT_SIZES["tiny"]
 

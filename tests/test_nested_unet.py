@@ -4,16 +4,13 @@ import pytest
 import torch
 from torch import Tensor
 
-from nds.diffusion import cosine_schedule, ddim_sample, linear_schedule, shift_schedule
-from nds.models import count_params, forward_flops
-from nds.nested_unet import (
+from nds.config.specs import NestedUNetSpec, Phase, make_phases
+from nds.diffusion.process import cosine_schedule, ddim_sample, linear_schedule, shift_schedule
+from nds.models.nested_unet import (
     NestedUNet,
-    NestedUNetSpec,
     PackedSchedule,
-    Phase,
     downsample_pyramid,
     grow,
-    make_phases,
     mdm_sample,
     model_for_step,
     multires_loss,
@@ -23,6 +20,7 @@ from nds.nested_unet import (
     resolution_schedules,
     unpack,
 )
+from nds.models.uvit import count_params, forward_flops
 
 # Tiny 3-level spec: 4 -> 8 -> 16, a 2-level core (4 -> 2) with attention in the middle only.
 SPEC = NestedUNetSpec(

@@ -6,11 +6,19 @@ import sys
 import pytest
 
 from nds.config import REPO_ROOT, ConfigError, load_config, replace
-from nds.levels import ENTRY_FILE, level_id
-from nds.planner import (Throughput, _makespan, chain_sampling_flops, parse_cluster, plan_chain_sweep,
-                         plan_mdm_sweep, render, schedule_hours)
-from nds.protocols import sigma_variants
-from nds.sweep import trial_config, trial_name
+from nds.sweep.level_store import ENTRY_FILE, level_id
+from nds.sweep.planner import (
+    Throughput,
+    _makespan,
+    chain_sampling_flops,
+    parse_cluster,
+    plan_chain_sweep,
+    plan_mdm_sweep,
+    render,
+    schedule_hours,
+)
+from nds.sweep.protocols import sigma_variants
+from nds.sweep.runner import trial_config, trial_name
 
 SMALL = ["hierarchy.spec='8x8x1, 2x2x8, 1x1x4'", "hierarchy.L=2", "hierarchy.sigmas=[0.5,0.5]",
          "model.width=32", "model.depth=2", "model.heads=2", "diffusion.sample_steps=4", "training.steps=12"]

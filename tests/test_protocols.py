@@ -1,7 +1,7 @@
 """The σ sweep's variants with a guidance ablation, and which (σ, scale) it carries deeper."""
 from nds.config import load_config
-from nds.protocols import best_sigma, sigma_variants
-from nds.sweep import StageOutcome, trial_config
+from nds.sweep.protocols import best_sigma, sigma_variants
+from nds.sweep.runner import StageOutcome, trial_config
 
 
 def test_guidance_scales_multiply_the_nested_variants_only():

@@ -6,7 +6,7 @@ from mlflow.tracking import MlflowClient
 
 from nds import tracking
 from nds.config import load_config
-from nds.levels import LevelStore, level_id, load_level_model
+from nds.sweep.level_store import LevelStore, level_id, load_level_model
 
 
 class _RunsCode:

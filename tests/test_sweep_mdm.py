@@ -11,10 +11,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from experiments.sweep_mdm import main, plan
-from nds.cli import preset
 from nds.config import REPO_ROOT, ConfigError, load_config
-from nds.metrics import SUBSTITUTE
-from nds.sweep import experiment_hash, trial_config
+from nds.eval.metrics import SUBSTITUTE
+from nds.sweep.cli import preset
+from nds.sweep.runner import experiment_hash, trial_config
+from nds.tracking import Tag, tag_filter
 
 TINY = [
     "data.name=digits", "data.train_limit=64", "data.eval_limit=48",
@@ -75,7 +76,7 @@ def test_a_variant_that_cannot_nest_stops_the_sweep_before_ray_starts(tmp_path):
 def ray_instance(tmp_path_factory):
     import ray
 
-    from nds.sweep import init_ray
+    from nds.sweep.runtime import init_ray
 
     init_ray(load_config(None, [*TINY, f"paths.runs_dir={tmp_path_factory.mktemp('init')}"]))
     yield
@@ -87,9 +88,9 @@ def sweep_trials(runs_dir: Path, *overrides: str) -> tuple[dict, MlflowClient]:
     assert main([*TINY, f"paths.runs_dir={runs_dir}", *overrides]) == 0
     client = MlflowClient(f"sqlite:///{runs_dir / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("nds-sweep-mdm")
-    runs = client.search_runs([experiment.experiment_id], filter_string="tags.`nds.kind` = 'trial'")
+    runs = client.search_runs([experiment.experiment_id], filter_string=tag_filter(Tag.KIND, "trial"))
     assert all(r.info.status == "FINISHED" for r in runs)
-    return {r.data.tags["nds.variant"]: r for r in runs}, client
+    return {r.data.tags[Tag.VARIANT]: r for r in runs}, client
 
 
 def curve(client: MlflowClient, run) -> list[int]:
@@ -105,11 +106,11 @@ def test_resolution_stage_logs_the_metric_over_training(tmp_path, ray_instance):
     runs, client = sweep_trials(tmp_path, "sweep.mdm_resolutions=[[2,4,8]]", "sweep.mdm_phase_steps=[]",
                                 "sweep.mdm_baselines=[]")
     three = runs["res2-4-8"]
-    assert set(runs) == {"res2-4-8"} and three.data.tags["nds.stage"] == "resolutions"
+    assert set(runs) == {"res2-4-8"} and three.data.tags[Tag.STAGE] == "resolutions"
     assert three.data.params["mdm.resolutions"] == "[2, 4, 8]" and three.data.params["mdm.phase_steps"] == "[2, 0, 2]"
     assert curve(client, three) == [2, 4]  # end of the 2px phase, end of training
     metrics = three.data.metrics
-    assert three.data.tags["nds.mdm_baseline"] == "nested" and metrics["iterations"] == 4
+    assert three.data.tags[Tag.MDM_BASELINE] == "nested" and metrics["iterations"] == 4
     last = max(client.get_metric_history(three.info.run_id, SUBSTITUTE), key=lambda m: m.step)
     assert metrics[SUBSTITUTE] == last.value  # the final evaluation is the run's value
     assert 0 < metrics["unet/params"] < metrics["mdm/params"] and 0 < metrics["unet/gflops"] < metrics["mdm/gflops"]
@@ -121,7 +122,7 @@ def test_baselines_stage_trains_cascade_and_plain_unet_on_the_same_budget(tmp_pa
     runs, client = sweep_trials(tmp_path, "sweep.mdm_resolutions=[]", "sweep.mdm_phase_steps=[]",
                                 "sweep.mdm_baselines=[cascaded,plain]")
     cascaded, plain = runs["cascaded"], runs["plain"]
-    assert cascaded.data.tags["nds.mdm_baseline"] == "cascaded" and plain.data.tags["nds.mdm_baseline"] == "plain"
+    assert cascaded.data.tags[Tag.MDM_BASELINE] == "cascaded" and plain.data.tags[Tag.MDM_BASELINE] == "plain"
     assert curve(client, cascaded) == curve(client, plain) == [2, 4]
     # the cascade: its 4px model, then the super-resolution model, each trained for its own steps
     assert {"phase1/final_loss", "phase2/final_loss"} <= set(cascaded.data.metrics)
@@ -131,7 +132,7 @@ def test_baselines_stage_trains_cascade_and_plain_unet_on_the_same_budget(tmp_pa
     # MDM trials train their own models: the stage and sweep runs log no level-store counts
     experiment = client.get_experiment_by_name("nds-sweep-mdm")
     for kind in ("stage", "sweep"):
-        (run,) = client.search_runs([experiment.experiment_id], filter_string=f"tags.`nds.kind` = '{kind}'")
+        (run,) = client.search_runs([experiment.experiment_id], filter_string=tag_filter(Tag.KIND, kind))
         assert run.data.metrics["trials.total"] == 2 and "levels.trained" not in run.data.metrics
 
 
@@ -140,8 +141,8 @@ def test_guidance_curve_of_a_text_conditional_nested_unet(tmp_path, ray_instance
     """MDM Fig. 8c at tiny size: a caption-conditioned NestedUNet (MiniLM tokens of the digits' class
     captions), its final model sampled at each guidance scale, each point scored for quality and for
     agreement with the captions (the data classifier's substitute: no CLIP weights here)."""
-    from nds.metrics import CAPTION_CLASS_ACCURACY, DATA_CLASSIFIER
-    from nds.train_mdm import guidance_name
+    from nds.eval.metrics import CAPTION_CLASS_ACCURACY, DATA_CLASSIFIER
+    from nds.sweep.mdm import guidance_name
 
     runs, client = sweep_trials(tmp_path, "sweep.mdm_resolutions=[]", "sweep.mdm_phase_steps=[]",
                                 "sweep.mdm_baselines=[nested]", "model.text_encoder=minilm", "sweep.cfg_scales=[1,3]")

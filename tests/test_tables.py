@@ -7,9 +7,14 @@ import pytest
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
+from analysis import paper
 from analysis.make_tables import build_tables, main, make_tables
 from analysis.plots import sigma_figure
-from nds.metrics import DATA_CLASSIFIER, FID, SUBSTITUTE, anchor_name
+from nds.config import REPO_ROOT
+from nds.eval.metrics import DATA_CLASSIFIER, FID, SUBSTITUTE, anchor_name
+from nds.tracking import Tag, tag_filter
+
+PAPERS = REPO_ROOT.parent / "shared" / "papers"
 
 SPEC = "28x28x1, 4x4x32, 2x2x16"
 GFLOPS = {1: 1.0, 2: 0.1, 3: 0.05}
@@ -21,7 +26,7 @@ def _hash(d: dict) -> str:
 
 def chain_params(dataset="fashion_mnist", depth=1, sigma=None, seed=0, classes=0, encoder="efficientnet_lite0",
                  spec=SPEC, steps=100, text="", cfg_scale=1.0) -> dict:
-    """Flat params as nds.config.flatten writes them (σ of levels below L fixed at 0.5)."""
+    """Flat params as nds.config.schema.flatten writes them (σ of levels below L fixed at 0.5)."""
     params = {"data.name": dataset, "hierarchy.L": str(depth), "hierarchy.spec": spec, "encoder.name": encoder,
               "model.num_classes": str(classes), "model.text_encoder": text, "seed": str(seed),
               "diffusion.cfg_scale": str(cfg_scale),
@@ -50,19 +55,19 @@ def chain_metrics(depth: int, value: float, metric: str = SUBSTITUTE) -> dict:
 def log_trial(client: MlflowClient, sweep: str, variant: str, params: dict, metrics: dict, *,
               status: str = "FINISHED", history: list[tuple[int, float]] = (), tags: dict | None = None,
               metric: str = SUBSTITUTE) -> str:
-    """A trial run as nds.sweep.run_trial logs it, under its sweep's stage run (made on first use)."""
+    """A trial run as nds.sweep.runner.run_trial logs it, under its sweep's stage run (made on first use)."""
     name = "nds-" + sweep.replace("_", "-")
     found = client.get_experiment_by_name(name)
     experiment_id = found.experiment_id if found else client.create_experiment(name)
-    stages = client.search_runs([experiment_id], f"tags.`nds.kind` = 'stage' and tags.`nds.sweep` = '{sweep}'")
+    stages = client.search_runs([experiment_id], tag_filter(Tag.KIND, "stage") + " and " + tag_filter(Tag.SWEEP, sweep))
     if stages:
         stage = stages[0].info.run_id
     else:
-        stage_tags = {"nds.kind": "stage", "nds.sweep": sweep, "nds.stage": "s"}
+        stage_tags = {Tag.KIND: "stage", Tag.SWEEP: sweep, Tag.STAGE: "s"}
         stage = client.create_run(experiment_id, run_name=f"{sweep}-stage", tags=stage_tags).info.run_id
         client.set_terminated(stage)
-    run_tags = {"nds.kind": "trial", "nds.sweep": sweep, "nds.stage": "s", "nds.variant": variant, "nds.metric": metric,
-                "nds.config_hash": _hash(params), "nds.group_hash": _hash({k: v for k, v in params.items() if k != "seed"}),
+    run_tags = {Tag.KIND: "trial", Tag.SWEEP: sweep, Tag.STAGE: "s", Tag.VARIANT: variant, Tag.METRIC: metric,
+                Tag.CONFIG_HASH: _hash(params), Tag.GROUP_HASH: _hash({k: v for k, v in params.items() if k != "seed"}),
                 "mlflow.parentRunId": stage, **(tags or {})}
     run_id = client.create_run(experiment_id, run_name=f"{variant}-seed{params['seed']}", tags=run_tags).info.run_id
     now = int(time.time() * 1000)
@@ -123,14 +128,14 @@ def log_other_sweeps(client: MlflowClient) -> None:
         params = {"data.name": "fashion_mnist", "seed": "0", "mdm.phase_steps": phases, "mdm.resolutions": res,
                   "model.num_classes": "0", "model.text_encoder": ""}
         log_trial(client, "sweep_mdm", variant, params, {"mdm/gflops": 0.3, "mdm/params": 1.5e6},
-                  history=list(zip([100, 200, 300, 400], curve)), tags={"nds.mdm_baseline": baseline})
+                  history=list(zip([100, 200, 300, 400], curve)), tags={Tag.MDM_BASELINE: baseline})
     for seed, shift in [(0, 0.0), (1, 2.0)]:  # Fig. 8c: a caption-conditioned NestedUNet's guidance curve
         params = {"data.name": "fashion_mnist", "seed": str(seed), "mdm.phase_steps": "[200, 200]",
                   "mdm.resolutions": "[14, 28]", "model.num_classes": "0", "model.text_encoder": "minilm"}
         curve_points = {"guidance1/fd_effnet_lite0": 30.0 + shift, "guidance1/caption_class_accuracy": 0.3,
                         "guidance3/fd_effnet_lite0": 36.0 + shift, "guidance3/caption_class_accuracy": 0.7}
         log_trial(client, "sweep_mdm", "text-nested", params, {"mdm/gflops": 0.4, **curve_points},
-                  history=[(400, 29.0 + shift)], tags={"nds.mdm_baseline": "nested"})
+                  history=[(400, 29.0 + shift)], tags={Tag.MDM_BASELINE: "nested"})
 
 
 @pytest.fixture(scope="module")
@@ -206,16 +211,41 @@ def test_table3_shows_each_depths_best_text_setting_beside_uvit(tables):
 
 def test_paper_numbers_are_shown_and_labelled_as_the_papers(tables):
     by_name = tables[0]
-    paper = by_name["table1_sigma"].parts[-1]
-    assert paper.title.startswith("paper — Nested Diffusion Models") and "Table 1(b)" in paper.title
-    rows = rows_by(paper)
-    assert rows[1]["no σ (L=1)"] == "44.40"
-    assert rows[3]["σ_L=1.0"] == "**11.12**" and rows[2]["σ_L=1.5"] == "15.40"
-    assert rows_by(by_name["depth"].parts[-1])[4]["FID at best σ_L"] == "11.21"
-    assert "3.2" in by_name["table2_sigma"].parts[-1].frame["FID"].tolist()
+    part = by_name["table1_sigma"].parts[-1]
+    assert part.title.startswith("paper — Nested Diffusion Models") and "Table 1(b)" in part.title
+    rows = rows_by(part)
+    (_, _, _, _, (single,)), *deeper = paper.TABLE1B["rows"]
+    assert rows[1]["no σ (L=1)"] == f"{single:.2f}"
+    for depth, _, _, _, fids in deeper:  # each depth's best σ_L in bold
+        for sigma, fid in zip(paper.TABLE1B["sigmas"], fids):
+            assert rows[depth][f"σ_L={sigma:.1f}"] == (f"**{fid:.2f}**" if fid == min(fids) else f"{fid:.2f}")
+    assert rows_by(by_name["depth"].parts[-1])[4]["FID at best σ_L"] == f"{min(deeper[-1][-1]):.2f}"
+    assert f"{paper.IMAGENET1K_CONDITIONAL['rows'][-1][1]:g}" in by_name["table2_sigma"].parts[-1].frame["FID"].tolist()
     mdm_cost = rows_by(by_name["mdm"].parts[-2], "paper's model")
-    assert mdm_cost["Cascaded DM"]["sec/iter"] == "0.96"
+    for _, name, seconds in paper.MDM_SEC_PER_ITER["rows"]:
+        assert mdm_cost[name]["sec/iter"] == f"{seconds:.2f}"
     assert "not comparable" in by_name["table1_sigma"].caption
+
+
+def test_the_papers_numbers_are_the_ones_in_the_papers():
+    """Each number analysis.paper prints beside ours is in the paper's text (../shared/papers), in the
+    row it is read from; a mistyped constant fails here, not only in a reader's eyes."""
+    if not PAPERS.is_dir():
+        pytest.skip(f"the papers' text is not at {PAPERS}")
+    nested = " ".join((PAPERS / "000_949d78b148437a9f.txt").read_text().split())
+    mdm = " ".join((PAPERS / "003_3d38e1554595799d.txt").read_text().split())
+    for depth, shape, gflops, params, fids in paper.TABLE1B["rows"]:
+        shape_tex = " \\times ".join(shape.split("x"))  # the extraction writes 6x6x32 as 6 \times 6 \times 32
+        row = [f"{gflops:.2f}", params, *(f"{fid:.2f}" for fid in fids)]
+        windows = [nested[at:at + 300] for at in range(len(nested)) if nested.startswith(shape_tex, at)]
+        assert any(all(number in window for number in row) for window in windows), \
+            f"Table 1(b) L={depth}: {shape} with {row} is not a row of the paper"
+    (_, single), (_, nested_fid) = paper.IMAGENET1K_CONDITIONAL["rows"]
+    assert f"{single:g} to {nested_fid:g}" in nested, "§4.3: the ImageNet-1k FIDs are not in the paper"
+    for _, name, seconds in paper.MDM_SEC_PER_ITER["rows"]:
+        assert f"{seconds:.2f}" in mdm, f"MDM wall-clock: {name} {seconds:.2f} is not in the paper"
+    for label, fid in paper.MDM_FID["rows"]:
+        assert f"{fid:.2f}" in mdm, f"MDM Table 1: {label} {fid:.2f} is not in the paper"
 
 
 def test_substitute_metric_is_never_called_fid(tables):
@@ -321,7 +351,7 @@ def test_newest_runs_choose_the_metric_and_older_settings_give_way(tmp_path):
 def test_guidance_rows_diagnostic_columns_and_the_plain_sentences(tmp_path):
     """A σ sweep with a guidance ablation and the chain diagnostic: a row per (L, guidance), the diagnostic
     beside each nested setting, and sentences that call a gap a finding only beyond 3× the seed std."""
-    from nds.diagnostics import null_cond_name, sampled_name, true_cond_name
+    from nds.eval.diagnostics import null_cond_name, sampled_name, true_cond_name
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
 

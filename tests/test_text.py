@@ -5,13 +5,13 @@ import pytest
 import torch
 from conftest import FASHION, needs_fashion, write_coco
 
-from nds.config import ConfigError, load_config, preflight
+from nds.config import ConfigError, load_config
+from nds.config.specs import UVIT_SIZES
 from nds.data import FASHION_MNIST_CLASSES, load_fashion_mnist
-from nds.diffusion import cfg_denoiser, ddim_sample, diffusion_loss, linear_schedule
-from nds.evaluate import generate_images, level_costs
-from nds.latents import prepare_latents
-from nds.models import UVIT_SIZES, UViT
-from nds.text import (
+from nds.diffusion.process import cfg_denoiser, ddim_sample, diffusion_loss, linear_schedule
+from nds.eval.evaluate import generate_images, level_costs
+from nds.latents.prepare import prepare_latents
+from nds.latents.text import (
     CAPTION_TEMPLATES,
     ClassCaptionBank,
     ImageCaptionBank,
@@ -24,7 +24,9 @@ from nds.text import (
     text_width,
     with_article,
 )
-from nds.train import build_level_model, step_generator
+from nds.models.uvit import UViT
+from nds.sweep.preflight import preflight
+from nds.train.engine import build_level_model, step_generator
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from nds.data_classifier import DataClassifier
-from nds.metrics import CAPTION_CLASS_ACCURACY, CLIP_SCORE, clip_score, text_agreement
-from nds.text import minilm_path
+from nds.eval.data_classifier import DataClassifier
+from nds.eval.metrics import CAPTION_CLASS_ACCURACY, CLIP_SCORE, clip_score, text_agreement
+from nds.latents.text import minilm_path
 
 
 @pytest.fixture(scope="module")

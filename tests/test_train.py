@@ -5,9 +5,10 @@ import torch
 from conftest import needs_fashion, write_coco
 
 from nds.config import REPO_ROOT, load_config
-from nds.diffusion import make_schedule
-from nds.sampling import nested_sample
-from nds.train import EMA, build_level_model, deepspeed_config, patch_size_for
+from nds.config.specs import patch_size_for
+from nds.diffusion.chain import nested_sample
+from nds.diffusion.process import make_schedule
+from nds.train.engine import EMA, build_level_model, deepspeed_config
 
 
 def test_patch_size_keeps_token_grid_small():
@@ -58,8 +59,8 @@ def test_ema_warms_up_tracks_and_round_trips():
 
 def test_auto_precision_is_measured_once_and_leaves_the_random_state(tmp_path):
     from nds.config import replace
-    from nds.diffusion import diffusion_loss
-    from nds.train import PRECISION_MARGIN, resolve_precision
+    from nds.diffusion.process import diffusion_loss
+    from nds.train.engine import PRECISION_MARGIN, resolve_precision
 
     cfg = load_config(None, ["hierarchy.spec='8x8x1, 2x2x8'", "hierarchy.L=1", "model.width=16", "model.depth=2",
                              "model.heads=2", "training.batch_size=4", f"paths.runs_dir={tmp_path}"])
@@ -90,10 +91,10 @@ def test_text_conditional_level_trains_on_ray_deepspeed_and_samples_with_caption
     real path (a Ray Train worker running DeepSpeed ZeRO-2 on gloo), two steps."""
     import ray
 
-    from nds.latents import prepare_latents
-    from nds.sweep import init_ray
-    from nds.text import prepare_text_condition
-    from nds.train import train_level
+    from nds.latents.prepare import prepare_latents
+    from nds.latents.text import prepare_text_condition
+    from nds.sweep.runtime import init_ray
+    from nds.train.engine import train_level
 
     if data == "fashion_mnist":
         dataset, shape, groups = [], (28, 28, 1), torch.tensor([0, 7, 9])  # T-shirt/top, sneaker, ankle boot
@@ -138,7 +139,7 @@ def test_text_conditional_level_trains_on_ray_deepspeed_and_samples_with_caption
 
 
 def test_each_rank_and_step_has_its_own_draws():
-    from nds.train import step_generator
+    from nds.train.engine import step_generator
 
     def draws(rank, step):
         return torch.randn(4, generator=step_generator(0, 1, rank, step))
@@ -159,9 +160,9 @@ def test_a_resumed_fit_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from nds.config import replace
-    from nds.latents import prepare_latents
-    from nds.sweep import init_ray
-    from nds.train import train_level
+    from nds.latents.prepare import prepare_latents
+    from nds.sweep.runtime import init_ray
+    from nds.train.engine import train_level
 
     cfg = load_config(None, [
         "data.name=digits", "data.train_limit=64", "data.eval_limit=8", "encoder.name=random_cnn",
@@ -201,7 +202,7 @@ def test_progress_lines_say_how_far_a_fit_is_and_ray_trains_report_lines_are_qui
 
     from ray.train.v2._internal.execution import context
 
-    from nds.train import progress_line, quiet_worker_logs
+    from nds.train.engine import progress_line, quiet_worker_logs
 
     line = progress_line("level1", 300, 1500, 100, 0.27341, 100.0)  # 200 steps in 100 s, 1,200 to go
     assert line == "[nds] level1: step 300/1500 (20%), loss 0.2734, 2.0 steps/s, ETA 10.0 min"
@@ -211,7 +212,7 @@ def test_progress_lines_say_how_far_a_fit_is_and_ray_trains_report_lines_are_qui
 
 
 def test_resume_takes_the_newest_checkpoint_every_rank_finished(tmp_path):
-    from nds.train import newest_complete_checkpoint
+    from nds.train.engine import newest_complete_checkpoint
 
     def checkpoint(name: str, ranks: list[int], latest: bool = True) -> None:
         ckpt = tmp_path / name / "ckpt"

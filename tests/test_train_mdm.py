@@ -11,17 +11,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from nds.config import REPO_ROOT, ConfigError, flatten, load_config, replace
-from nds.nested_unet import NestedUNet, Phase
-from nds.train_mdm import (
-    baseline_phases,
-    generate_images,
-    mdm_phases,
-    mdm_spec,
-    model_costs,
-    model_input,
-    phase_module,
-    prepare_images,
-)
+from nds.config.specs import Phase, baseline_phases, mdm_phases, mdm_spec
+from nds.models.nested_unet import NestedUNet
+from nds.tracking import Tag
+from nds.train.mdm import generate_images, model_costs, model_input, phase_module, prepare_images
 
 TINY = [
     "data.name=digits", "data.train_limit=64",
@@ -159,8 +152,8 @@ def test_progressive_training_end_to_end(tmp_path):
     again and fail, so finishing proves each phase resumes from its own checkpoint."""
     import ray
 
-    from nds.sweep import init_ray
-    from nds.train_mdm import run_mdm
+    from nds.sweep.mdm import run_mdm
+    from nds.sweep.runtime import init_ray
 
     cfg = tiny_config(tmp_path, "training.fail_once_at_step=2", "training.max_failures=1")
     init_ray(cfg)
@@ -189,7 +182,7 @@ def test_progressive_training_end_to_end(tmp_path):
 
     client = MlflowClient(cfg.tracking_uri)
     run = client.get_run(outcome.run_id)
-    assert run.info.status == "FINISHED" and run.data.tags["nds.kind"] == "mdm"
+    assert run.info.status == "FINISHED" and run.data.tags[Tag.KIND] == "mdm"
     params, metrics = run.data.params, run.data.metrics
     assert params["mdm.phase_steps"] == "[4, 4]" and params["mdm.resolutions"] == "[4, 8]"
     histories = {name: client.get_metric_history(outcome.run_id, name)
@@ -209,7 +202,7 @@ def test_progressive_training_end_to_end(tmp_path):
 def test_dynamic_thresholding_bounds_every_resolution(tmp_path):
     """App. C: the x0 of every resolution is thresholded at a percentile while sampling; an untrained
     NestedUNet's samples run far outside [-1, 1] without it."""
-    from nds.train_mdm import sample_images
+    from nds.train.mdm import sample_images
 
     cfg = tiny_config(tmp_path, "diffusion.cfg_scale=1.0")
     torch.manual_seed(0)
@@ -224,7 +217,7 @@ def test_dynamic_thresholding_bounds_every_resolution(tmp_path):
 def digits_vae(tmp_path_factory) -> Path:
     """A small KL autoencoder fitted on the digits (8 px -> 4x4x4 codes), saved as the latent baseline reads it."""
     from nds.data import load_dataset
-    from nds.vae import VAEConfig, save_autoencoder, train_autoencoder
+    from nds.latents.vae import VAEConfig, save_autoencoder, train_autoencoder
 
     images = load_dataset("digits", None, "train", limit=256).images
     vae_cfg = VAEConfig(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
@@ -240,7 +233,7 @@ def latent_config(tmp_path: Path, vae: Path, *overrides: str):
 
 
 def test_latent_baseline_is_checked_before_training(tmp_path, digits_vae):
-    from nds.config import check_latent_vae
+    from nds.sweep.preflight import check_latent_vae
 
     with pytest.raises(ConfigError, match="mdm.baseline=latent needs mdm.vae_weights"):
         tiny_config(tmp_path, "mdm.baseline=latent")
@@ -275,8 +268,8 @@ def test_latent_baseline_trains_on_codes_end_to_end(tmp_path, digits_vae):
     codes (4x4x4), and the run logs the UNet's cost and a sample grid of decoded images."""
     import ray
 
-    from nds.sweep import init_ray
-    from nds.train_mdm import run_mdm
+    from nds.sweep.mdm import run_mdm
+    from nds.sweep.runtime import init_ray
 
     cfg = latent_config(tmp_path, digits_vae, "mdm.phase_steps=[4,8]")
     init_ray(cfg)
@@ -297,7 +290,7 @@ def test_text_conditional_nested_unet_trains_and_samples_on_captions(tmp_path):
     """model.text_encoder conditions the NestedUNet on caption tokens (the digits' class captions):
     the workers get the bank and each image's class, sampling records the captions it used, and the
     captions change the samples."""
-    from nds.train_mdm import caption_tokens, generate, sample_images
+    from nds.train.mdm import caption_tokens, generate, sample_images
 
     cfg = tiny_config(tmp_path, "model.text_encoder=minilm", "mdm.num_classes=0", "diffusion.cfg_scale=1.0")
     data = prepare_images(cfg)

@@ -3,10 +3,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nds.encoders import build_encoder
-from nds.hierarchy import images_from_vae_latents
-from nds.vae import (AutoencoderKL, VAEConfig, autoencoder_config, load_autoencoder, save_autoencoder, to_unit_range,
-                     train_autoencoder)
+from nds.latents.encoders import build_encoder
+from nds.latents.hierarchy import images_from_vae_latents
+from nds.latents.vae import (
+    AutoencoderKL,
+    VAEConfig,
+    autoencoder_config,
+    load_autoencoder,
+    save_autoencoder,
+    to_unit_range,
+    train_autoencoder,
+)
 
 TINY = VAEConfig(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4)
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nds.hierarchy import LevelShape, encode_levels, fit_compressors
+from nds.config.specs import LevelShape
+from nds.latents.hierarchy import encode_levels, fit_compressors
 
 BANK_CHUNK = 4096  # bank rows per distance block: memory stays O(queries x chunk)
 

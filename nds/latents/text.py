@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from nds.config import Config
+from nds.config.specs import TEXT_ENCODERS
 
 MAX_CAPTION_TOKENS = 77  # CLIP's context length; longer captions are truncated
 
@@ -31,7 +32,6 @@ CAPTION_TEMPLATES = (
     "a grayscale picture of {}",
     "a close-up photo of {}",
 )
-TEXT_ENCODERS = ("minilm", "clip", "t5")
 
 
 def with_article(name: str) -> str:

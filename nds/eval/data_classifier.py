@@ -1,5 +1,5 @@
 """A small CNN trained on the dataset's own labelled training split: its pooled features give the
-``fd_data_classifier`` metric (see ``nds.metrics``).
+``fd_data_classifier`` metric (see ``nds.eval.metrics``).
 
 Why: at 28 px an ImageNet network's features barely tell blurred garments from noise (see
 ``analysis/metric_scale.py``), so small models cannot be ranked with them. A feature space learned
@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from nds.config import Config, ConfigError, config_hash
+from nds.data import load_config_split
 from nds.files import atomic_path
 
 VERSION = 1  # bump when the architecture or training recipe changes: old cache entries are then ignored
@@ -84,8 +85,6 @@ def classifier_key(cfg: Config, image_size: int) -> dict:
 
 
 def _load(cfg: Config, split: str, limit: int, image_size: int):
-    from nds.data import load_config_split
-
     return load_config_split(cfg, split, limit, image_size)
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from nds.config import REPO_ROOT, Config, ConfigError, load_config, to_yaml
-from nds.sweep import Sweep, preflight_trials, trial_config, trial_name
+from nds.sweep.runner import Sweep, preflight_trials, trial_config, trial_name
 
 Plan = list[tuple[str, list[dict]]]  # (stage name, variants) in the order they run
 
@@ -29,8 +29,8 @@ def run_plan(sweep: Sweep, plan: Plan) -> None:
 
 
 def sweep_plan(cfg: Config, stages: Plan, planner: Callable | None = None):
-    """The stages' trials costed by ``planner`` (default: nds.planner.plan_chain_sweep): a SweepPlan."""
-    from nds.planner import plan_chain_sweep  # torch: not needed for --help
+    """The stages' trials costed by ``planner`` (default: nds.sweep.planner.plan_chain_sweep): a SweepPlan."""
+    from nds.sweep.planner import plan_chain_sweep  # torch: not needed for --help
 
     trials = [(stage, [(trial_name(v), trial_config(cfg, v)) for v in variants]) for stage, variants in stages]
     return (planner or plan_chain_sweep)(trials)
@@ -39,7 +39,7 @@ def sweep_plan(cfg: Config, stages: Plan, planner: Callable | None = None):
 def plan_report(cfg: Config, stages: Plan, planner: Callable | None, cluster: str | None,
                 throughput: str | None) -> str:
     """What ``--plan`` prints: counted on meta models, nothing started."""
-    from nds.planner import Throughput, parse_cluster, render
+    from nds.sweep.planner import Throughput, parse_cluster, render  # torch: as above
 
     shape = parse_cluster(cluster) if cluster else None
     speed = Throughput.parse(throughput) if throughput else None
@@ -51,7 +51,7 @@ def sweep_main(script: str, doc: str, plan: Callable[[Config], Plan], argv: list
                planner: Callable | None = None) -> int:
     """Parse, validate, show the plan; unless --dry-run or --plan, run it as one sweep. Exit 1 if a trial failed.
 
-    ``planner`` costs the trials for --plan (default: ``nds.planner.plan_chain_sweep``)."""
+    ``planner`` costs the trials for --plan (default: ``nds.sweep.planner.plan_chain_sweep``)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     default_text = f"default: {default_config.relative_to(REPO_ROOT)}" if default_config else "default: the embedded laptop demo"
     parser.add_argument("--config", help=f"YAML config file ({default_text})")

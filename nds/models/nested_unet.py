@@ -23,13 +23,13 @@ Resolutions are listed innermost first, and so are a model's inputs and outputs.
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nds.diffusion import (
+from nds.config.specs import DOWNSAMPLE_MODES, NestedUNetSpec, Phase
+from nds.diffusion.process import (
     cfg_denoiser,
     draw_normal,
     draw_timesteps,
@@ -39,75 +39,7 @@ from nds.diffusion import (
     sample,
     shift_schedule,
 )
-from nds.models import check_text, null_text_tokens, timestep_embedding
-
-
-@dataclass(frozen=True)
-class NestedUNetSpec:
-    """The full architecture; a model built with `levels=k` has the k innermost resolutions.
-
-    nested=False builds the plain UNet of the same size (MDM App. D.1): the same blocks, but
-    input and output at the top resolution only. cond_channels > 0 adds an image condition at the
-    top resolution and the embedding of its noise level (a cascade's super-resolution stage).
-    """
-
-    resolutions: tuple[int, ...] = (16, 32)  # innermost first; each a power-of-two multiple of the last
-    channels: int = 3
-    core_widths: tuple[int, ...] = (64, 128)  # inner UNet width per level, halving resolution between
-    core_blocks: int = 2
-    attention_levels: tuple[int, ...] = (1,)  # core levels with self-attention; the middle always has it
-    stage_widths: tuple[int, ...] = (32,)  # one per outer resolution
-    stage_blocks: int = 2
-    heads: int = 4
-    num_classes: int = 0
-    text_dim: int = 0
-    text_layers: int = 2  # self-attention layers over the projected caption tokens (MDM §4.1)
-    cond_drop_prob: float = 0.1
-    nested: bool = True
-    cond_channels: int = 0  # > 0: an image condition (a cascade's low-res image) joins the top input
-
-    def __post_init__(self) -> None:  # lists from a YAML config become tuples: hashable, comparable
-        for name in ("resolutions", "core_widths", "attention_levels", "stage_widths"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-
-    def validate(self) -> None:
-        res = self.resolutions
-        if not res or min(res) < 1:
-            raise ValueError(f"resolutions must be positive, got {res}")
-        for small, large in zip(res, res[1:]):
-            ratio = large // small
-            if large % small or ratio < 2 or ratio & (ratio - 1):
-                raise ValueError(f"resolution {large} is not a power-of-two multiple (>= 2x) of {small}")
-        if not self.core_widths or min(self.core_widths) < 1:
-            raise ValueError(f"core_widths must be positive, got {self.core_widths}")
-        down = 2 ** (len(self.core_widths) - 1)
-        if res[0] % down:
-            raise ValueError(f"base resolution {res[0]} is not divisible by 2^{len(self.core_widths) - 1} "
-                             f"(one halving between each of the {len(self.core_widths)} core_widths)")
-        if len(self.stage_widths) != len(res) - 1 or (self.stage_widths and min(self.stage_widths) < 1):
-            raise ValueError(f"stage_widths needs one positive width per outer resolution ({len(res) - 1}), "
-                             f"got {self.stage_widths}")
-        if any(not 0 <= i < len(self.core_widths) for i in self.attention_levels):
-            raise ValueError(f"attention_levels {self.attention_levels} must index core_widths "
-                             f"(0..{len(self.core_widths) - 1})")
-        for i in {*self.attention_levels, len(self.core_widths) - 1}:
-            if self.heads < 1 or self.core_widths[i] % self.heads:
-                raise ValueError(f"core width {self.core_widths[i]} (level {i}, with attention) is not a "
-                                 f"multiple of heads={self.heads}")
-        for name in ("channels", "core_blocks", "stage_blocks"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.text_layers < 0:
-            raise ValueError(f"text_layers must be >= 0, got {self.text_layers}")
-        if self.num_classes < 0 or self.text_dim < 0 or self.cond_channels < 0:
-            raise ValueError(f"num_classes, text_dim and cond_channels must be >= 0, got {self.num_classes}, "
-                             f"{self.text_dim}, {self.cond_channels}")
-        if not 0.0 <= self.cond_drop_prob <= 1.0:
-            raise ValueError(f"cond_drop_prob must be in [0, 1], got {self.cond_drop_prob}")
-
-    def width(self, level: int) -> int:
-        """Feature width at resolutions[level] (where that resolution's input joins)."""
-        return self.core_widths[0] if level == 0 else self.stage_widths[level - 1]
+from nds.models.uvit import check_text, null_text_tokens, timestep_embedding
 
 
 def _norm(ch: int) -> nn.GroupNorm:
@@ -398,9 +330,6 @@ class NestedUNet(nn.Module):
 # -- the joint multi-resolution diffusion ---------------------------------------------------
 
 
-DOWNSAMPLE_MODES = ("bilinear", "area")
-
-
 def downsample_pyramid(x: Tensor, resolutions: Sequence[int], mode: str = "bilinear") -> list[Tensor]:
     """D^r(x) for each r: the coarse views of one image. MDM §3.1 uses bilinear interpolation
     (antialiased here, as an image resize is); "area" averages each r-block of pixels."""
@@ -534,28 +463,6 @@ def mdm_sample(
 
 
 # -- progressive training -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Phase:
-    levels: int  # innermost resolutions trained in this phase
-    steps: int
-
-
-def make_phases(phases: Sequence[Phase | tuple[int, int]], num_levels: int) -> list[Phase]:
-    """Validated phases from (levels, steps) pairs: levels strictly increasing and ending at
-    num_levels (the full model); a phase may skip levels, as MDM's 64 -> 256 on a 3-level net."""
-    out = [p if isinstance(p, Phase) else Phase(*p) for p in phases]
-    if not out:
-        raise ValueError("progressive training needs at least one phase")
-    for i, p in enumerate(out):
-        if p.steps < 1:
-            raise ValueError(f"phase {i} has steps={p.steps}; every phase needs >= 1 step")
-        if not 1 <= p.levels <= num_levels or (i and p.levels <= out[i - 1].levels):
-            raise ValueError(f"phase {i} has levels={p.levels}; levels must increase strictly within 1..{num_levels}")
-    if out[-1].levels != num_levels:
-        raise ValueError(f"the last phase trains {out[-1].levels} levels; it must reach all {num_levels}")
-    return out
 
 
 def phase_for_step(phases: Sequence[Phase], step: int) -> int:

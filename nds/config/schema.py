@@ -16,12 +16,26 @@ from pathlib import Path
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from nds.config.errors import ConfigError
+from nds.config.specs import (
+    COND_INJECTIONS,
+    DOWNSAMPLE_MODES,
+    PREDICTIONS,
+    SAMPLERS,
+    SCHEDULES,
+    TEXT_ENCODERS,
+    UVIT_SIZES,
+    LevelShape,
+    baseline_phases,
+    check_nesting,
+    latent_spec,
+    mdm_spec,
+    parse_spec,
+    patch_size_for,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 BAD_IMAGE_POLICIES = ("fail", "skip")  # data.bad_images
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message names the offending key or path."""
 
 
 @dataclass
@@ -67,7 +81,7 @@ class ModelConfig:
     num_classes: int = 0  # 0 = unconditional; >0 = class-conditional on the dataset labels
     text_encoder: str = ""  # "" = no text; minilm (ships offline) | clip | t5: captions as condition tokens
     text_encoder_path: str = ""  # local directory of the text encoder (empty = minilm's packaged copy)
-    # how ẑ_{l+1} enters a level (§4.1; nds/models.py): kv = condition tokens that only supply keys/values
+    # how ẑ_{l+1} enters a level (§4.1; nds/models/uvit.py): kv = condition tokens that only supply keys/values
     # every two blocks; tokens = a channel-mixing deconvolution to the token grid and two FC layers make
     # condition tokens that join the sequence, refreshed every two blocks (the paper presets' reading)
     cond_injection: str = "kv"
@@ -134,12 +148,12 @@ class EvalConfig:
     inception_dir: str = "/tmp"  # clean-fid's cache of inception-2015-12-05.pt; true FID only if it is there
     substitute_image_size: int = 128  # input size of the substitute metric's feature network
     # Also score fd_data_classifier: Fréchet distance in the features of a small CNN trained on the data's own
-    # labelled training split (nds/data_classifier.py); tables rank by it where FID is absent. Skipped for data
+    # labelled training split (nds/eval/data_classifier.py); tables rank by it where FID is absent. Skipped for data
     # without class labels (COCO).
     data_classifier: bool = True
     classifier_steps: int = 1000  # its training steps (batch 128; ~2 min on 2 cores); trained once per data setting, cached
     classifier_train_limit: int = 0  # training images it learns from (0 = the whole training split)
-    # The chain diagnostic (nds/diagnostics.py), for L > 1: each level l < L is also sampled given the true
+    # The chain diagnostic (nds/eval/diagnostics.py), for L > 1: each level l < L is also sampled given the true
     # condition (held-out z_{l+1}) and the null one, on this many held-out images (0 = off). With guidance
     # the two columns cost 3/2 of the chain's level-1 sampling per image: 160 of 500 keeps them within +50%
     diagnostic_samples: int = 160
@@ -188,7 +202,7 @@ class PathsConfig:
 
 @dataclass
 class MDMConfig:
-    """Matryoshka Diffusion: one NestedUNet over all resolutions (nds/nested_unet.py).
+    """Matryoshka Diffusion: one NestedUNet over all resolutions (nds/models/nested_unet.py).
 
     The defaults fit Fashion-MNIST as it is: 14 -> 28, two levels, no padding. Images are
     resized to the last (full) resolution. Optimisation (lr, warm-up, clipping, EMA, ZeRO, batch)
@@ -245,10 +259,8 @@ class Config:
 
     # -- derived values, so no caller recomputes them --------------------------------
     @property
-    def levels(self):
+    def levels(self) -> list[LevelShape]:
         """The first L levels of the spec (level 1 = image space)."""
-        from nds.hierarchy import parse_spec
-
         return parse_spec(self.hierarchy.spec)[: self.hierarchy.L]
 
     def sigma(self, level: int) -> float:
@@ -424,15 +436,11 @@ def replace(cfg: Config, **dotted) -> Config:
 
 def validate(cfg: Config) -> None:
     """Structural checks that need no files; raise ConfigError naming the key."""
-    from nds.hierarchy import check_nesting, parse_spec
-
     try:
         spec = parse_spec(cfg.hierarchy.spec)
         check_nesting(spec)
     except ValueError as err:
         raise ConfigError(f"hierarchy.spec '{cfg.hierarchy.spec}': {err}") from None
-    from nds.train import patch_size_for
-
     for level, shape in enumerate(spec, start=1):
         try:
             patch = patch_size_for(shape.h, shape.w, cfg.model.max_token_grid)
@@ -485,12 +493,8 @@ def validate(cfg: Config) -> None:
     if cfg.training.log_every < 1 or cfg.training.checkpoint_every < 1:
         raise ConfigError(f"training.log_every={cfg.training.log_every} and training.checkpoint_every="
                           f"{cfg.training.checkpoint_every} must be >= 1")
-    from nds.models import UVIT_SIZES
-
     if cfg.model.size not in UVIT_SIZES:
         raise ConfigError(f"model.size='{cfg.model.size}' is not one of {sorted(UVIT_SIZES)}")
-    from nds.text import TEXT_ENCODERS
-
     if cfg.model.text_encoder and cfg.model.text_encoder not in TEXT_ENCODERS:
         raise ConfigError(f"model.text_encoder='{cfg.model.text_encoder}' must be empty (no text) or one of {list(TEXT_ENCODERS)}")
     if cfg.training.zero_stage not in (0, 1, 2, 3):
@@ -503,9 +507,6 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise ConfigError(f"{key} must be >= 1")
-    from nds.diffusion import PREDICTIONS, SAMPLERS, SCHEDULES
-    from nds.models import COND_INJECTIONS
-
     d = cfg.diffusion
     if d.prediction not in PREDICTIONS:
         raise ConfigError(f"diffusion.prediction='{d.prediction}' must be one of {list(PREDICTIONS)}")
@@ -547,10 +548,6 @@ def validate(cfg: Config) -> None:
 
 def _validate_mdm(cfg: Config) -> None:
     """The mdm section: the phase schedule against the resolutions, then the NestedUNet spec's own checks."""
-    from nds.diffusion import PREDICTIONS, SAMPLERS
-    from nds.nested_unet import DOWNSAMPLE_MODES
-    from nds.train_mdm import baseline_phases, latent_spec, mdm_spec
-
     m = cfg.mdm
     res = m.resolutions
     if not res or min(res) < 1:
@@ -585,7 +582,7 @@ def _validate_mdm(cfg: Config) -> None:
     if not 0.0 <= m.cond_drop_prob < 1.0:
         raise ConfigError("mdm.cond_drop_prob must be in [0, 1)")
     try:
-        mdm_spec(cfg, text=False).validate()
+        mdm_spec(cfg).validate()
     except ValueError as err:  # names the spec field: core_widths, stage_widths, heads, ...
         raise ConfigError(f"mdm: {err}") from None
     try:
@@ -600,108 +597,9 @@ def _validate_mdm(cfg: Config) -> None:
             raise ConfigError(f"mdm.latent_downsample={m.latent_downsample} must divide the top resolution {res[-1]}, "
                               f"and mdm.latent_channels={m.latent_channels} must be >= 1")
         try:
-            latent_spec(cfg, text=False).validate()
+            latent_spec(cfg).validate()
         except ValueError as err:
             raise ConfigError(f"mdm.baseline=latent ({res[-1] // m.latent_downsample}px codes): {err}") from None
-
-
-def preflight(cfg: Config) -> dict[str, int]:
-    """File checks, run before Ray starts so no compute is spent on a run that cannot finish.
-    Returns how many image files each split leaves out under data.bad_images=skip."""
-    from nds.data import DATASET_CHANNELS, FILE_DATASETS, BadImagesError, check_dataset, load_config_split
-    from nds.encoders import RANDOM_WEIGHTS, SD_VAE_HUB, check_encoder
-
-    for key, path in (("paths.runs_dir", cfg.runs_dir), ("paths.cache_dir", cfg.cache_dir),
-                      ("paths.levels_dir", cfg.levels_dir)):
-        problem = _unwritable(path)
-        if problem:
-            raise ConfigError(f"{key}: cannot write {path}: {problem}")
-    try:
-        check_dataset(cfg.data.name, cfg.data.root)
-    except (ValueError, FileNotFoundError) as err:
-        raise ConfigError(f"data.name: {err}") from None
-    skipped = {}
-    if cfg.data.name in FILE_DATASETS:  # every file a run will read decodes (checked once, cached by mtime)
-        d = cfg.data
-        for split, limit in dict.fromkeys([("train", d.train_limit), ("test", d.eval_limit),
-                                           (cfg.eval.reference_split, d.eval_limit)]):
-            try:
-                left_out = load_config_split(cfg, split, limit, image_size=1).skipped
-            except BadImagesError as err:
-                raise ConfigError(f"data.bad_images=fail: {err}") from None
-            except (ValueError, FileNotFoundError) as err:
-                raise ConfigError(f"data.root: {err}") from None
-            if left_out:
-                skipped[split] = len(left_out)
-                print(f"[nds] data.bad_images=skip: {len(left_out)} {split} image file(s) left out, e.g. "
-                      f"{next(iter(left_out.items()))}", flush=True)
-    channels = DATASET_CHANNELS[cfg.data.name]
-    level1 = cfg.levels[0]
-    if cfg.encoder.level1 == "pixels" and level1.c != channels:
-        raise ConfigError(f"hierarchy.spec level 1 ({level1}) has {level1.c} channel(s) but data.name={cfg.data.name} "
-                          f"images have {channels}: level 1 is the image itself (encoder.level1=pixels), so write "
-                          f"it {level1.h}x{level1.w}x{channels}")
-    try:
-        check_encoder(cfg.encoder.name, cfg.encoder.weights or None)
-    except (ValueError, FileNotFoundError) as err:
-        raise ConfigError(f"encoder.name: {err}") from None
-
-    vae = cfg.encoder.level1_weights
-    if cfg.encoder.level1 == "vae" and vae and vae != RANDOM_WEIGHTS and not Path(vae).expanduser().is_file():
-        raise ConfigError(f"encoder.level1_weights: no AutoencoderKL weights file at {vae}: put the VAE's "
-                          f"{SD_VAE_HUB[1]} (Hugging Face repo {SD_VAE_HUB[0]}) there, or leave "
-                          "encoder.level1_weights empty to use the Hugging Face cache")
-    if cfg.mdm.baseline == "latent":
-        check_latent_vae(cfg)
-    clip = cfg.eval.clip_dir
-    if clip and not (Path(clip).expanduser() / "config.json").is_file():
-        raise ConfigError(f"eval.clip_dir: no CLIP model at {clip} (no config.json): download one (e.g. "
-                          "openai/clip-vit-base-patch16) and pass its directory, or leave it empty")
-    m = cfg.model
-    if m.text_encoder:
-        from nds.text import encoder_dir
-
-        try:
-            encoder_dir(m.text_encoder, m.text_encoder_path or None)
-        except (ValueError, FileNotFoundError) as err:
-            raise ConfigError(f"model.text_encoder_path: {err}") from None
-    return skipped
-
-
-def _unwritable(path: Path) -> str:
-    """Why a directory could not be created or written, judged without creating it ("" if it could)."""
-    existing = path
-    while not existing.exists():
-        if existing.parent == existing:
-            return "no existing parent directory"
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"{existing} is a file, not a directory"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{existing} is not writable by this user"
-    return ""
-
-
-def check_latent_vae(cfg: Config) -> None:
-    """The latent baseline's autoencoder exists and makes the codes the config says it does."""
-    from nds.vae import autoencoder_config
-
-    m = cfg.mdm
-    path = Path(m.vae_weights).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"mdm.vae_weights: no AutoencoderKL weights file at {m.vae_weights} (a diffusers-format "
-                          ".safetensors, e.g. the KL-F4 autoencoder of latent-diffusion converted to diffusers)")
-    try:
-        vae = autoencoder_config(path)
-    except ValueError as err:
-        raise ConfigError(f"mdm.vae_weights: {err}") from None
-    if (vae.downsample, vae.latent_channels) != (m.latent_downsample, m.latent_channels):
-        raise ConfigError(f"mdm.vae_weights: {path} makes {vae.latent_channels}-channel codes at 1/{vae.downsample} of "
-                          f"the image size, but the config says mdm.latent_channels={m.latent_channels}, "
-                          f"mdm.latent_downsample={m.latent_downsample}")
-    if vae.in_channels != m.channels and not (m.channels == 1 and vae.in_channels == 3):
-        raise ConfigError(f"mdm.vae_weights: {path} encodes {vae.in_channels}-channel images, the data has "
-                          f"mdm.channels={m.channels}")
 
 
 # -- writing -----------------------------------------------------------------------------

@@ -33,9 +33,10 @@ import torch
 from filelock import FileLock, Timeout
 
 from nds.config import Config, config_hash, to_dict
+from nds.config.specs import parse_spec
 from nds.files import write_json
-from nds.hierarchy import parse_spec
-from nds.models import ARCHITECTURE_VERSION
+from nds.models.uvit import ARCHITECTURE_VERSION
+from nds.train.engine import build_level_model, train_level
 
 ENTRY_FILE = "level.json"
 LOCK_POLL_S = 2.0  # how often a waiter looks at the holder's heartbeat
@@ -187,8 +188,6 @@ class ObtainedLevel:
 
 def obtain_level(cfg: Config, level: int, data_refs: dict, mlflow_run: dict | None = None) -> ObtainedLevel:
     """The store's entry for this level of ``cfg``'s chain, training it first if no trial has yet."""
-    from nds.train import train_level
-
     store = LevelStore(cfg.levels_dir)
     key = level_key(cfg, level)
     ident = config_hash(key)
@@ -206,8 +205,6 @@ def obtain_level(cfg: Config, level: int, data_refs: dict, mlflow_run: dict | No
 
 def load_level_model(cfg: Config, entry: LevelEntry) -> torch.nn.Module:
     """The level's U-ViT with the stored EMA weights, on CPU in eval mode."""
-    from nds.train import build_level_model
-
     model = build_level_model(cfg, entry.info["level"])
     try:
         state = torch.load(entry.weights, map_location="cpu", weights_only=True)  # tensors only: no pickled code

@@ -3,7 +3,7 @@ noised copy of the level above (ẑ_{l+1} = z_{l+1} + σ_{l+1}·ε), down to ima
 
 The chain can also start lower, from a given z_{l+1} (e.g. the held-out latents of real
 images: the *true condition*) or with the learned null condition, which is how the chain
-diagnostic (:mod:`nds.diagnostics`) splits a chain's error between its levels. Every level's
+diagnostic (:mod:`nds.eval.diagnostics`) splits a chain's error between its levels. Every level's
 random draws come from generators keyed by (seed, level, stream), so the same seed gives
 level l the same starting noise and the same condition noise whichever level the chain starts
 from, and the first k of n samples do not depend on n: columns of the diagnostic differ only in
@@ -16,10 +16,9 @@ import torch
 from torch import nn
 
 from nds.config import Config
-from nds.diffusion import Denoiser, cfg_denoiser, make_schedule, sample, split_prediction
-from nds.hierarchy import add_condition_noise
-from nds.text import TextBank, sampling_groups
-
+from nds.diffusion.process import Denoiser, cfg_denoiser, make_schedule, sample, split_prediction
+from nds.latents.hierarchy import add_condition_noise
+from nds.latents.text import TextBank, sampling_groups
 
 NOISE, CONDITION_NOISE, SAMPLER_NOISE = range(3)  # a level's three streams of draws
 
@@ -62,7 +61,7 @@ def nested_sample(models: dict[int, nn.Module], sigmas: dict[int, float], n: int
     ``models[l]`` is level l's denoiser (l = 1..L), predicting ``prediction`` (ε or v); ``sigmas[l]``
     is σ_l for l = 2..L; ``clip[l]`` bounds level l's implied x0 (absent: unbounded).
     ``labels`` are the classes class-conditional levels get as class tokens; ``text`` is one caption
-    per example (tokens [n, N, dim], mask [n, N]: :meth:`nds.text.TextBank.sample`), which conditions
+    per example (tokens [n, N, dim], mask [n, N]: :meth:`nds.latents.text.TextBank.sample`), which conditions
     every level; guidance (``cfg_scale``) applies to all conditions at once.
 
     ``start`` (default: the top level L) is the first level sampled. Below the top it is conditioned
@@ -124,7 +123,7 @@ def sample_levels(cfg: Config, models: dict[int, nn.Module], n: int, text_bank: 
     ``text_bank`` every level is conditioned on a caption of a group drawn uniformly: the class of
     the example for a class-name bank, a training image for a per-image bank (COCO; the paper's
     FID-30K draws validation captions instead, which would need the validation split's captions
-    here). ``start``/``given``/``null_condition``: see :func:`nds.sampling.nested_sample`.
+    here). ``start``/``given``/``null_condition``: see :func:`nds.diffusion.chain.nested_sample`.
     Batch b's draws are keyed by (seed, b's first index): the first k samples are the same for any
     n >= k, and the same whichever level the chain starts from."""
     d = cfg.diffusion

@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nds.latents.vae import AutoencoderKL, load_autoencoder
+
 log = logging.getLogger(__name__)
 
 RANDOM_WEIGHTS = "random"  # encoder.weights sentinel: random init, never pretrained
@@ -486,8 +488,6 @@ class _VAELatents(nn.Module):
 
 def load_vae(spec: EncoderSpec):
     """The AutoencoderKL behind a ``vae`` spec: encoder.weights, the HF cache of sd-vae-ft-mse, or random."""
-    from nds.vae import AutoencoderKL, load_autoencoder
-
     if not spec.pretrained:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)

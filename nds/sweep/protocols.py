@@ -1,4 +1,4 @@
-"""The papers' experiment protocols as lists of variants (see nds.sweep.variant).
+"""The papers' experiment protocols as lists of variants (see nds.sweep.runner.variant).
 
 Each function reads the ``sweep`` section of the config and returns the trials of one Tune
 stage; ``sweep_sigma`` chains stages, carrying the best σ of depth L into depth L+1 as the
@@ -8,7 +8,8 @@ levels").
 from __future__ import annotations
 
 from nds.config import Config, replace
-from nds.sweep import StageOutcome, Sweep, mean_metric, variant
+from nds.sweep.runner import StageOutcome, Sweep, mean_metric, variant
+from nds.tracking import Tag
 
 
 def sigma_name(depth: int, sigma: float, cfg_scale: float | None = None) -> str:
@@ -95,7 +96,7 @@ def run_sigma_chain(sweep: Sweep) -> list[StageOutcome]:
             print(f"[nds] no trial at L={depth} finished; deeper stages keep σ_{depth} = {cfg.sigma(depth)}", flush=True)
             continue
         sigma, scale = best
-        tags = {"nds.best_sigma": f"{sigma:g}", **({} if scale is None else {"nds.best_cfg_scale": f"{scale:g}"})}
+        tags = {Tag.BEST_SIGMA: f"{sigma:g}", **({} if scale is None else {Tag.BEST_CFG_SCALE: f"{scale:g}"})}
         sweep.tag_stage(outcome, tags)
         at = "" if scale is None else f" (at guidance {scale:g})"
         print(f"[nds] best σ_{depth} = {sigma:g}{at} ({sweep.metric}); carried into deeper stages", flush=True)

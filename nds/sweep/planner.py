@@ -19,10 +19,13 @@ from pathlib import Path
 import torch
 
 from nds.config import Config, ConfigError, to_dict
-from nds.levels import ENTRY_FILE, level_id
-from nds.models import forward_flops
-from nds.train import build_level_model
-from nds.text import MAX_CAPTION_TOKENS
+from nds.config.specs import baseline_phases
+from nds.latents.text import MAX_CAPTION_TOKENS
+from nds.models.uvit import forward_flops
+from nds.sweep.level_store import ENTRY_FILE, level_id
+from nds.sweep.mdm import trial_iterations
+from nds.train.engine import build_level_model
+from nds.train.mdm import forward_cost, phase_module
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,7 @@ def _global_batch(cfg: Config) -> int:
 
 def chain_sampling_flops(cfg: Config) -> float:
     """One trial's sampling: the scored chain and, below the top, the diagnostic's true- and
-    null-condition columns (nds.diagnostics)."""
+    null-condition columns (nds.eval.diagnostics)."""
     d, e, depth = cfg.diffusion, cfg.eval, cfg.hierarchy.L
     guided = d.cfg_scale != 1.0
 
@@ -189,8 +192,6 @@ def plan_chain_sweep(stages: list[tuple[str, list[tuple[str, Config]]]]) -> Swee
 
 def plan_mdm_sweep(stages: list[tuple[str, list[tuple[str, Config]]]]) -> SweepPlan:
     """An MDM trial fits its own phases (no level store); it samples at every evaluation point of its stage."""
-    from nds.train_mdm import baseline_phases, forward_cost, phase_module, trial_iterations
-
     plan = SweepPlan([name for name, _ in stages], [])
     for stage, trials in stages:
         eval_at = sorted({n for _, cfg in trials for n in trial_iterations(cfg)})

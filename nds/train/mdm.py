@@ -5,7 +5,7 @@ The phase schedule (``mdm.phase_steps``) runs as one TorchTrainer fit per phase,
 builds its model by ``grow``ing the previous phase's EMA weights (the new outer stage starts fresh
 and joins the inner network through zero-initialised convs, so what was learned is kept), trains its
 steps with a fresh optimiser and warm-up, and reports checkpoints exactly as a U-ViT level does
-(nds.train): the run name is stable per phase, so a restarted worker resumes its own phase.
+(nds.train.engine): the run name is stable per phase, so a restarted worker resumes its own phase.
 
 What ``mdm.baseline`` trains, at the NestedUNet's size and iteration budget (``baseline_phases``):
 
@@ -25,16 +25,13 @@ What ``mdm.baseline`` trains, at the NestedUNet's size and iteration budget (``b
   schedule's iterations on the codes (the posterior mean: the same codes the paper precomputes,
   computed per batch on the worker here), decoded to images after sampling.
 
-``MDM`` is the sweep machinery's TrialKind (nds.sweep): a trial trains one of these and logs the
-quality metric at given total iteration counts, the curves of MDM Fig. 4 and Fig. 8.
+A whole run under MLflow (``run_mdm``) and the MDM trial kind of a sweep live in ``nds.sweep.mdm``:
+trainers know nothing of sweeps.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import itertools
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,58 +40,39 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nds import tracking
-from nds.config import Config, ConfigError, config_hash, flatten, from_dict, replace, to_dict, to_yaml
-from nds.diffusion import draw_timesteps
-from nds.models import count_params, forward_flops
-from nds.nested_unet import (
+from nds.config import Config, ConfigError, from_dict, to_dict
+from nds.config.specs import LevelShape, Phase, baseline_phases, latent_spec, mdm_spec
+from nds.data import load_config_split
+from nds.diffusion.chain import noise_schedule
+from nds.diffusion.process import draw_timesteps
+from nds.latents.hierarchy import image_level, images_from_level1
+from nds.latents.text import MAX_CAPTION_TOKENS, TextBank, prepare_text_condition, sampling_groups, text_width
+from nds.latents.vae import load_autoencoder
+from nds.models.nested_unet import (
     NestedUNet,
-    NestedUNetSpec,
-    Phase,
     downsample_pyramid,
     grow,
-    make_phases,
     mdm_sample,
     multires_loss,
     noised_upsample,
     resolution_schedules,
 )
-from nds.sampling import noise_schedule
-from nds.sweep import TrialKind, TrialReport
-from nds.text import MAX_CAPTION_TOKENS, TextBank, prepare_text_condition, sampling_groups, text_width
-from nds.train import (EMA, batch_indices, bf16_autocast, condition_drops, deepspeed_config, fit, load_ema_weights,
-                       log_precision, quiet_worker_logs, resolve_precision, resume, run_steps, step_generator,
-                       worker_device)
+from nds.models.uvit import count_params, forward_flops
+from nds.train.engine import (
+    batch_indices,
+    bf16_autocast,
+    condition_drops,
+    fit,
+    load_ema_weights,
+    quiet_worker_logs,
+    step_generator,
+    train_worker,
+    worker_device,
+)
 
-BASELINES = ("nested", "cascaded", "plain", "latent")
 # The cascade's conditioning noise at sampling time, as a fraction of diffusion.timesteps. MDM App. E.1
 # sweeps {1, 100, 500, 700, 1000} of 1000 and finds that 500 or 700 is needed; one level is used here.
 CASCADE_NOISE_LEVEL = 0.5
-
-
-def mdm_spec(cfg: Config, text: bool = True) -> NestedUNetSpec:
-    """The NestedUNet of the config; with ``model.text_encoder`` its core attends to caption tokens
-    (``text=False``: without reading the encoder's width, for validating the rest)."""
-    m, encoder = cfg.mdm, cfg.model.text_encoder
-    return NestedUNetSpec(
-        resolutions=m.resolutions, channels=m.channels, core_widths=m.core_widths, core_blocks=m.core_blocks,
-        attention_levels=m.attention_levels, stage_widths=m.stage_widths, stage_blocks=m.stage_blocks,
-        heads=m.heads, num_classes=m.num_classes, cond_drop_prob=m.cond_drop_prob, text_layers=m.text_layers,
-        text_dim=text_width(encoder, cfg.model.text_encoder_path or None) if encoder and text else 0,
-    )
-
-
-def latent_spec(cfg: Config, text: bool = True) -> NestedUNetSpec:
-    """The latent baseline's UNet: the innermost UNet of the NestedUNet, at the autoencoder's code size."""
-    m = cfg.mdm
-    return dataclasses.replace(mdm_spec(cfg, text), resolutions=(m.resolutions[-1] // m.latent_downsample,),
-                               stage_widths=(), channels=m.latent_channels)
-
-
-def mdm_phases(cfg: Config) -> list[Phase]:
-    """phase_steps[i] > 0 is a phase over the i+1 innermost resolutions; zeros are skipped."""
-    steps = cfg.mdm.phase_steps
-    return make_phases([(i + 1, n) for i, n in enumerate(steps) if n], len(cfg.mdm.resolutions))
 
 
 def phase_name(phase: Phase) -> str:
@@ -102,43 +80,27 @@ def phase_name(phase: Phase) -> str:
     return f"phase{phase.levels}"
 
 
-def baseline_phases(cfg: Config, baseline: str) -> list[Phase]:
-    """What ``baseline`` fits, in order, on the budget of the NestedUNet's schedule (module docstring)."""
-    phases = mdm_phases(cfg)
-    levels, total = len(cfg.mdm.resolutions), sum(p.steps for p in phases)
-    if baseline == "nested":
-        return phases
-    if baseline == "plain":
-        return [Phase(levels, total)]
-    if baseline == "latent":
-        return [Phase(1, total)]
-    if baseline == "cascaded":
-        low = total - phases[-1].steps
-        if low < 1:
-            raise ConfigError(f"the cascaded baseline trains its {cfg.mdm.resolutions[0]}px stage for the iterations "
-                              f"mdm.phase_steps={cfg.mdm.phase_steps} spends before its last phase: there are none "
-                              "(needs two resolutions and low-resolution steps)")
-        return [Phase(1, low), Phase(levels, phases[-1].steps)]
-    raise ConfigError(f"unknown MDM baseline '{baseline}'; known: {', '.join(BASELINES)}")
+def caption_width(cfg: Config) -> int:
+    """The width of the caption tokens a config's NestedUNet attends to (0: no text)."""
+    encoder = cfg.model.text_encoder
+    return text_width(encoder, cfg.model.text_encoder_path or None) if encoder else 0
 
 
 def phase_module(cfg: Config, baseline: str, index: int) -> NestedUNet:
     """A freshly initialised model of the architecture that phase ``index`` of ``baseline`` trains."""
-    spec, phase = mdm_spec(cfg), baseline_phases(cfg, baseline)[index]
+    spec, phase = mdm_spec(cfg, caption_width(cfg)), baseline_phases(cfg, baseline)[index]
     if baseline == "plain":
         return NestedUNet(dataclasses.replace(spec, nested=False))
     if baseline == "cascaded" and index == 1:
         return NestedUNet(dataclasses.replace(spec, nested=False, cond_channels=spec.channels))
     if baseline == "latent":
-        return NestedUNet(latent_spec(cfg))
+        return NestedUNet(latent_spec(cfg, caption_width(cfg)))
     return NestedUNet(spec, phase.levels)
 
 
 @functools.lru_cache(maxsize=2)
 def latent_autoencoder(path: str):
     """The latent baseline's frozen autoencoder (loaded once per process)."""
-    from nds.vae import load_autoencoder
-
     return load_autoencoder(Path(path).expanduser())
 
 
@@ -161,10 +123,8 @@ def prepare_images(cfg: Config) -> dict:
     """What the workers train on: ``images``, uint8 [N, H, W, C] (file datasets: decoded lazily, per
     batch, in the workers; ``model_input`` brings a batch to the full resolution); ``labels`` (None
     when unconditional); with ``model.text_encoder``, ``text``, the caption bank
-    (nds.text.prepare_text_condition: each image's own captions, or captions of its class), and
+    (nds.latents.text.prepare_text_condition: each image's own captions, or captions of its class), and
     ``text_groups``, the class of each image for a class-caption bank (else None)."""
-    from nds.data import load_config_split
-
     d, m = cfg.data, cfg.mdm
     data = load_config_split(cfg, "train", d.train_limit, d.image_size or m.resolutions[-1])
     channels = data.images.shape[-1]
@@ -187,8 +147,6 @@ def caption_tokens(bank: TextBank, groups: np.ndarray | torch.Tensor, generator:
 
 def model_input(images: np.ndarray, resolution: int) -> np.ndarray:
     """uint8 [B, H, W, C] -> float32 [B, C, R, R] in [-1, 1] at the full resolution R."""
-    from nds.hierarchy import LevelShape, image_level
-
     images = np.asarray(images)
     return image_level(images, LevelShape(resolution, resolution, images.shape[-1]))
 
@@ -196,9 +154,6 @@ def model_input(images: np.ndarray, resolution: int) -> np.ndarray:
 def reference_images(cfg: Config) -> np.ndarray:
     """The metric's reference: data.eval_limit images of eval.reference_split at the full resolution,
     uint8 [M, R, R, C]."""
-    from nds.data import load_config_split
-    from nds.hierarchy import images_from_level1
-
     d, top = cfg.data, cfg.mdm.resolutions[-1]
     images = load_config_split(cfg, cfg.eval.reference_split, d.eval_limit, d.image_size or top).images
     if images.shape[1:3] == (top, top):
@@ -208,7 +163,6 @@ def reference_images(cfg: Config) -> np.ndarray:
 
 def phase_loop(loop_config: dict) -> None:
     """Runs inside each Ray Train worker: one phase of a baseline's schedule, up to step ``stop``."""
-    import deepspeed
     import ray
     import ray.train
 
@@ -256,16 +210,8 @@ def phase_loop(loop_config: dict) -> None:
                                           downsample=m.downsample, **conditions)
         return loss, {f"loss_{r}": float(v.detach()) for r, v in zip(model.io_resolutions, per_res)}
 
-    decision = resolve_precision(cfg, model, lambda module, bf16: batch_loss(module, 0, bf16)[0], device, rank)
-    log_precision(decision, phase_name(phase), loop_config.get("mlflow"), rank)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg))
-    ema = EMA(cfg.training.ema_decay)
-    marker = loop_config.get("nonfinite_marker")  # beside the fit's checkpoints
-    start = resume(engine, ema, Path(marker).parent if marker else None)
-    bf16 = decision["precision"] == "bf16"
-    run_steps(cfg, engine, ema, lambda step: batch_loss(engine, step, bf16), start=start, steps=loop_config["stop"],
-              tags={"levels": phase.levels}, metric_prefix=phase_name(phase), mlflow_run=loop_config.get("mlflow"),
-              nonfinite_marker=loop_config.get("nonfinite_marker"))
+    train_worker(cfg, model, batch_loss, loop_config, device=device, rank=rank, name=phase_name(phase),
+                 tags={"levels": phase.levels}, steps=loop_config["stop"])
 
 
 @dataclass
@@ -375,8 +321,6 @@ def generate(cfg: Config, models: list[NestedUNet], n: int, text_bank: TextBank 
     model gets a caption of a random class, or of a random training image for per-image captions). A model that
     does not reach the full resolution yet (an early phase, a cascade without its second stage)
     shows its top resolution upsampled: what it can offer at that point of training."""
-    from nds.hierarchy import images_from_level1
-
     d, m = cfg.diffusion, cfg.mdm
     top = m.resolutions[-1]
     alphas = noise_schedule(cfg)
@@ -405,162 +349,3 @@ def generate(cfg: Config, models: list[NestedUNet], n: int, text_bank: TextBank 
             x = F.interpolate(x, size=(top, top), mode="bilinear", align_corners=False)
         batches.append(images_from_level1(x))
     return Samples(np.concatenate(batches), captions or None, np.asarray(classes, dtype=np.int64) if classes else None)
-
-
-def save_grid(cfg: Config, images: np.ndarray, path: Path) -> Path:
-    from nds.figures import sample_grid, save_png
-
-    title = f"NestedUNet {cfg.mdm.baseline} · {'x'.join(map(str, cfg.mdm.resolutions))} px · seed {cfg.seed}"
-    return save_png(sample_grid(images, cfg.eval.grid_size, title), path)
-
-
-@dataclass
-class MDMOutcome:
-    run_id: str
-    experiment_id: str
-    phases: list[PhaseResult]
-    images: np.ndarray  # the grid's full-resolution samples of the final models, uint8 [n, R, R, C]
-
-
-def run_mdm(cfg: Config) -> MDMOutcome:
-    """The whole run under one MLflow run (tag nds.kind=mdm): data into the object store, the phases
-    of ``mdm.baseline`` in order, then samples and costs of the final models. The run is closed
-    FAILED on any error."""
-    import ray
-
-    from nds.sweep import extensions_dir, init_ray
-    from nds.train import prebuild_cpu_comm_op
-
-    uri = cfg.tracking_uri
-    experiment = cfg.experiment_name("train_mdm")
-    experiment_id = tracking.prepare_experiment(uri, experiment, cfg.runs_dir / "mlartifacts")
-    with tracking.open_run(uri, experiment_id, f"mdm-{time.strftime('%Y%m%d-%H%M%S')}", params=flatten(cfg),
-                           tags={"nds.kind": "mdm", "nds.config_hash": config_hash(cfg)}) as run_id:
-        print(f"[nds] MLflow: {uri}  experiment '{experiment}'  run {run_id}", flush=True)
-        out_dir = cfg.runs_dir / "mdm" / run_id
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(tracking.mask_credentials(to_yaml(cfg)))
-        tracking.log_artifact(uri, run_id, out_dir / "config.yaml")
-        data = prepare_images(cfg)
-        if cfg.resources.gpus_per_worker == 0:
-            prebuild_cpu_comm_op(extensions_dir(cfg))
-        init_ray(cfg)
-        data_refs = {k: None if v is None else ray.put(v) for k, v in data.items()}
-        phases = train_phases(cfg, data_refs, f"mdm-{run_id[:8]}", {"uri": uri, "run_id": run_id})
-        models = final_models(cfg, phases)
-        metrics = {f"{phase_name(p.phase)}/final_loss": p.final_loss for p in phases}
-        metrics.update(model_costs(*models))
-        side = cfg.eval.grid_size
-        samples = generate_images(cfg, models, side * side, data["text"])
-        grid_path = save_grid(cfg, samples, out_dir / "samples.png")
-        tracking.log_metrics(uri, run_id, metrics)
-        tracking.log_artifact(uri, run_id, grid_path)
-    return MDMOutcome(run_id, experiment_id, phases, samples)
-
-
-def final_models(cfg: Config, phases: list[PhaseResult]) -> list[NestedUNet]:
-    """What samples a trained baseline: both stages of a cascade, else the last phase's model."""
-    return [p.model for p in phases] if cfg.mdm.baseline == "cascaded" else [phases[-1].model]
-
-
-# -- MDM trials in a sweep (nds.sweep) -------------------------------------------------------------
-
-
-def trial_iterations(cfg: Config) -> list[int]:
-    """Total iterations at the end of each phase of the trial's baseline."""
-    return list(itertools.accumulate(p.steps for p in baseline_phases(cfg, cfg.mdm.baseline)))
-
-
-def data_key(cfg: Config) -> str:
-    """What ``prepare_images`` returns depends on."""
-    m = cfg.mdm
-    return config_hash({"data": to_dict(cfg)["data"], "resolution": m.resolutions[-1], "channels": m.channels,
-                        "num_classes": m.num_classes, "text": [cfg.model.text_encoder, cfg.model.text_encoder_path]})
-
-
-def metric_key(cfg: Config) -> str:
-    """What the reference statistics depend on."""
-    d = to_dict(cfg)
-    return config_hash({"data": d["data"], "eval": d["eval"], "resolution": cfg.mdm.resolutions[-1]})
-
-
-def prepare_mdm_inputs(sweep, configs: list[Config]) -> dict:
-    """Images and labels in the object store and the metric's reference statistics at the full
-    resolution, once per sweep for each data setting; and the stage's evaluation points: the end of
-    every phase of every trial (in total iterations), so all its curves share the same x values."""
-    import ray
-
-    from nds.evaluate import prepare_metric
-
-    inputs = {"data": {}, "metric": {}, "eval_at": sorted({n for cfg in configs for n in trial_iterations(cfg)})}
-    for cfg in configs:
-        def put_data(cfg=cfg):
-            return {k: None if v is None else ray.put(v) for k, v in prepare_images(cfg).items()}
-
-        inputs["data"][data_key(cfg)] = sweep.memo(("mdm-data", data_key(cfg)), put_data)
-        inputs["metric"][metric_key(cfg)] = sweep.memo(("mdm-metric", metric_key(cfg)),
-                                                       lambda cfg=cfg: prepare_metric(cfg, reference_images(cfg)))
-    return inputs
-
-
-def run_mdm_trial(cfg: Config, inputs: dict, mlflow_run: dict, trial_dir: Path) -> TrialReport:
-    """Train the trial's baseline, scoring it at the stage's evaluation points: the quality metric
-    goes to the trial's MLflow run with step = total training iterations.
-
-    The quality metric is not in the returned metrics: the sweep logs those at step 0, which would
-    add a false first point to the curve; the run's latest value of the metric is the final one.
-    """
-    import ray
-
-    from nds.evaluate import score_images
-
-    total = trial_iterations(cfg)[-1]
-    eval_at = [n for n in inputs["eval_at"] if n <= total]
-    metric_state = inputs["metric"][metric_key(cfg)]
-    data_refs = inputs["data"][data_key(cfg)]
-    text_bank = ray.get(data_refs["text"]) if data_refs.get("text") is not None else None
-    e = cfg.eval
-    last = {}
-
-    def evaluate(done: int, models: list[NestedUNet]) -> None:
-        images = generate_images(cfg, models, e.num_samples, text_bank)
-        scores = score_images(cfg, images, metric_state)
-        tracking.log_metrics(mlflow_run["uri"], mlflow_run["run_id"], scores, step=done)
-        print(f"[nds] {cfg.mdm.baseline} after {done} iterations: "
-              f"{', '.join(f'{k} {v:.2f}' for k, v in scores.items())}", flush=True)
-        last["images"] = images
-
-    run_prefix = "mdm-" + hashlib.sha1(str(trial_dir).encode()).hexdigest()[:12]  # stable when Tune retries the trial
-    phases = train_phases(cfg, data_refs, run_prefix, mlflow_run, eval_at, evaluate)
-    models = final_models(cfg, phases)
-    metrics = {f"{phase_name(p.phase)}/final_loss": p.final_loss for p in phases}
-    metrics.update(model_costs(*models), iterations=total)
-    metrics.update(guidance_curve(cfg, models, text_bank, metric_state))
-    grid = save_grid(cfg, last["images"], trial_dir / "sample_grid.png")
-    return TrialReport(metrics, [grid], {"nds.mdm_baseline": cfg.mdm.baseline})
-
-
-def guidance_name(scale: float, metric: str) -> str:
-    return f"guidance{scale:g}/{metric}"
-
-
-def guidance_curve(cfg: Config, models: list[NestedUNet], text_bank: TextBank | None, metric_state: dict) -> dict:
-    """MDM Fig. 8c: the final models sampled at every guidance scale of ``sweep.cfg_scales``, each scored
-    with the quality metrics and, for text-conditional models, the samples' agreement with their
-    captions (nds.metrics.text_agreement); one sampling of eval.num_samples per scale."""
-    from nds.evaluate import score_images
-    from nds.metrics import text_agreement
-
-    e, curve = cfg.eval, {}
-    for scale in cfg.sweep.cfg_scales:
-        samples = generate(replace(cfg, **{"diffusion.cfg_scale": scale}), models, e.num_samples, text_bank)
-        scores = score_images(cfg, samples.images, metric_state)
-        if samples.captions is not None:
-            scores.update(text_agreement(samples.images, samples.captions, samples.caption_classes, e.clip_dir,
-                                         metric_state["classifier"], e.batch_size))
-        curve.update({guidance_name(scale, name): value for name, value in scores.items()})
-        print(f"[nds] guidance {scale:g}: {', '.join(f'{k} {v:.3f}' for k, v in scores.items())}", flush=True)
-    return curve
-
-
-MDM = TrialKind(prepare_mdm_inputs, run_mdm_trial, "mdm")

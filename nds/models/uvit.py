@@ -36,15 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-ARCHITECTURE_VERSION = 4  # bump when a change makes stored weights incompatible (keys the level store)
-COND_INJECTIONS = ("kv", "tokens")  # how ẑ_{l+1} enters a level (see the module docstring)
+from nds.config.specs import COND_INJECTIONS, UVIT_SIZES
 
-UVIT_SIZES = {
-    "tiny": dict(width=64, depth=4, heads=2),
-    "small": dict(width=512, depth=12, heads=8),
-    "mid": dict(width=768, depth=16, heads=12),
-    "large": dict(width=1024, depth=20, heads=16),
-}
+ARCHITECTURE_VERSION = 4  # bump when a change makes stored weights incompatible (keys the level store)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:

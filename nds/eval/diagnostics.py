@@ -5,7 +5,7 @@ condition, and how good the conditions are that the levels above sample for it. 
 l < L is therefore also sampled from the *true* condition (z_{l+1} of held-out images, noised
 with σ_{l+1} exactly as in sampling) and from the *null* condition (the classifier-free
 guidance branch), and the levels below it complete the chain as usual. With the same noise in
-every column (``nds.sampling``), on the same number of samples:
+every column (``nds.diffusion.chain``), on the same number of samples:
 
 - ``<metric>/sampled`` − ``<metric>/level<l>/true_cond``: the share of the error that comes from
   the prior above level l (the sampled z_{l+1} against real ones);
@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from nds.config import Config
-from nds.metrics import frechet, gaussian_stats
-from nds.sampling import sample_levels
-from nds.text import TextBank
+from nds.diffusion.chain import sample_levels
+from nds.eval.metrics import frechet, gaussian_stats
+from nds.latents.text import TextBank
 
 
 def true_cond_name(metric: str, level: int) -> str:

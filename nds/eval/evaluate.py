@@ -8,14 +8,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from nds import metrics
 from nds.config import Config
-from nds.diagnostics import chain_diagnostic, latent_stats
-from nds.figures import chain_title, level_grid, sample_grid, save_png
-from nds.latents import level1_decoder
-from nds.models import count_params, forward_flops
-from nds.sampling import sample_levels
-from nds.text import TextBank
+from nds.data import load_config_split
+from nds.diffusion.chain import sample_levels
+from nds.eval import metrics
+from nds.eval.data_classifier import obtain_classifier
+from nds.eval.diagnostics import chain_diagnostic, latent_stats
+from nds.eval.figures import chain_title, level_grid, sample_grid, save_png
+from nds.latents.prepare import level1_decoder
+from nds.latents.text import TextBank
+from nds.models.uvit import count_params, forward_flops
 
 
 @dataclass
@@ -27,8 +29,6 @@ class EvalReport:
 def prepare_metric(cfg: Config, reference_images: np.ndarray) -> dict:
     """What scoring needs, computed once in the sweep driver and shared by every trial: the data
     classifier (trained on a cache miss) at the reference images' size, and the reference statistics."""
-    from nds.data_classifier import obtain_classifier
-
     e = cfg.eval
     classifier, accuracy = obtain_classifier(cfg, reference_images.shape[1]) if cfg.uses_data_classifier else (None, None)
     stats = metrics.reference_stats(reference_images, e.inception_dir, e.substitute_image_size, e.batch_size, classifier)
@@ -41,8 +41,6 @@ def metric_anchors(cfg: Config, metric_state: dict, reference_images: np.ndarray
     """Where the ranking metric sits for known image sets of a trial's sample count: real training
     images (the best a model can do) and uniform noise (learned nothing). Plots draw them, so a
     difference reads against the metric's whole range."""
-    from nds.data import load_config_split
-
     n = min(cfg.eval.num_samples, len(reference_images))
     size = reference_images.shape[1]
     real = np.asarray(load_config_split(cfg, "train", n, size).images[:n])
@@ -54,7 +52,7 @@ def metric_anchors(cfg: Config, metric_state: dict, reference_images: np.ndarray
 
 def score_images(cfg: Config, images: np.ndarray, metric_state: dict,
                  names: tuple[str, ...] | None = None) -> dict[str, float]:
-    """Every metric (or those in ``names``) of uint8 [N,H,W,C] images against the reference (``nds.metrics``)."""
+    """Every metric (or those in ``names``) of uint8 [N,H,W,C] images against the reference (``nds.eval.metrics``)."""
     e = cfg.eval
     return metrics.images_quality(images, metric_state["ref_stats"], e.inception_dir, e.substitute_image_size,
                                   e.batch_size, metric_state["classifier"], names)
@@ -83,7 +81,7 @@ def level_costs(models: dict[int, nn.Module], text_bank: TextBank | None = None)
 
 def generate_images(cfg: Config, models: dict[int, nn.Module], n: int,
                     text_bank: TextBank | None = None) -> np.ndarray:
-    """n uint8 images from the chain: level 1 decoded to pixels as :func:`nds.latents.prepare_latents`
+    """n uint8 images from the chain: level 1 decoded to pixels as :func:`nds.latents.prepare.prepare_latents`
     formed it (rescaled pixels, or the VAE's decoder)."""
     return level1_decoder(cfg)(sample_levels(cfg, models, n, text_bank)[1])
 
@@ -93,8 +91,8 @@ def evaluate_chain(cfg: Config, models: dict[int, nn.Module], metric_state: dict
                    held_out: dict[int, np.ndarray] | None = None,
                    held_out_labels: np.ndarray | None = None) -> EvalReport:
     """Metric, per-level costs, a sample grid and, given the training latents of a chain with L > 1,
-    the Fig. 1-style per-level grid (``nds.figures.level_grid``); given the held-out latents, the
-    chain diagnostic (``nds.diagnostics``) in the metric that ranks the sweep."""
+    the Fig. 1-style per-level grid (``nds.eval.figures.level_grid``); given the held-out latents, the
+    chain diagnostic (``nds.eval.diagnostics``) in the metric that ranks the sweep."""
     e = cfg.eval
     levels = sample_levels(cfg, models, e.num_samples, text_bank)
     decode = level1_decoder(cfg)

@@ -5,7 +5,7 @@ otherwise clearly named substitutes, never reported as ``fid``.
   shipped in a PyPI package) pooled features of generated and reference images, computed through
   clean-fid's own resize pipeline and Fréchet distance. Always computed.
 - ``fd_data_classifier``: the Fréchet distance between the pooled features of a small CNN trained on
-  the data's own labelled training split (``nds.data_classifier``), at the data's resolution. Given
+  the data's own labelled training split (``nds.eval.data_classifier``), at the data's resolution. Given
   a classifier (``eval.data_classifier``); it ranks small models that the ImageNet features cannot.
 
 Text-image agreement of text-conditional samples (MDM Fig. 8c's other axis):
@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from nds.latents.encoders import build_encoder
+
 FID = "fid"
 SUBSTITUTE = "fd_effnet_lite0"
 DATA_CLASSIFIER = "fd_data_classifier"
@@ -36,7 +38,7 @@ INCEPTION_FILE = "inception-2015-12-05.pt"
 
 
 def anchor_name(metric: str, what: str) -> str:
-    """The logged value of ``metric`` for a known image set (``real``, ``noise``; nds.evaluate.metric_anchors)."""
+    """The logged value of ``metric`` for a known image set (``real``, ``noise``; nds.eval.evaluate.metric_anchors)."""
     return f"anchor/{metric}/{what}"
 
 
@@ -50,8 +52,6 @@ def write_pngs(images: np.ndarray, folder: Path) -> Path:
 
 def _substitute_extractor(image_size: int):
     """clean-fid feature function: [B,3,299,299] floats in 0..255 -> pooled EfficientNet-Lite0 features."""
-    from nds.encoders import build_encoder
-
     encoder = build_encoder("efficientnet_lite0", image_size=image_size)
 
     def features(batch: torch.Tensor) -> torch.Tensor:
@@ -102,7 +102,7 @@ def gaussian_stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def reference_stats(images: np.ndarray, inception_dir: str, substitute_image_size: int, batch_size: int,
                     classifier=None) -> dict:
     """Per-metric (mu, sigma) of the reference images; computed once per sweep. ``classifier``: a
-    ``nds.data_classifier.DataClassifier`` for fd_data_classifier, or None."""
+    ``nds.eval.data_classifier.DataClassifier`` for fd_data_classifier, or None."""
     stats = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_pngs(images, Path(tmp))

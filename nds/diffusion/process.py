@@ -5,7 +5,7 @@ A denoiser is any callable `denoiser(x_t, t) -> output` with t a [B] long tensor
 `alphas_cumprod` (ᾱ_t, length T, index t = noise level t+1 of the DDPM paper), so the samplers
 stay independent of how the model or its conditioning is built. A schedule may also be
 per-element: anything with len() = T whose [t] is ᾱ_t broadcastable against x[0] (e.g. the
-packed multi-resolution schedule of nds.nested_unet), which is how one sampler serves all the
+packed multi-resolution schedule of nds.models.nested_unet), which is how one sampler serves all the
 resolutions of a Matryoshka model at once. Conditioning (ẑ_{l+1}, labels, text, guidance) is
 bound into the denoiser with a closure or `cfg_denoiser`.
 """
@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nds.config.specs import PREDICTIONS
+
 Denoiser = Callable[[Tensor, Tensor], Tensor]
-PREDICTIONS = ("eps", "v")
 DPM_SOLVER_VARIANTS = ("dpmsolver", "dpmsolver++")
 
 
@@ -44,7 +45,7 @@ def scaled_linear_schedule(timesteps: int = 1000, beta_start: float = 0.00085, b
     return torch.cumprod(1.0 - betas, dim=0)
 
 
-SCHEDULES = {"linear": linear_schedule, "scaled_linear": scaled_linear_schedule, "cosine": cosine_schedule}
+SCHEDULE_FUNCTIONS = {"linear": linear_schedule, "scaled_linear": scaled_linear_schedule, "cosine": cosine_schedule}
 BETA_SCHEDULES = ("linear", "scaled_linear")  # the schedules set by (beta_start, beta_end)
 
 
@@ -72,10 +73,10 @@ def make_schedule(name: str, timesteps: int = 1000, snr_scale: float = 1.0, beta
                   beta_end: float | None = None) -> Tensor:
     """ᾱ of a named schedule; snr_scale != 1 gives its resolution-shifted version. beta_start/beta_end
     set the β range of the schedules in BETA_SCHEDULES (None: the schedule's own default); others ignore them."""
-    if name not in SCHEDULES:
-        raise ValueError(f"unknown noise schedule {name!r}; known schedules: {sorted(SCHEDULES)}")
+    if name not in SCHEDULE_FUNCTIONS:
+        raise ValueError(f"unknown noise schedule {name!r}; known schedules: {sorted(SCHEDULE_FUNCTIONS)}")
     betas = {k: v for k, v in dict(beta_start=beta_start, beta_end=beta_end).items() if v is not None}
-    alphas = SCHEDULES[name](timesteps, **(betas if name in BETA_SCHEDULES else {}))
+    alphas = SCHEDULE_FUNCTIONS[name](timesteps, **(betas if name in BETA_SCHEDULES else {}))
     return alphas if snr_scale == 1.0 else shift_schedule(alphas, snr_scale)
 
 
@@ -352,7 +353,7 @@ def dpm_solver_fast_sample(
     return x
 
 
-SAMPLERS: dict[str, Callable[..., Tensor]] = {
+SAMPLE_FUNCTIONS: dict[str, Callable[..., Tensor]] = {
     "ddpm": ddpm_sample,
     "ddim": ddim_sample,
     "dpm_solver": partial(dpm_solver_sample, variant="dpmsolver"),
@@ -366,17 +367,17 @@ STOCHASTIC_SAMPLERS = ("ddpm", "ddim")  # the samplers that draw noise (DDIM onl
 
 def sample(name: str, denoiser: Denoiser, noise: Tensor, alphas_cumprod: Tensor, steps: int, *,
            generator: torch.Generator | None = None, eta: float = 0.0, **kwargs) -> Tensor:
-    """Run a sampler from SAMPLERS by name. ``generator`` reaches the samplers that draw noise and
+    """Run a sampler from SAMPLE_FUNCTIONS by name. ``generator`` reaches the samplers that draw noise and
     ``eta`` (DDIM's stochasticity) only DDIM; kwargs: prediction, threshold, order, ..."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; known samplers: {sorted(SAMPLERS)}")
+    if name not in SAMPLE_FUNCTIONS:
+        raise ValueError(f"unknown sampler {name!r}; known samplers: {sorted(SAMPLE_FUNCTIONS)}")
     if eta and name != "ddim":
         raise ValueError(f"eta={eta} is a DDIM setting; sampler {name!r} does not take it")
     if name in STOCHASTIC_SAMPLERS:
         kwargs["generator"] = generator
     if name == "ddim":
         kwargs["eta"] = eta
-    return SAMPLERS[name](denoiser, noise, alphas_cumprod, steps=steps, **kwargs)
+    return SAMPLE_FUNCTIONS[name](denoiser, noise, alphas_cumprod, steps=steps, **kwargs)
 
 
 def guided(denoiser_cond: Denoiser, denoiser_uncond: Denoiser, scale: float) -> Denoiser:

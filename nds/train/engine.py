@@ -4,7 +4,7 @@ A level's model only sees its frozen targets z_l (and, below the top, the noised
 ẑ_{l+1} = z_{l+1} + σ_{l+1}·ε, drawn fresh every step), so every level trains on its
 own. Checkpoints go through ``ray.train.report``; a restarted worker, or a retried Tune
 trial that names the same run, resumes from the last one. The step loop (``run_steps``),
-``resume`` and ``fit`` are shared with the NestedUNet phases (nds.train_mdm).
+``resume`` and ``fit`` are shared with the NestedUNet phases (nds.train.mdm).
 """
 from __future__ import annotations
 
@@ -23,11 +23,13 @@ import numpy as np
 import torch
 
 from nds.config import Config, config_hash, from_dict, to_dict
-from nds.diffusion import diffusion_loss
-from nds.sampling import keyed_generator, noise_schedule
-from nds.hierarchy import add_condition_noise
-from nds.models import UViT, uvit_from_size
-from nds.text import text_width
+from nds.config.specs import patch_size_for
+from nds.diffusion.chain import keyed_generator, noise_schedule
+from nds.diffusion.process import diffusion_loss
+from nds.latents.hierarchy import add_condition_noise
+from nds.latents.text import text_width
+from nds.models.uvit import UViT, uvit_from_size
+from nds.tracking import log_metrics, set_tags
 
 WEIGHTS_FILE = "ema_weights.pt"  # full fp32 EMA state dict, written next to the DeepSpeed shards
 
@@ -62,14 +64,6 @@ def batch_indices(seed: int, stream: int, rank: int, step: int, n: int, batch: i
     run draws the same batches (``stream`` separates levels or phases)."""
     rng = np.random.default_rng([seed, stream, rank, step])
     return np.sort(rng.choice(n, size=batch, replace=n < batch))
-
-
-def patch_size_for(h: int, w: int, max_grid: int) -> int:
-    """Smallest patch that divides h and w and keeps the token grid within max_grid per side."""
-    for p in range(1, min(h, w) + 1):
-        if h % p == 0 and w % p == 0 and h // p <= max_grid and w // p <= max_grid:
-            return p
-    raise ValueError(f"no patch size divides {h}x{w} into a grid of at most {max_grid} per side")
 
 
 def build_level_model(cfg: Config, level: int) -> UViT:
@@ -181,8 +175,6 @@ def log_precision(decision: dict, metric_prefix: str, mlflow_run: dict | None, r
               f"{', cached' if decision['cached'] else ''})") if "fp32_s" in decision else ""
     print(f"[nds] {metric_prefix} trains in {decision['precision']}{timing}", flush=True)
     if mlflow_run:
-        from nds.tracking import log_metrics, set_tags
-
         set_tags(mlflow_run["uri"], mlflow_run["run_id"], {f"nds.{metric_prefix}.precision": decision["precision"]})
         if "fp32_s" in decision:
             log_metrics(mlflow_run["uri"], mlflow_run["run_id"],
@@ -289,7 +281,6 @@ def run_steps(cfg: Config, engine, ema: EMA, loss_at, *, start: int, steps: int,
     sums, count, nonfinite = {}, 0, 0
     began, next_line = time.perf_counter(), start
     if start and rank == 0 and mlflow_run:  # what a restart cost is read off this and the steps logged before it
-        from nds.tracking import log_metrics
 
         log_metrics(mlflow_run["uri"], mlflow_run["run_id"], {f"{metric_prefix}/resumed_from": start}, step=start)
     killed_marker = Path(nonfinite_marker).with_name("kill_drill_done") if nonfinite_marker else None
@@ -334,15 +325,12 @@ def run_steps(cfg: Config, engine, ema: EMA, loss_at, *, start: int, steps: int,
         else:
             ray.train.report(metrics)
         if rank == 0 and mlflow_run:
-            from nds.tracking import log_metrics
-
             log_metrics(mlflow_run["uri"], mlflow_run["run_id"],
                         {f"{metric_prefix}/train_{name}": value for name, value in means.items()}, step=done)
 
 
 def train_loop(loop_config: dict) -> None:
     """Runs inside each Ray Train worker."""
-    import deepspeed
     import ray
     import ray.train
 
@@ -382,16 +370,26 @@ def train_loop(loop_config: dict) -> None:
             return diffusion_loss(lambda x, t: module(x, t, cond=cond, labels=y, drop_cond=drop, **text), x0, alphas,
                                   generator=draws, prediction=cfg.diffusion.prediction)
 
-    decision = resolve_precision(cfg, model, lambda module, bf16: batch_loss(module, 0, bf16), device, rank)
-    log_precision(decision, f"level{level}", loop_config.get("mlflow"), rank)
+    train_worker(cfg, model, lambda module, step, bf16: (batch_loss(module, step, bf16), {}), loop_config,
+                 device=device, rank=rank, name=f"level{level}", tags={"level": level}, steps=cfg.training.steps)
+
+
+def train_worker(cfg: Config, model: torch.nn.Module, batch_loss, loop_config: dict, *, device: torch.device,
+                 rank: int, name: str, tags: dict, steps: int) -> None:
+    """The one training engine every worker loop ends in (a U-ViT level, a NestedUNet phase): the measured
+    precision, DeepSpeed ZeRO, the EMA, resume from the fit's newest checkpoint, then the step loop up to
+    ``steps``. ``batch_loss(module, step, bf16)`` returns (loss, extra metrics to log)."""
+    import deepspeed
+
+    decision = resolve_precision(cfg, model, lambda module, bf16: batch_loss(module, 0, bf16)[0], device, rank)
+    log_precision(decision, name, loop_config.get("mlflow"), rank)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg))
     ema = EMA(cfg.training.ema_decay)
     marker = loop_config.get("nonfinite_marker")  # beside the fit's checkpoints
     start = resume(engine, ema, Path(marker).parent if marker else None)
     bf16 = decision["precision"] == "bf16"
-    run_steps(cfg, engine, ema, lambda step: (batch_loss(engine, step, bf16), {}), start=start, steps=cfg.training.steps,
-              tags={"level": level}, metric_prefix=f"level{level}", mlflow_run=loop_config.get("mlflow"),
-              nonfinite_marker=loop_config.get("nonfinite_marker"))
+    run_steps(cfg, engine, ema, lambda step: batch_loss(engine, step, bf16), start=start, steps=steps, tags=tags,
+              metric_prefix=name, mlflow_run=loop_config.get("mlflow"), nonfinite_marker=marker)
 
 
 class EMA:
@@ -483,13 +481,13 @@ def train_level(cfg: Config, level: int, data_refs: dict, run_name: str, mlflow_
     """Fit one level with a TorchTrainer; returns the trained model (weights on CPU).
 
     ``data_refs`` holds Ray object refs: ``latents[l]`` for each level, ``labels`` and, for a
-    text-conditional config, ``text`` (a :class:`nds.text.TextBank`; ignored without text).
+    text-conditional config, ``text`` (a :class:`nds.latents.text.TextBank`; ignored without text).
     ``run_name`` must be stable across retries so a retried trial resumes.
     """
     text = data_refs.get("text") if cfg.model.text_encoder else None
     if cfg.model.text_encoder and text is None:
         raise ValueError(f"model.text_encoder={cfg.model.text_encoder!r} but data_refs['text'] is missing: "
-                         "put nds.text.prepare_text_condition(cfg, class_names, captions) there")
+                         "put nds.latents.text.prepare_text_condition(cfg, class_names, captions) there")
     loop_config = {
         "config": to_dict(cfg),
         "level": level,

@@ -18,11 +18,21 @@ import numpy as np
 import torch
 
 from nds.config import Config, ConfigError
+from nds.config.specs import LevelShape, check_nesting, parse_spec
 from nds.data import ImageSet, load_config_split
-from nds.encoders import EncoderSpec, load_vae
-from nds.hierarchy import (ChannelCompressor, FeatureCache, LevelShape, build_hierarchy, cached_features,
-                           check_nesting, compressors_from_state, compressors_state, encode_levels, fit_compressors,
-                           images_from_level1, images_from_vae_latents, parse_spec)
+from nds.latents.encoders import EncoderSpec, load_vae
+from nds.latents.hierarchy import (
+    ChannelCompressor,
+    FeatureCache,
+    build_hierarchy,
+    cached_features,
+    compressors_from_state,
+    compressors_state,
+    encode_levels,
+    fit_compressors,
+    images_from_level1,
+    images_from_vae_latents,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +109,13 @@ def prepare_latents(cfg: Config) -> PreparedLatents:
         raise ConfigError(f"hierarchy.spec level 1 ({levels[0]}) has {levels[0].c} channels but "
                           f"data '{d.name}' images have {channels}")
     spec = encoder_spec(cfg, channels)
-    if cfg.encoder.parallel:
-        from nds.sweep import init_ray
+    if cfg.encoder.parallel:  # extraction fans out over the Ray the caller runs (a sweep's driver has one)
+        import ray  # only here: the serial path needs no Ray
 
-        init_ray(cfg)
+        if not ray.is_initialized():
+            raise ConfigError("encoder.parallel=true extracts features in Ray tasks, but no Ray is running here: "
+                              "run it inside a sweep (which starts or joins Ray), call ray.init() first, or set "
+                              "encoder.parallel=false")
 
     cache = FeatureCache(cfg.cache_dir)
     train_key = dataset_key(cfg, "train", d.train_limit)

@@ -38,67 +38,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from nds.encoders import EncoderSpec, FrozenEncoder, extract_features, resize_images
+from nds.config.specs import LevelShape, check_nesting
+from nds.latents.encoders import EncoderSpec, FrozenEncoder, extract_features, resize_images
 
 log = logging.getLogger(__name__)
 
 CHUNK = 256  # images per chunk when streaming over (possibly memory-mapped) features
 SHARD_SIZE = 1024  # images per feature-cache shard file (and per Ray extraction task)
-
-
-# -- hierarchy spec ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LevelShape:
-    h: int
-    w: int
-    c: int
-
-    def __str__(self) -> str:
-        return f"{self.h}x{self.w}x{self.c}"
-
-    @property
-    def dims(self) -> int:
-        return self.h * self.w * self.c
-
-
-_LEVEL_RE = re.compile(r"^(\d+)\s*[xX×]\s*(\d+)\s*[xX×]\s*(\d+)$")
-
-
-def parse_spec(spec: str) -> list[LevelShape]:
-    """'28x28x1, 4x4x32, 2x2x16' -> levels, level 1 (the image space) first, as the paper writes them."""
-    levels = []
-    for token in spec.split(","):
-        m = _LEVEL_RE.match(token.strip())
-        if m is None:
-            raise ValueError(f"bad level {token.strip()!r} in hierarchy spec {spec!r}: expected HxWxC, e.g. 4x4x32")
-        level = LevelShape(*(int(g) for g in m.groups()))
-        if min(level.h, level.w, level.c) < 1:
-            raise ValueError(f"bad level {token.strip()!r} in hierarchy spec {spec!r}: sizes must be >= 1")
-        levels.append(level)
-    return levels
-
-
-def check_nesting(levels: list[LevelShape], feature_shape: tuple[int, int, int] | None = None) -> None:
-    """Each level must carry no more than the one below it and fit in the encoder's feature map.
-
-    ``feature_shape`` is the encoder's (C, h, w); levels >= 2 are cut from it.
-    """
-    if not levels:
-        raise ValueError("hierarchy has no levels")
-    for k in range(1, len(levels)):
-        below, level, name = levels[k - 1], levels[k], f"level {k + 1} ({levels[k]})"
-        if level.dims > below.dims:
-            raise ValueError(f"{name} has more dimensions ({level.dims}) than level {k} ({below}, {below.dims})")
-        if level.h > below.h or level.w > below.w:
-            raise ValueError(f"{name} is spatially larger than level {k} ({below})")
-        if feature_shape is not None:
-            fc, fh, fw = feature_shape
-            if level.c > fc:
-                raise ValueError(f"{name} has more channels than the encoder's {fc}")
-            if level.h > fh or level.w > fw:
-                raise ValueError(f"{name} is larger than the encoder's {fh}x{fw} feature map")
 
 
 # -- conditioning noise and the image level -------------------------------------------------

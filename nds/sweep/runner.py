@@ -4,6 +4,10 @@ missing ones on Ray Train + DeepSpeed, concurrently), samples, scores and closes
 
 A variant is ``{"name": str, "seed": int, "changes": {dotted.key: value}}`` applied to the
 sweep's base config, so every experiment script only says which configs to compare.
+
+The modules that load torch (latents, evaluation, training) are imported inside the functions that
+run a stage, each marked "torch": the CLI imports this module to check a config and print a plan,
+which needs none of them (importing torch costs ~1.4 s per command).
 """
 from __future__ import annotations
 
@@ -14,9 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nds import tracking
-from nds.config import Config, ConfigError, config_hash, flatten, from_dict, preflight, replace, to_dict, to_yaml
+from nds.config import Config, ConfigError, config_hash, flatten, from_dict, replace, to_dict, to_yaml
+from nds.sweep.preflight import preflight
+from nds.sweep.runtime import extensions_dir, init_ray, unplaceable
+from nds.tracking import Tag
 
-WORKER_START_TIMEOUT_S = 6 * 3600  # how long a queued level's Train workers may wait for resources
 TRIAL_ERROR = "nds_error"  # a trial that failed in a way a retry would repeat reports its error under this key
 
 # Config sections that say where and how a run is executed or logged, not what it computes.
@@ -49,69 +55,6 @@ def preflight_trials(cfg: Config, variants: list[dict], check_files: bool = True
     for distinct in {experiment_hash(c, with_seed=False): c for c in configs}.values() if check_files else ():
         preflight(distinct)
     return configs
-
-
-def extensions_dir(cfg: Config) -> Path:
-    """Where DeepSpeed's JIT-built ops live, so they are compiled once per machine, not per run."""
-    return cfg.cache_dir / "torch_extensions"
-
-
-def init_ray(cfg: Config) -> None:
-    """Join the cluster named in the config or RAY_ADDRESS (``ray job submit``), else start locally."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    # A trial starts all its missing levels at once; fits beyond the free CPUs/GPUs queue until
-    # others finish, which takes far longer than Ray Train's default 60 s worker-start timeout.
-    start_timeout = os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(WORKER_START_TIMEOUT_S))
-    runtime_env = {"env_vars": {"TORCH_EXTENSIONS_DIR": str(extensions_dir(cfg)),
-                                "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": start_timeout}}
-    address = cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        problem = _unanswered(address)
-        if problem:  # ray.init would retry for minutes before failing
-            raise ConfigError(f"resources.ray_address (or RAY_ADDRESS) = {address}: {problem}; start the cluster "
-                              "(ray start --head, cluster/start_local_head.sh) or leave both empty for a local instance")
-        ray.init(address=address, runtime_env=runtime_env)
-    else:
-        ray.init(include_dashboard=False, runtime_env=runtime_env)
-
-
-def _unanswered(address: str, timeout_s: float = 10.0) -> str:
-    """Why nothing answers at a Ray address of the form [ray://|http://]host:port ("" if something does,
-    or the address names no port, like "auto")."""
-    import socket
-
-    host, _, port = address.split("://")[-1].rstrip("/").rpartition(":")
-    if not host or not port.isdigit():
-        return ""
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except OSError as err:
-        return f"nothing answers at {host}:{port} ({err.strerror or err})"
-    return ""
-
-
-def unplaceable(cfg: Config, nodes: list[dict]) -> str | None:
-    """Why no node of the cluster (``ray.nodes()``) can hold one Train worker or one trial driver, naming
-    the config key; None when each fits on some node. A worker's CPUs and GPUs must share a node."""
-    r = cfg.resources
-    capacities = [node["Resources"] for node in nodes if node.get("Alive")]
-    have = "; ".join(f"{c.get('CPU', 0):g} CPU, {c.get('GPU', 0):g} GPU" for c in capacities) or "none"
-    asks = [("resources.driver_cpus", {"CPU": r.driver_cpus}),
-            ("resources.gpus_per_worker" if r.gpus_per_worker else "resources.cpus_per_worker",
-             {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker})]
-    for key, ask in asks:
-        if not any(all(cap.get(name, 0) >= amount for name, amount in ask.items()) for cap in capacities):
-            wanted = ", ".join(f"{amount:g} {name}" for name, amount in ask.items() if amount)
-            return f"{key}: one needs {wanted} on a single node, and no node of the Ray cluster has that (nodes: {have})"
-    worker = asks[1][1]
-    slots = sum(int(min(cap.get(name, 0) // amount for name, amount in worker.items() if amount)) for cap in capacities)
-    if slots < r.workers_per_level:
-        return (f"resources.workers_per_level={r.workers_per_level}: the Ray cluster holds {slots} workers of "
-                f"{r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU at once (nodes: {have})")
-    return None
 
 
 # -- what a trial does ---------------------------------------------------------------------------
@@ -154,7 +97,7 @@ def data_key(cfg: Config) -> str:
 
 def metric_key(cfg: Config) -> str:
     """What the metric's state (reference statistics, data classifier) depends on."""
-    from nds.latents import image_size
+    from nds.latents.prepare import image_size  # torch
 
     d = to_dict(cfg)
     return config_hash({"data": d["data"], "eval": d["eval"], "image_size": image_size(cfg)})
@@ -166,9 +109,9 @@ def prepare_chain_inputs(sweep: "Sweep", configs: list[Config]) -> dict:
     reference statistics and the data classifier) per data and eval setting."""
     import ray
 
-    from nds.evaluate import prepare_metric
-    from nds.latents import prepare_latents
-    from nds.text import prepare_text_condition
+    from nds.eval.evaluate import prepare_metric  # torch
+    from nds.latents.prepare import prepare_latents  # torch
+    from nds.latents.text import prepare_text_condition  # torch
 
     inputs = {"data": {}, "metric": {}}
     for cfg in configs:
@@ -194,8 +137,8 @@ def run_chain_trial(cfg: Config, inputs: dict, mlflow_run: dict, trial_dir: Path
     """Obtain levels 1..L (all at once: each is independent given its frozen targets), then evaluate."""
     import ray
 
-    from nds.evaluate import evaluate_chain
-    from nds.levels import load_level_model, obtain_level
+    from nds.eval.evaluate import evaluate_chain  # torch
+    from nds.sweep.level_store import load_level_model, obtain_level  # torch
 
     data_refs = inputs["data"][data_key(cfg)]
     obtain = ray.remote(num_cpus=0)(obtain_level)
@@ -211,9 +154,9 @@ def run_chain_trial(cfg: Config, inputs: dict, mlflow_run: dict, trial_dir: Path
     metrics.update({f"level{o.level}/final_loss": o.entry.info["final_loss"] for o in obtained})
     tags = {}
     for o in obtained:  # the trial's link to the level-store entries it used
-        tags[f"nds.level.{o.level}"] = o.entry.level_id
-        tags[f"nds.level.{o.level}.path"] = str(o.entry.path)
-        tags[f"nds.level.{o.level}.trained_here"] = str(o.trained).lower()
+        tags[Tag.level(o.level)] = o.entry.level_id
+        tags[Tag.level(o.level, "path")] = str(o.entry.path)
+        tags[Tag.level(o.level, "trained_here")] = str(o.trained).lower()
     return TrialReport(metrics, report.artifacts, tags)
 
 
@@ -224,7 +167,7 @@ def run_trial(params: dict, *, base: dict, kind: TrialKind, inputs: dict, ctx: d
     """One Tune trial; runs as a small Ray actor while its training runs on Ray Train workers."""
     import ray.tune
 
-    from nds.train import NonFiniteLoss
+    from nds.train.engine import NonFiniteLoss  # torch
 
     v = params["variant"]
     cfg = trial_config(from_dict(base), v)
@@ -243,10 +186,10 @@ def _trial(cfg: Config, v: dict, kind: TrialKind, inputs: dict, ctx: dict) -> tu
     uri = ctx["uri"]
     with tracking.open_run(
         uri, ctx["experiment_id"], trial_name(v), params=flatten(cfg),
-        tags={"nds.kind": "trial", "nds.sweep": ctx["sweep"], "nds.stage": ctx["stage"], "nds.variant": v["name"],
-              "nds.config_hash": experiment_hash(cfg), "nds.group_hash": experiment_hash(cfg, with_seed=False),
-              "nds.metric": ctx["metric"], tracking.DRIVER_TAG: ctx["driver"],
-              tracking.TRIAL_KEY_TAG: trial_key(cfg, kind, ctx["metric"])},
+        tags={Tag.KIND: "trial", Tag.SWEEP: ctx["sweep"], Tag.STAGE: ctx["stage"], Tag.VARIANT: v["name"],
+              Tag.CONFIG_HASH: experiment_hash(cfg), Tag.GROUP_HASH: experiment_hash(cfg, with_seed=False),
+              Tag.METRIC: ctx["metric"], Tag.DRIVER: ctx["driver"],
+              Tag.TRIAL_KEY: trial_key(cfg, kind, ctx["metric"])},
         parent_run_id=ctx["parent_run_id"],
     ) as run_id:
         trial_dir = Path(ray.tune.get_context().get_trial_dir())
@@ -316,10 +259,10 @@ class Sweep:
     """
 
     def __init__(self, cfg: Config, name: str):
-        from nds.metrics import quality_metric_name
-        from nds.train import prebuild_cpu_comm_op
-
         import ray
+
+        from nds.eval.metrics import quality_metric_name  # torch
+        from nds.train.engine import prebuild_cpu_comm_op  # torch
 
         skipped_images = preflight(cfg)
         self.cfg, self.name = cfg, name
@@ -346,8 +289,8 @@ class Sweep:
         self.stamp = time.strftime("%Y%m%d-%H%M%S")
         self.driver = tracking.driver_id()
         self.run_id = tracking.start_run(self.uri, self.experiment_id, f"{name}-{self.stamp}", params=flatten(cfg),
-                                         tags={"nds.kind": "sweep", "nds.sweep": name, "nds.metric": self.metric,
-                                               "nds.config_hash": experiment_hash(cfg), tracking.DRIVER_TAG: self.driver})
+                                         tags={Tag.KIND: "sweep", Tag.SWEEP: name, Tag.METRIC: self.metric,
+                                               Tag.CONFIG_HASH: experiment_hash(cfg), Tag.DRIVER: self.driver})
         if skipped_images:  # data.bad_images=skip: what was left out, where the sweep is compared
             tracking.log_metrics(self.uri, self.run_id, {f"data.skipped_images.{split}": n
                                                          for split, n in skipped_images.items()})
@@ -379,8 +322,8 @@ class Sweep:
         cfg = cfg or self.cfg
         configs = preflight_trials(cfg, variants)
         with tracking.open_run(self.uri, self.experiment_id, f"{self.name}-{name}", params=flatten(cfg),
-                               tags={"nds.kind": "stage", "nds.sweep": self.name, "nds.stage": name,
-                                     tracking.DRIVER_TAG: self.driver},
+                               tags={Tag.KIND: "stage", Tag.SWEEP: self.name, Tag.STAGE: name,
+                                     Tag.DRIVER: self.driver},
                                parent_run_id=self.run_id) as run_id:
             print(f"[nds] {self.name} stage {name}: {len(variants)} trials: "
                   f"{', '.join(trial_name(v) for v in variants)}", flush=True)

@@ -22,7 +22,7 @@ from nds.config import Config, ConfigError
 from nds.sweep.cli import Plan, preset, sweep_main
 from nds.sweep.mdm import MDM
 from nds.sweep.planner import plan_mdm_sweep
-from nds.sweep.runner import Sweep, trial_config, variant
+from nds.sweep.runner import Sweep, Variant, trial_config, variant
 
 SCRIPT = "sweep_mdm"
 
@@ -46,7 +46,7 @@ def resolution_changes(cfg: Config, resolutions: list[int]) -> dict:
     }
 
 
-def checked(cfg: Config, key: str, index: int, value, v: dict) -> dict:
+def checked(cfg: Config, key: str, index: int, value, v: Variant) -> Variant:
     """``v`` if its trial config is valid; else an error that names the sweep key the user wrote."""
     try:
         trial_config(cfg, v)
@@ -55,21 +55,21 @@ def checked(cfg: Config, key: str, index: int, value, v: dict) -> dict:
     return v
 
 
-def resolution_variants(cfg: Config) -> list[dict]:
+def resolution_variants(cfg: Config) -> list[Variant]:
     return [checked(cfg, "sweep.mdm_resolutions", i, res,
                     variant("res" + "-".join(map(str, res)), seed, **resolution_changes(cfg, res),
                             **{"mdm.baseline": "nested"}))
             for seed in cfg.sweep.seeds for i, res in enumerate(cfg.sweep.mdm_resolutions)]
 
 
-def phase_variants(cfg: Config) -> list[dict]:
+def phase_variants(cfg: Config) -> list[Variant]:
     return [checked(cfg, "sweep.mdm_phase_steps", i, steps,
                     variant("phase" + "-".join(map(str, steps)), seed,
                             **{"mdm.phase_steps": steps, "mdm.baseline": "nested"}))
             for seed in cfg.sweep.seeds for i, steps in enumerate(cfg.sweep.mdm_phase_steps)]
 
 
-def baseline_variants(cfg: Config) -> list[dict]:
+def baseline_variants(cfg: Config) -> list[Variant]:
     return [checked(cfg, "sweep.mdm_baselines", i, baseline, variant(baseline, seed, **{"mdm.baseline": baseline}))
             for seed in cfg.sweep.seeds for i, baseline in enumerate(cfg.sweep.mdm_baselines)]
 

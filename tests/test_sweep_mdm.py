@@ -39,12 +39,12 @@ def test_plan_adapts_the_spec_to_each_variant_and_every_trial_validates():
     cfg = load_config(preset("sweep_mdm"), ["mdm.loss_weights=[0.5,1.0]"])
     stages = dict(plan(cfg))
     assert list(stages) == ["resolutions", "progressive", "baselines"]
-    three = next(v for v in stages["resolutions"] if v["name"] == "res8-16-32")
+    three = next(v for v in stages["resolutions"] if v.name == "res8-16-32")
     changes = trial_config(cfg, three).mdm
     assert changes.resolutions == [8, 16, 32] and changes.stage_widths == [16, 8]  # one per outer resolution
     assert changes.phase_steps == [100, 0, 100] and changes.loss_weights == [1.0, 1.0, 1.0]
-    assert [v["name"] for v in stages["progressive"]] == ["phase0-100", "phase100-100", "phase150-100"]
-    baselines = {v["name"]: trial_config(cfg, v) for v in stages["baselines"]}
+    assert [v.name for v in stages["progressive"]] == ["phase0-100", "phase100-100", "phase150-100"]
+    baselines = {v.name: trial_config(cfg, v) for v in stages["baselines"]}
     assert {name: c.mdm.baseline for name, c in baselines.items()} == \
         {"nested": "nested", "cascaded": "cascaded", "plain": "plain"}
     assert len({experiment_hash(c) for c in baselines.values()}) == 3  # the baseline is part of the experiment

@@ -14,9 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from nds.config import REPO_ROOT, Config, ConfigError, load_config, to_yaml
-from nds.sweep.runner import Sweep, preflight_trials, trial_config, trial_name
+from nds.sweep.runner import Sweep, Variant, preflight_trials, trial_config, trial_name
 
-Plan = list[tuple[str, list[dict]]]  # (stage name, variants) in the order they run
+Plan = list[tuple[str, list[Variant]]]  # (stage name, variants) in the order they run
 
 
 def preset(script: str, name: str = "tiny") -> Path:

@@ -8,7 +8,7 @@ levels").
 from __future__ import annotations
 
 from nds.config import Config, replace
-from nds.sweep.runner import StageOutcome, Sweep, mean_metric, variant
+from nds.sweep.runner import StageOutcome, Sweep, Variant, mean_metric, variant
 from nds.tracking import Tag
 
 
@@ -29,7 +29,7 @@ def sigma_stages(depths: list[int]) -> list[list[int]]:
     return ([first] if first else []) + [[d] for d in depths if d > 2]
 
 
-def sigma_variants(cfg: Config, depths: list[int]) -> list[dict]:
+def sigma_variants(cfg: Config, depths: list[int]) -> list[Variant]:
     """σ_L over ``sweep.sigmas`` at each depth L > 1 (σ_l for l < L as in ``cfg``), each at every guidance
     scale of ``sweep.cfg_scales``; L = 1 has no σ (nor a condition to guide, unless class/text).
     Ordered by guidance scale first: the trials at the first scale train the levels, the later scales
@@ -70,7 +70,7 @@ def sigma_stage_name(depths: list[int]) -> str:
     return "L" + "+".join(map(str, depths))
 
 
-def sigma_plan(cfg: Config) -> list[tuple[str, list[dict]]]:
+def sigma_plan(cfg: Config) -> list[tuple[str, list[Variant]]]:
     """The σ sweep's stages in order. The run gives a deeper stage the best σ_{L-1} found before it;
     the plan gives it the first swept value instead, which needs the same level trainings whichever wins."""
     stages = []
@@ -104,18 +104,18 @@ def run_sigma_chain(sweep: Sweep) -> list[StageOutcome]:
     return outcomes
 
 
-def depth_variants(cfg: Config) -> list[dict]:
+def depth_variants(cfg: Config) -> list[Variant]:
     """L over ``sweep.depths`` at the σ in ``hierarchy.sigmas``."""
     return [variant(f"L{d}", seed, **{"hierarchy.L": d}) for seed in cfg.sweep.seeds for d in cfg.sweep.depths]
 
 
-def shape_variants(cfg: Config) -> list[dict]:
+def shape_variants(cfg: Config) -> list[Variant]:
     """Whole ``hierarchy.spec`` strings from ``sweep.shapes`` at depth ``hierarchy.L``."""
     return [variant(f"spec={spec}", seed, **{"hierarchy.spec": spec})
             for seed in cfg.sweep.seeds for spec in cfg.sweep.shapes]
 
 
-def encoder_variants(cfg: Config) -> list[dict]:
+def encoder_variants(cfg: Config) -> list[Variant]:
     """Table 4a: the same chain and hyperparameters with each encoder of ``sweep.encoders``; an
     encoder whose map cannot hold the spec (a VAE has 4 channels) gets its own from ``sweep.encoder_specs``."""
     specs = cfg.sweep.encoder_specs or [""] * len(cfg.sweep.encoders)
@@ -127,7 +127,7 @@ def encoder_variants(cfg: Config) -> list[dict]:
     return variants
 
 
-def rcg_variants(cfg: Config) -> list[dict]:
+def rcg_variants(cfg: Config) -> list[Variant]:
     """Table 4b: our L = 2 spatial hierarchy (the config as it is) against RCG's global vector on
     top (``sweep.rcg_encoder`` with ``sweep.rcg_spec``), which RCG conditions on without noise."""
     rcg = {"encoder.name": cfg.sweep.rcg_encoder, "hierarchy.spec": cfg.sweep.rcg_spec, "hierarchy.L": 2,

@@ -2,7 +2,7 @@
 each trial is a small driver that gets its chain's levels from the level store (training the
 missing ones on Ray Train + DeepSpeed, concurrently), samples, scores and closes its MLflow run.
 
-A variant is ``{"name": str, "seed": int, "changes": {dotted.key: value}}`` applied to the
+A ``Variant`` (a name, a seed and ``changes``: dotted config keys) is applied to the
 sweep's base config, so every experiment script only says which configs to compare.
 
 The modules that load torch (latents, evaluation, training) are imported inside the functions that
@@ -29,16 +29,26 @@ TRIAL_ERROR = "nds_error"  # a trial that failed in a way a retry would repeat r
 _NOT_THE_EXPERIMENT = ("paths", "tracking", "resources", "sweep")
 
 
-def variant(name: str, seed: int, **changes) -> dict:
-    return {"name": name, "seed": seed, "changes": changes}
+@dataclass(frozen=True)
+class Variant:
+    """One setting of a stage at one seed: ``changes`` (dotted config keys -> values) applied to the
+    sweep's base config. Its name, without the seed, is the trial's ``nds.variant`` tag."""
+
+    name: str
+    seed: int
+    changes: dict = field(default_factory=dict)
 
 
-def trial_config(cfg: Config, v: dict) -> Config:
-    return replace(cfg, **v["changes"], seed=v["seed"])
+def variant(name: str, seed: int, **changes) -> Variant:
+    return Variant(name, seed, changes)
 
 
-def trial_name(v: dict) -> str:
-    return f"{v['name']}-seed{v['seed']}"
+def trial_config(cfg: Config, v: Variant) -> Config:
+    return replace(cfg, **v.changes, seed=v.seed)
+
+
+def trial_name(v: Variant) -> str:
+    return f"{v.name}-seed{v.seed}"
 
 
 def experiment_hash(cfg: Config, with_seed: bool = True) -> str:
@@ -48,7 +58,7 @@ def experiment_hash(cfg: Config, with_seed: bool = True) -> str:
     return config_hash(d)
 
 
-def preflight_trials(cfg: Config, variants: list[dict], check_files: bool = True) -> list[Config]:
+def preflight_trials(cfg: Config, variants: list[Variant], check_files: bool = True) -> list[Config]:
     """Every trial's config, validated, with the files of each distinct setting checked (unless
     ``check_files`` is off: a plan made before the data is at hand), before any compute is spent."""
     configs = [trial_config(cfg, v) for v in variants]
@@ -179,14 +189,14 @@ def run_trial(params: dict, *, base: dict, kind: TrialKind, inputs: dict, ctx: d
     ray.tune.report({**report.metrics, "mlflow_run_id": run_id})
 
 
-def _trial(cfg: Config, v: dict, kind: TrialKind, inputs: dict, ctx: dict) -> tuple[TrialReport, str]:
+def _trial(cfg: Config, v: Variant, kind: TrialKind, inputs: dict, ctx: dict) -> tuple[TrialReport, str]:
     """The trial's MLflow run around ``kind.run``: (its report, the run id)."""
     import ray.tune
 
     uri = ctx["uri"]
     with tracking.open_run(
         uri, ctx["experiment_id"], trial_name(v), params=flatten(cfg),
-        tags={Tag.KIND: "trial", Tag.SWEEP: ctx["sweep"], Tag.STAGE: ctx["stage"], Tag.VARIANT: v["name"],
+        tags={Tag.KIND: "trial", Tag.SWEEP: ctx["sweep"], Tag.STAGE: ctx["stage"], Tag.VARIANT: v.name,
               Tag.CONFIG_HASH: experiment_hash(cfg), Tag.GROUP_HASH: experiment_hash(cfg, with_seed=False),
               Tag.METRIC: ctx["metric"], Tag.DRIVER: ctx["driver"],
               Tag.TRIAL_KEY: trial_key(cfg, kind, ctx["metric"])},
@@ -316,7 +326,7 @@ class Sweep:
             self._memo[key] = compute()
         return self._memo[key]
 
-    def stage(self, name: str, variants: list[dict], cfg: Config | None = None, kind: TrialKind = CHAIN) -> StageOutcome:
+    def stage(self, name: str, variants: list[Variant], cfg: Config | None = None, kind: TrialKind = CHAIN) -> StageOutcome:
         """Run ``variants`` of ``cfg`` (default: the sweep's config) as one Tune run; failed trials are recorded,
         and trials an earlier finished run already holds are reused, not run again."""
         cfg = cfg or self.cfg
@@ -342,7 +352,7 @@ class Sweep:
         self.stages.append(outcome)
         return outcome
 
-    def finished_elsewhere(self, variants: list[dict], configs: list[Config], kind: TrialKind) -> dict[str, dict]:
+    def finished_elsewhere(self, variants: list[Variant], configs: list[Config], kind: TrialKind) -> dict[str, dict]:
         """Trials (by name) whose result an earlier finished run of this experiment already holds
         (``sweep.reuse_finished``): a rerun after a crash, or a sweep that overlaps another."""
         if not self.cfg.sweep.reuse_finished:
@@ -358,7 +368,7 @@ class Sweep:
         return reused
 
     def _run_trials(self, name: str, run_id: str, cfg: Config, kind: TrialKind,
-                    to_run: list[tuple[dict, Config]]) -> dict[str, dict]:
+                    to_run: list[tuple[Variant, Config]]) -> dict[str, dict]:
         """``to_run`` as one Tune run; its trials (variant, ok, metrics, error) by name."""
         from ray import tune
 
@@ -397,5 +407,5 @@ def mean_metric(outcome: StageOutcome, metric: str) -> dict[str, float]:
     values: dict[str, list[float]] = {}
     for t in outcome.trials:
         if t["ok"] and metric in t["metrics"]:
-            values.setdefault(t["variant"]["name"], []).append(t["metrics"][metric])
+            values.setdefault(t["variant"].name, []).append(t["metrics"][metric])
     return {name: sum(v) / len(v) for name, v in values.items()}

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -9,6 +10,7 @@ from nds.config.specs import patch_size_for
 from nds.diffusion.chain import nested_sample
 from nds.diffusion.process import make_schedule
 from nds.train.engine import EMA, build_level_model, deepspeed_config
+from nds.train.inputs import LevelData
 
 
 def test_patch_size_keeps_token_grid_small():
@@ -114,11 +116,10 @@ def test_text_conditional_level_trains_on_ray_deepspeed_and_samples_with_caption
     bank = prepare_text_condition(cfg, prepared.class_names, prepared.captions)
     init_ray(cfg)
     try:
-        refs = {"latents": {level: ray.put(z) for level, z in prepared.latents.items()},
-                "labels": ray.put(prepared.labels)}
-        with pytest.raises(ValueError, match="model.text_encoder='minilm' but data_refs.*missing"):
+        refs = LevelData({level: ray.put(z) for level, z in prepared.latents.items()}, ray.put(prepared.labels))
+        with pytest.raises(ValueError, match="model.text_encoder='minilm' but the level data has no caption bank"):
             train_level(cfg, 1, refs, run_name="text-level1")
-        result = train_level(cfg, 1, {**refs, "text": ray.put(bank)}, run_name="text-level1")
+        result = train_level(cfg, 1, dataclasses.replace(refs, text=ray.put(bank)), run_name="text-level1")
     finally:
         ray.shutdown()
 
@@ -176,8 +177,7 @@ def test_a_resumed_fit_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
     init_ray(cfg)
     weights = {}
     try:
-        refs = {"latents": {level: ray.put(z) for level, z in prepared.latents.items()},
-                "labels": ray.put(prepared.labels)}
+        refs = LevelData({level: ray.put(z) for level, z in prepared.latents.items()}, ray.put(prepared.labels))
         for stage in (2, 3):
             staged = replace(cfg, **{"training.zero_stage": stage})
             drill = replace(staged, **{"training.fail_once_at_step": 4, "training.max_failures": 1})

@@ -37,6 +37,7 @@ from nds.config.specs import parse_spec
 from nds.files import write_json
 from nds.models.uvit import ARCHITECTURE_VERSION
 from nds.train.engine import build_level_model, train_level
+from nds.train.inputs import LevelData
 
 ENTRY_FILE = "level.json"
 LOCK_POLL_S = 2.0  # how often a waiter looks at the holder's heartbeat
@@ -186,7 +187,7 @@ class ObtainedLevel:
     trained: bool  # False: reused from the store
 
 
-def obtain_level(cfg: Config, level: int, data_refs: dict, mlflow_run: dict | None = None) -> ObtainedLevel:
+def obtain_level(cfg: Config, level: int, data: LevelData, mlflow_run: dict | None = None) -> ObtainedLevel:
     """The store's entry for this level of ``cfg``'s chain, training it first if no trial has yet."""
     store = LevelStore(cfg.levels_dir)
     key = level_key(cfg, level)
@@ -196,7 +197,7 @@ def obtain_level(cfg: Config, level: int, data_refs: dict, mlflow_run: dict | No
         entry = store.get(ident)
         if entry is not None:
             return ObtainedLevel(level, entry, trained=False)
-        result = train_level(cfg, level, data_refs, run_name=f"level{level}-{ident}", mlflow_run=mlflow_run)
+        result = train_level(cfg, level, data, run_name=f"level{level}-{ident}", mlflow_run=mlflow_run)
         info = {"key": key, "level": level, "final_loss": result.final_loss,
                 "ray_checkpoint": result.checkpoint_path,
                 "trained_by_mlflow_run": mlflow_run["run_id"] if mlflow_run else None}

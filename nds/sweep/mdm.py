@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -108,24 +108,34 @@ def metric_key(cfg: Config) -> str:
     return config_hash({"data": d["data"], "eval": d["eval"], "resolution": cfg.mdm.resolutions[-1]})
 
 
-def prepare_mdm_inputs(sweep, configs: list[Config]) -> dict:
+@dataclass(frozen=True)
+class MDMInputs:
+    """What a stage of MDM trials shares: each data setting's images, labels and captions in the object
+    store (by ``data_key``), each metric setting's state (by ``metric_key``), and the evaluation points."""
+
+    data: dict[str, dict] = field(default_factory=dict)
+    metric: dict[str, dict] = field(default_factory=dict)
+    eval_at: list[int] = field(default_factory=list)
+
+
+def prepare_mdm_inputs(sweep, configs: list[Config]) -> MDMInputs:
     """Images and labels in the object store and the metric's reference statistics at the full
     resolution, once per sweep for each data setting; and the stage's evaluation points: the end of
     every phase of every trial (in total iterations), so all its curves share the same x values."""
     import ray
 
-    inputs = {"data": {}, "metric": {}, "eval_at": sorted({n for cfg in configs for n in trial_iterations(cfg)})}
+    inputs = MDMInputs(eval_at=sorted({n for cfg in configs for n in trial_iterations(cfg)}))
     for cfg in configs:
         def put_data(cfg=cfg):
             return {k: None if v is None else ray.put(v) for k, v in prepare_images(cfg).items()}
 
-        inputs["data"][data_key(cfg)] = sweep.memo(("mdm-data", data_key(cfg)), put_data)
-        inputs["metric"][metric_key(cfg)] = sweep.memo(("mdm-metric", metric_key(cfg)),
+        inputs.data[data_key(cfg)] = sweep.memo(("mdm-data", data_key(cfg)), put_data)
+        inputs.metric[metric_key(cfg)] = sweep.memo(("mdm-metric", metric_key(cfg)),
                                                        lambda cfg=cfg: prepare_metric(cfg, reference_images(cfg)))
     return inputs
 
 
-def run_mdm_trial(cfg: Config, inputs: dict, mlflow_run: dict, trial_dir: Path) -> TrialReport:
+def run_mdm_trial(cfg: Config, inputs: MDMInputs, mlflow_run: dict, trial_dir: Path) -> TrialReport:
     """Train the trial's baseline, scoring it at the stage's evaluation points: the quality metric
     goes to the trial's MLflow run with step = total training iterations.
 
@@ -135,9 +145,9 @@ def run_mdm_trial(cfg: Config, inputs: dict, mlflow_run: dict, trial_dir: Path) 
     import ray
 
     total = trial_iterations(cfg)[-1]
-    eval_at = [n for n in inputs["eval_at"] if n <= total]
-    metric_state = inputs["metric"][metric_key(cfg)]
-    data_refs = inputs["data"][data_key(cfg)]
+    eval_at = [n for n in inputs.eval_at if n <= total]
+    metric_state = inputs.metric[metric_key(cfg)]
+    data_refs = inputs.data[data_key(cfg)]
     text_bank = ray.get(data_refs["text"]) if data_refs.get("text") is not None else None
     e = cfg.eval
     last = {}

@@ -16,12 +16,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from nds import tracking
 from nds.config import Config, ConfigError, config_hash, flatten, from_dict, replace, to_dict, to_yaml
 from nds.sweep.preflight import preflight
 from nds.sweep.runtime import extensions_dir, init_ray, unplaceable
 from nds.tracking import Tag
+from nds.train.inputs import LevelData
 
 TRIAL_ERROR = "nds_error"  # a trial that failed in a way a retry would repeat reports its error under this key
 
@@ -81,12 +83,13 @@ class TrialReport:
 class TrialKind:
     """How one kind of experiment prepares shared inputs in the driver and runs a trial.
 
-    ``prepare(sweep, configs)`` returns a dict (Ray object refs and small values) shared by the
-    stage's trials; ``run(cfg, inputs, mlflow_run, trial_dir)`` returns the trial's TrialReport.
+    ``prepare(sweep, configs)`` returns the kind's inputs (a frozen dataclass of Ray object refs and
+    small values: ``ChainInputs``, ``nds.sweep.mdm.MDMInputs``) shared by the stage's trials;
+    ``run(cfg, inputs, mlflow_run, trial_dir)`` returns the trial's TrialReport.
     """
 
-    prepare: Callable[["Sweep", list[Config]], dict]
-    run: Callable[[Config, dict, dict, Path], TrialReport]
+    prepare: Callable[["Sweep", list[Config]], Any]
+    run: Callable[[Config, Any, dict, Path], TrialReport]
     name: str  # in the trial key: two kinds never share results
 
 
@@ -113,7 +116,25 @@ def metric_key(cfg: Config) -> str:
     return config_hash({"data": d["data"], "eval": d["eval"], "image_size": image_size(cfg)})
 
 
-def prepare_chain_inputs(sweep: "Sweep", configs: list[Config]) -> dict:
+@dataclass(frozen=True)
+class ChainData(LevelData):
+    """A chain's inputs in the object store: what its level fits read, and the held-out latents and
+    labels its diagnostic compares samples with."""
+
+    held_out: Any = None  # ref of {level: float32 [M, c, h, w]}
+    held_out_labels: Any = None  # ref of int64 [M]
+
+
+@dataclass(frozen=True)
+class ChainInputs:
+    """What a stage of chain trials shares: each distinct hierarchy's data (by ``data_key``) and each
+    metric setting's state (by ``metric_key``: reference statistics, data classifier, anchors)."""
+
+    data: dict[str, ChainData] = field(default_factory=dict)
+    metric: dict[str, dict] = field(default_factory=dict)
+
+
+def prepare_chain_inputs(sweep: "Sweep", configs: list[Config]) -> ChainInputs:
     """Every distinct hierarchy the stage needs (feature cache: an encoder runs once per key) and,
     for text-conditional configs, its caption bank, in the object store; the metric's state (the
     reference statistics and the data classifier) per data and eval setting."""
@@ -123,42 +144,42 @@ def prepare_chain_inputs(sweep: "Sweep", configs: list[Config]) -> dict:
     from nds.latents.prepare import prepare_latents  # torch
     from nds.latents.text import prepare_text_condition  # torch
 
-    inputs = {"data": {}, "metric": {}}
+    inputs = ChainInputs()
     for cfg in configs:
         key = data_key(cfg)
-        if key in inputs["data"]:
+        if key in inputs.data:
             continue
 
         def put_data(cfg=cfg):
             prepared = prepare_latents(cfg)
             bank = prepare_text_condition(cfg, prepared.class_names, prepared.captions)
-            refs = {"latents": {lvl: ray.put(z) for lvl, z in prepared.latents.items()},
-                    "labels": ray.put(prepared.labels), "text": ray.put(bank) if bank is not None else None,
-                    "held_out": ray.put(prepared.held_out_latents), "held_out_labels": ray.put(prepared.held_out_labels)}
-            return refs, prepared.reference_images
+            data = ChainData({lvl: ray.put(z) for lvl, z in prepared.latents.items()}, ray.put(prepared.labels),
+                             ray.put(bank) if bank is not None else None, ray.put(prepared.held_out_latents),
+                             ray.put(prepared.held_out_labels))
+            return data, prepared.reference_images
 
-        inputs["data"][key], reference = sweep.memo(("data", key), put_data)
-        inputs["metric"][metric_key(cfg)] = sweep.memo(("metric", metric_key(cfg)),
+        inputs.data[key], reference = sweep.memo(("data", key), put_data)
+        inputs.metric[metric_key(cfg)] = sweep.memo(("metric", metric_key(cfg)),
                                                        lambda ref=reference, cfg=cfg: prepare_metric(cfg, ref))
     return inputs
 
 
-def run_chain_trial(cfg: Config, inputs: dict, mlflow_run: dict, trial_dir: Path) -> TrialReport:
+def run_chain_trial(cfg: Config, inputs: ChainInputs, mlflow_run: dict, trial_dir: Path) -> TrialReport:
     """Obtain levels 1..L (all at once: each is independent given its frozen targets), then evaluate."""
     import ray
 
     from nds.eval.evaluate import evaluate_chain  # torch
     from nds.sweep.level_store import load_level_model, obtain_level  # torch
 
-    data_refs = inputs["data"][data_key(cfg)]
+    data = inputs.data[data_key(cfg)]
     obtain = ray.remote(num_cpus=0)(obtain_level)
-    obtained = ray.get([obtain.remote(cfg, level, data_refs, mlflow_run) for level in range(1, cfg.hierarchy.L + 1)])
+    obtained = ray.get([obtain.remote(cfg, level, data, mlflow_run) for level in range(1, cfg.hierarchy.L + 1)])
     models = {o.level: load_level_model(cfg, o.entry) for o in obtained}
-    text_bank = ray.get(data_refs["text"]) if data_refs["text"] is not None else None
-    train_latents = {level: ray.get(data_refs["latents"][level]) for level in models}
-    held_out = {level: z for level, z in ray.get(data_refs["held_out"]).items() if level in models}
-    report = evaluate_chain(cfg, models, inputs["metric"][metric_key(cfg)], trial_dir, text_bank, train_latents,
-                            held_out, ray.get(data_refs["held_out_labels"]))
+    text_bank = ray.get(data.text) if data.text is not None else None
+    train_latents = {level: ray.get(data.latents[level]) for level in models}
+    held_out = {level: z for level, z in ray.get(data.held_out).items() if level in models}
+    report = evaluate_chain(cfg, models, inputs.metric[metric_key(cfg)], trial_dir, text_bank, train_latents,
+                            held_out, ray.get(data.held_out_labels))
     trained = sum(o.trained for o in obtained)
     metrics = {**report.metrics, "levels.trained": trained, "levels.reused": len(obtained) - trained}
     metrics.update({f"level{o.level}/final_loss": o.entry.info["final_loss"] for o in obtained})

@@ -30,6 +30,7 @@ from nds.latents.hierarchy import add_condition_noise
 from nds.latents.text import text_width
 from nds.models.uvit import UViT, uvit_from_size
 from nds.tracking import log_metrics, set_tags
+from nds.train.inputs import LevelData
 
 WEIGHTS_FILE = "ema_weights.pt"  # full fp32 EMA state dict, written next to the DeepSpeed shards
 
@@ -477,23 +478,19 @@ class LevelResult:
     checkpoint_path: str
 
 
-def train_level(cfg: Config, level: int, data_refs: dict, run_name: str, mlflow_run: dict | None = None) -> LevelResult:
-    """Fit one level with a TorchTrainer; returns the trained model (weights on CPU).
-
-    ``data_refs`` holds Ray object refs: ``latents[l]`` for each level, ``labels`` and, for a
-    text-conditional config, ``text`` (a :class:`nds.latents.text.TextBank`; ignored without text).
-    ``run_name`` must be stable across retries so a retried trial resumes.
-    """
-    text = data_refs.get("text") if cfg.model.text_encoder else None
+def train_level(cfg: Config, level: int, data: LevelData, run_name: str, mlflow_run: dict | None = None) -> LevelResult:
+    """Fit one level with a TorchTrainer; returns the trained model (weights on CPU). ``run_name``
+    must be stable across retries so a retried trial resumes."""
+    text = data.text if cfg.model.text_encoder else None
     if cfg.model.text_encoder and text is None:
-        raise ValueError(f"model.text_encoder={cfg.model.text_encoder!r} but data_refs['text'] is missing: "
-                         "put nds.latents.text.prepare_text_condition(cfg, class_names, captions) there")
+        raise ValueError(f"model.text_encoder={cfg.model.text_encoder!r} but the level data has no caption bank: "
+                         "put nds.latents.text.prepare_text_condition(cfg, class_names, captions) in LevelData.text")
     loop_config = {
         "config": to_dict(cfg),
         "level": level,
-        "targets": data_refs["latents"][level],
-        "condition": data_refs["latents"][level + 1] if level < cfg.hierarchy.L else None,
-        "labels": data_refs["labels"],
+        "targets": data.latents[level],
+        "condition": data.latents[level + 1] if level < cfg.hierarchy.L else None,
+        "labels": data.labels,
         "text": text,
         "mlflow": mlflow_run,
     }

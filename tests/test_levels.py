@@ -74,7 +74,7 @@ def test_store_round_trip_and_half_written_entries(tmp_path):
     loaded = load_level_model(cfg, entry)
     for name, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value)
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".staging")]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging directory left
 
     # a crash before the rename leaves a whole staging directory (weights and level.json), which is never
     # read as an entry; the level is then trained and published as if it had never been tried

@@ -22,11 +22,8 @@ import hashlib
 import json
 import logging
 import operator
-import os
 import re
-import shutil
 import sys
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from nds.config.specs import LevelShape, check_nesting
+from nds.files import atomic_directory
 from nds.latents.encoders import EncoderSpec, FrozenEncoder, extract_features, resize_images
 
 log = logging.getLogger(__name__)
@@ -321,14 +319,6 @@ def _json_default(value: object) -> str:
     raise TypeError(f"cache key part of type {type(value).__name__} is not JSON-serialisable: {value!r}")
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class ShardedArray:
     """Row shards (read-only memmaps) that index like one ``[N, ...]`` array.
 
@@ -443,7 +433,7 @@ class FeatureCache:
     An entry is ``root/<sha256 key>/`` with one ``<name>.npy`` per array and a
     ``manifest.json`` written last.  Entries are assembled in a hidden temp dir
     in ``root``, fsynced, then renamed into place, so a crash leaves at most a
-    ``.tmp-*`` dir that is never read.  Loading checks the manifest against the
+    hidden staging dir that is never read (``nds.files.atomic_directory``).  Loading checks the manifest against the
     files, so a damaged entry reads as a miss, never as data.
     """
 
@@ -479,26 +469,12 @@ class FeatureCache:
     @contextmanager
     def stage(self, key: str, meta: dict | None = None) -> Iterator[_Stage]:
         """Write an entry: fill arrays inside the ``with``; it is published only if the block succeeds."""
-        entry = self._entry(key)
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".tmp-{key[:16]}-{uuid.uuid4().hex}"
-        tmp.mkdir()
-        try:
+        # a concurrent writer that published first won: its entry is kept
+        with atomic_directory(self._entry(key), keep_existing=lambda _: self.load(key) is not None) as tmp:
             stage = _Stage(tmp)
             yield stage
             manifest = {"key": key, "meta": meta or {}, "arrays": stage.arrays}
             (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=1, default=_json_default))
-            for f in tmp.iterdir():
-                _fsync(f)
-            _fsync(tmp)
-            if entry.exists():
-                if self.load(key) is not None:  # a concurrent writer won; keep its entry
-                    return
-                shutil.rmtree(entry)
-            os.rename(tmp, entry)
-            _fsync(self.root)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def save(self, key: str, arrays: dict[str, np.ndarray], meta: dict | None = None) -> None:
         with self.stage(key, meta) as stage:

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nds.files import atomic_path
+
 log = logging.getLogger(__name__)
 
 CONFIG_METADATA_KEY = "nds.vae_config"
@@ -272,12 +274,9 @@ def save_autoencoder(vae: AutoencoderKL, path: str | Path) -> None:
     """diffusers key names plus the architecture in the metadata (atomic: temp file then rename)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     state = {k: v.detach().contiguous() for k, v in vae.state_dict().items()}
-    save_file(state, str(tmp), metadata={"format": "pt", CONFIG_METADATA_KEY: vae.config.to_json()})
-    tmp.replace(path)
+    with atomic_path(Path(path)) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", CONFIG_METADATA_KEY: vae.config.to_json()})
 
 
 # -- a small VAE for datasets without a pretrained one ----------------------------------------------

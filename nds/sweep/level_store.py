@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,7 +32,7 @@ from filelock import FileLock, Timeout
 
 from nds.config import Config, config_hash, to_dict
 from nds.config.specs import parse_spec
-from nds.files import write_json
+from nds.files import atomic_directory, write_json
 from nds.models.uvit import ARCHITECTURE_VERSION
 from nds.train.engine import build_level_model, train_level
 from nds.train.inputs import LevelData
@@ -157,15 +155,10 @@ class LevelStore:
 
     def put(self, level_id: str, weights: dict[str, torch.Tensor], info: dict) -> LevelEntry:
         """Write the entry beside the store and publish it with one rename: a crash leaves no half entry."""
-        staging = self.root / f".staging-{level_id}-{uuid.uuid4().hex[:8]}"
-        staging.mkdir()
-        try:
+        with atomic_directory(self.root / level_id) as staging:
             torch.save(weights, staging / WEIGHTS_FILE)
             (staging / ENTRY_FILE).write_text(json.dumps({**info, "level_id": level_id, "created": time.time()},
                                                          indent=2, default=str))
-            os.replace(staging, self.root / level_id)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         return self.get(level_id)
 
 

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from analysis.render import BOLD
 from analysis.runs import load_trials
 from analysis.tables import Table, describe
-from nds.tracking import Tag, mask_credentials, tag_filter
+from nds.tracking import RunKind, Tag, mask_credentials, tag_filter
 
 GRID_FILES = ("level_grid.png", "sample_grid.png")  # what a chain trial logs (MDM: sample_grid.png)
 MAX_GRID_SETTINGS = 24  # settings whose grids are shown (newest first); the page stays a few MB
@@ -133,7 +133,7 @@ def publish_report(tracking_uri: str, experiment: str, page: str, out_dir: Path)
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is not None:
-        sweeps = client.search_runs([found.experiment_id], filter_string=tag_filter(Tag.KIND, "sweep"),
+        sweeps = client.search_runs([found.experiment_id], filter_string=tag_filter(Tag.KIND, RunKind.SWEEP),
                                     order_by=["attributes.start_time DESC"], max_results=1)
         if sweeps:
             client.log_artifact(sweeps[0].info.run_id, str(path), ARTIFACT_DIR)

@@ -5,7 +5,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from nds.eval.metrics import METRIC_PREFERENCE, SUBSTITUTE
-from nds.tracking import Tag, tag_filter
+from nds.tracking import RunKind, Tag, tag_filter
 
 EXPERIMENT_PREFIX = "nds-"
 IDENTITY = [f"tags.{Tag.SWEEP}", f"tags.{Tag.VARIANT}", f"tags.{Tag.CONFIG_HASH}"]
@@ -50,7 +50,7 @@ def load_trials(tracking_uri: str, experiments: list[str] | None = None) -> pd.D
     if not ids:
         return pd.DataFrame()
     runs = _pages(client.search_runs, experiment_ids=ids, max_results=1000,
-                  filter_string=tag_filter(Tag.KIND, "trial") + " and attributes.status = 'FINISHED'")
+                  filter_string=tag_filter(Tag.KIND, RunKind.TRIAL) + " and attributes.status = 'FINISHED'")
     frame = _frame(runs)
     if frame.empty:
         return frame

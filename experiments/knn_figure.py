@@ -29,7 +29,7 @@ from nds.eval.knn import Panel, encoder_panel, render_figure
 from nds.latents.encoders import RANDOM_WEIGHTS, EncoderSpec
 from nds.latents.hierarchy import FeatureCache, cached_features
 from nds.latents.prepare import dataset_key, extraction_args, load_split
-from nds.tracking import Tag
+from nds.tracking import RunKind, Tag
 
 SMALL_VAE = {"block_out_channels": (16, 32, 64), "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 16}
 SMALL_VAE_BATCH = 32
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                for p in panels for lv, a in zip(p.levels, p.agreement)}
     uri = cfg.tracking_uri
     experiment_id = tracking.prepare_experiment(uri, args.experiment, cfg.runs_dir / "mlartifacts")
-    with tracking.open_run(uri, experiment_id, f"knn-{tag}", tags={Tag.KIND: "knn_figure"}, params={
+    with tracking.open_run(uri, experiment_id, f"knn-{tag}", tags={Tag.KIND: RunKind.KNN_FIGURE}, params={
         "encoders": " | ".join(p.name for p in panels), "levels": args.levels or cfg.hierarchy.spec, "k": args.k,
         "data.name": cfg.data.name, "data.train_limit": cfg.data.train_limit, "data.eval_limit": cfg.data.eval_limit,
     }) as run_id:

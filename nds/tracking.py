@@ -134,7 +134,7 @@ def end_run(uri: str, run_id: str, error: BaseException | None = None) -> None:
 class Tag:
     """The ``nds.*`` tags on every run nds logs: code, analysis and tests name them through this class."""
 
-    KIND = "nds.kind"  # sweep | stage | trial | mdm | knn_figure
+    KIND = "nds.kind"  # a RunKind
     SWEEP = "nds.sweep"  # the sweep a run belongs to (sweep_sigma, sweep_mdm, ...)
     STAGE = "nds.stage"  # the stage (one Ray Tune run) a trial belongs to
     VARIANT = "nds.variant"  # the trial's setting, without the seed
@@ -151,6 +151,16 @@ class Tag:
     def level(level: int, field: str = "") -> str:
         """The level-store entry a chain trial used for ``level`` (field: path | trained_here)."""
         return f"nds.level.{level}" + (f".{field}" if field else "")
+
+
+class RunKind:
+    """The values of ``Tag.KIND``: what a run is."""
+
+    SWEEP = "sweep"  # a sweep: its stages are its children
+    STAGE = "stage"  # one Ray Tune run: its trials are its children
+    TRIAL = "trial"  # one setting at one seed: the runs the tables read
+    MDM = "mdm"  # a whole NestedUNet run (experiments/train_mdm.py)
+    KNN_FIGURE = "knn_figure"  # experiments/knn_figure.py
 
 
 def tag_filter(tag: str, value: str) -> str:
@@ -199,7 +209,7 @@ def finished_trials(uri: str, experiment_id: str) -> dict[str, tuple[str, dict[s
     found: dict[str, tuple[str, dict[str, float]]] = {}
     token = None
     while True:
-        page = client.search_runs([experiment_id], filter_string=tag_filter(Tag.KIND, "trial") + " and attributes.status = 'FINISHED'",
+        page = client.search_runs([experiment_id], filter_string=tag_filter(Tag.KIND, RunKind.TRIAL) + " and attributes.status = 'FINISHED'",
                                   max_results=1000, order_by=["attributes.start_time ASC"], page_token=token)
         for run in page:
             key = run.data.tags.get(Tag.TRIAL_KEY)

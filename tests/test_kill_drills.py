@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from nds.config import REPO_ROOT, load_config
-from nds.tracking import Tag, tag_filter
+from nds.tracking import RunKind, Tag, tag_filter
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +67,7 @@ def wait_for(predicate, what: str, driver: Driver, timeout: float = 900):
 
 def trial_runs(client: MlflowClient) -> list:
     experiment = client.get_experiment_by_name("nds-sweep-sigma")
-    return client.search_runs([experiment.experiment_id], filter_string=tag_filter(Tag.KIND, "trial")) if experiment else []
+    return client.search_runs([experiment.experiment_id], filter_string=tag_filter(Tag.KIND, RunKind.TRIAL)) if experiment else []
 
 
 def steps_logged(client: MlflowClient, run, level: int) -> list:
@@ -113,11 +113,11 @@ def test_worker_and_driver_kills_lose_at_most_a_checkpoint_interval_and_nothing_
     assert not [r.info.run_name for r in runs_now if r.info.status == "RUNNING"]  # every run ended
     killed = [r for r in runs_now if r.info.status == "KILLED"]
     assert interrupted.info.run_id in {r.info.run_id for r in killed}  # the abandoned trial, its stage, its sweep
-    assert {r.data.tags[Tag.KIND] for r in killed} == {"sweep", "stage", "trial"}
-    sweep = next(r for r in runs_now if r.data.tags[Tag.KIND] == "sweep" and r.info.status == "FINISHED")
+    assert {r.data.tags[Tag.KIND] for r in killed} == {RunKind.SWEEP, RunKind.STAGE, RunKind.TRIAL}
+    sweep = next(r for r in runs_now if r.data.tags[Tag.KIND] == RunKind.SWEEP and r.info.status == "FINISHED")
     # finished trials: found and reused, not run again
     assert sweep.data.metrics["trials.reused"] == len(finished_before) == 1
-    finished_now = [r for r in runs_now if r.data.tags[Tag.KIND] == "trial" and r.info.status == "FINISHED"]
+    finished_now = [r for r in runs_now if r.data.tags[Tag.KIND] == RunKind.TRIAL and r.info.status == "FINISHED"]
     done_keys = {r.data.tags[Tag.TRIAL_KEY]: r.info.run_id for r in finished_before}
     rerun_trials = [r for r in finished_now if done_keys.get(r.data.tags[Tag.TRIAL_KEY], r.info.run_id) != r.info.run_id]
     assert len(finished_now) == 2 and not rerun_trials

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from test_tables import chain_metrics, chain_params, log_sigma_sweep, log_trial
 
 from analysis.make_tables import make_tables
-from nds.tracking import Tag, tag_filter
+from nds.tracking import RunKind, Tag, tag_filter
 
 pytestmark = pytest.mark.slow  # the server takes 20 s or more to start on a 2-core machine
 MLFLOW = Path(sys.executable).parent / "mlflow"
@@ -95,7 +95,7 @@ def test_runs_line_up_for_the_compare_view(logged):
     encoders = _rest(logged, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=nds-sweep-encoders")["experiment"]
     ids = [experiment["experiment_id"], encoders["experiment_id"]]
     trials = _rest(logged, "/api/2.0/mlflow/runs/search",
-                   {"experiment_ids": ids, "filter": tag_filter(Tag.KIND, "trial"), "max_results": 100})["runs"]
+                   {"experiment_ids": ids, "filter": tag_filter(Tag.KIND, RunKind.TRIAL), "max_results": 100})["runs"]
     sigma_trials = _rest(logged, "/api/2.0/mlflow/runs/search",
                          {"experiment_ids": ids, "filter": tag_filter(Tag.SWEEP, "sweep_sigma"), "max_results": 100})["runs"]
     assert len(trials) == 12 and len(sigma_trials) == 12  # 11 + 1 trials; the sweep_sigma stage and its 11
@@ -106,7 +106,7 @@ def test_runs_line_up_for_the_compare_view(logged):
     for run in trials:
         parent = tags(run)["mlflow.parentRunId"]
         stage = by_id.get(parent) or _rest(logged, f"/api/2.0/mlflow/runs/get?run_id={parent}")["run"]
-        assert tags(stage)[Tag.KIND] == "stage" and tags(stage)[Tag.SWEEP] == tags(run)[Tag.SWEEP]
+        assert tags(stage)[Tag.KIND] == RunKind.STAGE and tags(stage)[Tag.SWEEP] == tags(run)[Tag.SWEEP]
 
     deepest = [params(r) for r in trials if params(r)["hierarchy.L"] == "3"]
     sweeps = {tags(r)[Tag.SWEEP] for r in trials if params(r)["hierarchy.L"] == "3"}
@@ -147,7 +147,7 @@ def restarted_sweep(tmp_path_factory):
         client = MlflowClient(url)
         deadline = time.monotonic() + 900
         while not [r for r in client.search_runs(["0", *(e.experiment_id for e in client.search_experiments())],
-                                                 filter_string=tag_filter(Tag.KIND, "trial"))
+                                                 filter_string=tag_filter(Tag.KIND, RunKind.TRIAL))
                    if any(k.endswith("train_loss") for k in r.data.metrics)]:
             assert sweep.poll() is None and time.monotonic() < deadline, output()
             time.sleep(2)
@@ -171,7 +171,7 @@ def test_a_server_restart_mid_sweep_loses_no_trial(restarted_sweep):
     experiment = client.get_experiment_by_name("nds-sweep-sigma")
     runs = client.search_runs([experiment.experiment_id])
     assert {r.info.status for r in runs} == {"FINISHED"}
-    trials = [r for r in runs if r.data.tags[Tag.KIND] == "trial"]
+    trials = [r for r in runs if r.data.tags[Tag.KIND] == RunKind.TRIAL]
     assert len(trials) == 2 and all(r.data.metrics["level1/train_loss"] > 0 for r in trials)
     # the console: one line per trial as it ends, not Tune's status tables
     lines = [line for line in output.splitlines() if line.startswith("[nds] stage") and ": trial " in line]
@@ -195,7 +195,7 @@ def test_the_mlflow_ui_shows_the_sweep_as_a_researcher_reads_it(restarted_sweep,
     experiment = client.get_experiment_by_name("nds-sweep-sigma")
     runs = client.search_runs([experiment.experiment_id])
     by_kind = lambda kind: [r for r in runs if r.data.tags[Tag.KIND] == kind]  # noqa: E731
-    [sweep], [stage], trials = by_kind("sweep"), by_kind("stage"), by_kind("trial")
+    [sweep], [stage], trials = by_kind(RunKind.SWEEP), by_kind(RunKind.STAGE), by_kind(RunKind.TRIAL)
     make_tables(url, ["nds-sweep-sigma"], tmp_path / "tables", ("md", "png"), report_dir=tmp_path / "report")
     assert "report/nds-sweep-sigma.html" in {a.path for a in client.list_artifacts(sweep.info.run_id, "report")}
 

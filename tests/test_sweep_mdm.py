@@ -15,7 +15,7 @@ from nds.config import REPO_ROOT, ConfigError, load_config
 from nds.eval.metrics import SUBSTITUTE
 from nds.sweep.cli import preset
 from nds.sweep.runner import experiment_hash, trial_config
-from nds.tracking import Tag, tag_filter
+from nds.tracking import RunKind, Tag, tag_filter
 
 TINY = [
     "data.name=digits", "data.train_limit=64", "data.eval_limit=48",
@@ -88,7 +88,7 @@ def sweep_trials(runs_dir: Path, *overrides: str) -> tuple[dict, MlflowClient]:
     assert main([*TINY, f"paths.runs_dir={runs_dir}", *overrides]) == 0
     client = MlflowClient(f"sqlite:///{runs_dir / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("nds-sweep-mdm")
-    runs = client.search_runs([experiment.experiment_id], filter_string=tag_filter(Tag.KIND, "trial"))
+    runs = client.search_runs([experiment.experiment_id], filter_string=tag_filter(Tag.KIND, RunKind.TRIAL))
     assert all(r.info.status == "FINISHED" for r in runs)
     return {r.data.tags[Tag.VARIANT]: r for r in runs}, client
 
@@ -131,7 +131,7 @@ def test_baselines_stage_trains_cascade_and_plain_unet_on_the_same_budget(tmp_pa
     assert "phase1/final_loss" not in plain.data.metrics  # one phase at the full resolution
     # MDM trials train their own models: the stage and sweep runs log no level-store counts
     experiment = client.get_experiment_by_name("nds-sweep-mdm")
-    for kind in ("stage", "sweep"):
+    for kind in (RunKind.STAGE, RunKind.SWEEP):
         (run,) = client.search_runs([experiment.experiment_id], filter_string=tag_filter(Tag.KIND, kind))
         assert run.data.metrics["trials.total"] == 2 and "levels.trained" not in run.data.metrics
 

@@ -12,7 +12,7 @@ from analysis.make_tables import build_tables, main, make_tables
 from analysis.plots import sigma_figure
 from nds.config import REPO_ROOT
 from nds.eval.metrics import DATA_CLASSIFIER, FID, SUBSTITUTE, anchor_name
-from nds.tracking import Tag, tag_filter
+from nds.tracking import RunKind, Tag, tag_filter
 
 PAPERS = REPO_ROOT.parent / "shared" / "papers"
 
@@ -59,14 +59,14 @@ def log_trial(client: MlflowClient, sweep: str, variant: str, params: dict, metr
     name = "nds-" + sweep.replace("_", "-")
     found = client.get_experiment_by_name(name)
     experiment_id = found.experiment_id if found else client.create_experiment(name)
-    stages = client.search_runs([experiment_id], tag_filter(Tag.KIND, "stage") + " and " + tag_filter(Tag.SWEEP, sweep))
+    stages = client.search_runs([experiment_id], tag_filter(Tag.KIND, RunKind.STAGE) + " and " + tag_filter(Tag.SWEEP, sweep))
     if stages:
         stage = stages[0].info.run_id
     else:
-        stage_tags = {Tag.KIND: "stage", Tag.SWEEP: sweep, Tag.STAGE: "s"}
+        stage_tags = {Tag.KIND: RunKind.STAGE, Tag.SWEEP: sweep, Tag.STAGE: "s"}
         stage = client.create_run(experiment_id, run_name=f"{sweep}-stage", tags=stage_tags).info.run_id
         client.set_terminated(stage)
-    run_tags = {Tag.KIND: "trial", Tag.SWEEP: sweep, Tag.STAGE: "s", Tag.VARIANT: variant, Tag.METRIC: metric,
+    run_tags = {Tag.KIND: RunKind.TRIAL, Tag.SWEEP: sweep, Tag.STAGE: "s", Tag.VARIANT: variant, Tag.METRIC: metric,
                 Tag.CONFIG_HASH: _hash(params), Tag.GROUP_HASH: _hash({k: v for k, v in params.items() if k != "seed"}),
                 "mlflow.parentRunId": stage, **(tags or {})}
     run_id = client.create_run(experiment_id, run_name=f"{variant}-seed{params['seed']}", tags=run_tags).info.run_id

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from nds.config import REPO_ROOT, ConfigError, flatten, load_config, replace
 from nds.config.specs import Phase, baseline_phases, mdm_phases, mdm_spec
 from nds.models.nested_unet import NestedUNet
-from nds.tracking import Tag
+from nds.tracking import RunKind, Tag
 from nds.train.mdm import generate_images, model_costs, model_input, phase_module, prepare_images
 
 TINY = [
@@ -182,7 +182,7 @@ def test_progressive_training_end_to_end(tmp_path):
 
     client = MlflowClient(cfg.tracking_uri)
     run = client.get_run(outcome.run_id)
-    assert run.info.status == "FINISHED" and run.data.tags[Tag.KIND] == "mdm"
+    assert run.info.status == "FINISHED" and run.data.tags[Tag.KIND] == RunKind.MDM
     params, metrics = run.data.params, run.data.metrics
     assert params["mdm.phase_steps"] == "[4, 4]" and params["mdm.resolutions"] == "[4, 8]"
     histories = {name: client.get_metric_history(outcome.run_id, name)

@@ -23,7 +23,7 @@ from nds.latents.text import TextBank
 from nds.models.nested_unet import NestedUNet
 from nds.sweep.runner import TrialKind, TrialReport
 from nds.sweep.runtime import extensions_dir, init_ray
-from nds.tracking import Tag
+from nds.tracking import RunKind, Tag
 from nds.train.engine import prebuild_cpu_comm_op
 from nds.train.mdm import (
     PhaseResult,
@@ -59,7 +59,7 @@ def run_mdm(cfg: Config) -> MDMOutcome:
     experiment = cfg.experiment_name("train_mdm")
     experiment_id = tracking.prepare_experiment(uri, experiment, cfg.runs_dir / "mlartifacts")
     with tracking.open_run(uri, experiment_id, f"mdm-{time.strftime('%Y%m%d-%H%M%S')}", params=flatten(cfg),
-                           tags={Tag.KIND: "mdm", Tag.CONFIG_HASH: config_hash(cfg)}) as run_id:
+                           tags={Tag.KIND: RunKind.MDM, Tag.CONFIG_HASH: config_hash(cfg)}) as run_id:
         print(f"[nds] MLflow: {uri}  experiment '{experiment}'  run {run_id}", flush=True)
         out_dir = cfg.runs_dir / "mdm" / run_id
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from nds import tracking
 from nds.config import Config, ConfigError, config_hash, flatten, from_dict, replace, to_dict, to_yaml
 from nds.sweep.preflight import preflight
 from nds.sweep.runtime import extensions_dir, init_ray, unplaceable
-from nds.tracking import Tag
+from nds.tracking import RunKind, Tag
 from nds.train.inputs import LevelData
 
 TRIAL_ERROR = "nds_error"  # a trial that failed in a way a retry would repeat reports its error under this key
@@ -217,7 +217,7 @@ def _trial(cfg: Config, v: Variant, kind: TrialKind, inputs: dict, ctx: dict) ->
     uri = ctx["uri"]
     with tracking.open_run(
         uri, ctx["experiment_id"], trial_name(v), params=flatten(cfg),
-        tags={Tag.KIND: "trial", Tag.SWEEP: ctx["sweep"], Tag.STAGE: ctx["stage"], Tag.VARIANT: v.name,
+        tags={Tag.KIND: RunKind.TRIAL, Tag.SWEEP: ctx["sweep"], Tag.STAGE: ctx["stage"], Tag.VARIANT: v.name,
               Tag.CONFIG_HASH: experiment_hash(cfg), Tag.GROUP_HASH: experiment_hash(cfg, with_seed=False),
               Tag.METRIC: ctx["metric"], Tag.DRIVER: ctx["driver"],
               Tag.TRIAL_KEY: trial_key(cfg, kind, ctx["metric"])},
@@ -320,7 +320,7 @@ class Sweep:
         self.stamp = time.strftime("%Y%m%d-%H%M%S")
         self.driver = tracking.driver_id()
         self.run_id = tracking.start_run(self.uri, self.experiment_id, f"{name}-{self.stamp}", params=flatten(cfg),
-                                         tags={Tag.KIND: "sweep", Tag.SWEEP: name, Tag.METRIC: self.metric,
+                                         tags={Tag.KIND: RunKind.SWEEP, Tag.SWEEP: name, Tag.METRIC: self.metric,
                                                Tag.CONFIG_HASH: experiment_hash(cfg), Tag.DRIVER: self.driver})
         if skipped_images:  # data.bad_images=skip: what was left out, where the sweep is compared
             tracking.log_metrics(self.uri, self.run_id, {f"data.skipped_images.{split}": n
@@ -353,7 +353,7 @@ class Sweep:
         cfg = cfg or self.cfg
         configs = preflight_trials(cfg, variants)
         with tracking.open_run(self.uri, self.experiment_id, f"{self.name}-{name}", params=flatten(cfg),
-                               tags={Tag.KIND: "stage", Tag.SWEEP: self.name, Tag.STAGE: name,
+                               tags={Tag.KIND: RunKind.STAGE, Tag.SWEEP: self.name, Tag.STAGE: name,
                                      Tag.DRIVER: self.driver},
                                parent_run_id=self.run_id) as run_id:
             print(f"[nds] {self.name} stage {name}: {len(variants)} trials: "

@@ -214,7 +214,7 @@ def mdm_phases(cfg: Config) -> list[Phase]:
 
 
 def baseline_phases(cfg: Config, baseline: str) -> list[Phase]:
-    """What ``baseline`` fits, in order, on the budget of the NestedUNet's schedule (module docstring)."""
+    """What ``baseline`` fits, in order, on the budget of the NestedUNet's schedule (nds/train/mdm.py's docstring)."""
     phases = mdm_phases(cfg)
     levels, total = len(cfg.mdm.resolutions), sum(p.steps for p in phases)
     if baseline == "nested":

@@ -55,6 +55,7 @@ def run_mdm(cfg: Config) -> MDMOutcome:
     of ``mdm.baseline`` in order, then samples and costs of the final models. The run is closed
     FAILED on any error."""
     import ray
+
     uri = cfg.tracking_uri
     experiment = cfg.experiment_name("train_mdm")
     experiment_id = tracking.prepare_experiment(uri, experiment, cfg.runs_dir / "mlartifacts")

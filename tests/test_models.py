@@ -64,6 +64,16 @@ def test_forward_shapes_with_and_without_condition(num_classes, final_conv):
         assert out.shape == x.shape and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_final_conv_starts_as_the_identity(seed):
+    """At PyTorch's default init the output conv filters the head's prediction and nearly zeroes some
+    frequencies, which a one-channel level then fails to predict (README: the single level's plateau)."""
+    torch.manual_seed(seed)
+    model = UViT((28, 28, 1), patch_size=4, width=32, depth=2, heads=2)
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.allclose(model.final_conv(x), x)
+
+
 def test_accepts_float_and_scalar_timesteps():
     model = make()
     x, t, _, _ = inputs(model)

@@ -2,6 +2,7 @@
 whether the cluster can place a trial's workers at all."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -24,8 +25,11 @@ def init_ray(cfg: Config) -> None:
     # A trial starts all its missing levels at once; fits beyond the free CPUs/GPUs queue until
     # others finish, which takes far longer than Ray Train's default 60 s worker-start timeout.
     start_timeout = os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(WORKER_START_TIMEOUT_S))
+    # Ray Train routes a worker's print() through a logger that also writes it to stdout: every progress
+    # line reached the console twice. Without the patch a print is a print.
     runtime_env = {"env_vars": {"TORCH_EXTENSIONS_DIR": str(extensions_dir(cfg)),
-                                "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": start_timeout}}
+                                "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": start_timeout,
+                                "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
     address = cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         problem = _unanswered(address)
@@ -34,7 +38,17 @@ def init_ray(cfg: Config) -> None:
                               "(ray start --head, cluster/start_local_head.sh) or leave both empty for a local instance")
         ray.init(address=address, runtime_env=runtime_env)
     else:
-        ray.init(include_dashboard=False, runtime_env=runtime_env)
+        ray.init(include_dashboard=False,
+                 runtime_env={**runtime_env, "worker_process_setup_hook": mute_placement_group_cleaner})
+
+
+def mute_placement_group_cleaner() -> None:
+    """Worker setup hook of a local instance. Ray Train's PlacementGroupCleaner (it removes a dead
+    controller's placement group) asks the state API every second whether the controller lives; that
+    API needs the dashboard, which a local instance runs without (2 cores), so it warned every second
+    of every fit. A local instance's placement groups end with it anyway. On a cluster the dashboard
+    runs and its warnings, if any, mean something: they are kept."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def _unanswered(address: str, timeout_s: float = 10.0) -> str:

@@ -19,10 +19,9 @@ every two attention blocks, followed by two fully connected layers." Two reading
   cut into the level's patches and two fully connected layers make condition tokens that, before
   blocks 0, 2, 4, ..., only supply keys and values (their outputs would be discarded, so they are
   not computed): a cheaper path that the condition reaches only through attention. The default:
-  on Fashion-MNIST at the small budget it scored as well or better than ``tokens`` over three seeds
-  (measured before the nearest-neighbour init of the deconvolution), at about half the sampling
-  cost (README, "The nested gain at laptop scale"); the paper presets use ``tokens``, the closer
-  reading of the sentence.
+  on Fashion-MNIST at the small budget both readings score the same within the seed spread (three
+  seeds), and ``kv`` costs about half the sampling (README, "The nested gain at laptop scale"); the
+  paper presets use ``tokens``, the closer reading of the sentence.
 
 Text conditioning (COCO in the paper) follows U-ViT: the frozen encoder's token sequence is
 projected to the width and joins the sequence as extra tokens in every block; padding tokens are

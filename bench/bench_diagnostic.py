@@ -65,7 +65,9 @@ def run(cfg) -> dict:
 
     def diagnostic():
         latent_stats(levels, held_out, train)
-        return chain_diagnostic(cfg, models, images, DATA_CLASSIFIER, score_ranking, images_from_level1, held_out)
+        n = min(e.diagnostic_samples, e.num_samples)
+        return {**chain_diagnostic(cfg, models, DATA_CLASSIFIER, score_ranking, images_from_level1, held_out),
+                "sampled": score_ranking(images[:n])}
 
     _, diag = timed(diagnostic)
     return {"cfg_scale": cfg.diffusion.cfg_scale, "num_samples": e.num_samples,

@@ -9,7 +9,11 @@ their ratio: how many training images one evaluated image costs, which says how 
 its evaluation takes next to its training (a trial trains steps x batch images, evaluates num_samples).
 Weights are random: the cost of a forward does not depend on them.
 
-Usage: python bench/bench_eval.py [--threads N] [--sizes tiny small] [--samples N] [key=value ...]
+With ``--shards 1 2`` it also times the sweep's sharded evaluation (``nds.eval.evaluate.sample_shard``
+as Ray tasks of one CPU each, the batches split as ``resources.eval_workers`` splits them) on a local
+Ray instance: images/s per shard count and the speed-up over one shard.
+
+Usage: python bench/bench_eval.py [key=value ...] [--threads N] [--sizes tiny small] [--samples N] [--shards 1 2]
 """
 
 import argparse
@@ -86,17 +90,60 @@ def run(cfg, samples: int) -> dict:
             "eval_image_in_training_images": round(train_rate / eval_rate, 1)}
 
 
+def shard_scaling(cfg, samples: int, shard_counts: list[int]) -> dict:
+    """Sampling and scoring ``samples`` images in 1, 2, ... Ray tasks (one CPU each); a warm-up round
+    first, so each worker process has imported torch and built its feature network once."""
+    import ray
+
+    from nds.diffusion.chain import sample_batches
+    from nds.eval.evaluate import merge_shards, sample_shard
+
+    cfg = replace(cfg, **{"eval.num_samples": samples})
+    torch.manual_seed(0)
+    models = {level: build_level_model(cfg, level).eval() for level in range(1, cfg.hierarchy.L + 1)}
+    classifier = DataClassifier(1, 10, 28).eval()
+    reference = np.random.default_rng(0).integers(0, 256, size=(samples, 28, 28, 1), dtype=np.uint8)
+    e = cfg.eval
+    state = {"classifier": classifier,
+             "ref_stats": reference_stats(reference, e.inception_dir, e.substitute_image_size, e.batch_size, classifier)}
+    ray.init(num_cpus=max(shard_counts), include_dashboard=False)
+    try:
+        shard = ray.remote(num_cpus=1)(sample_shard)
+        refs = [ray.put(x) for x in (cfg, models, state)]
+
+        def evaluate(shards: int):
+            return merge_shards(ray.get([shard.remote(*refs, firsts)
+                                         for firsts in sample_batches(samples, e.batch_size, shards)]))
+
+        evaluate(max(shard_counts))  # warm-up
+        rates = {}
+        for shards in shard_counts:
+            _, took = timed(lambda: evaluate(shards))
+            rates[shards] = samples / took
+    finally:
+        ray.shutdown()
+    base = rates[shard_counts[0]]
+    return {"size": cfg.model.size, "samples": samples, "eval_batch_size": e.batch_size,
+            "images_per_s": {str(k): round(v, 2) for k, v in rates.items()},
+            "speedup_over_first": {str(k): round(v / base, 2) for k, v in rates.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--sizes", nargs="+", default=["tiny", "small"])
     parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--shards", nargs="*", type=int, default=[])
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config(None, ["hierarchy.L=2", *args.overrides])
     runs = [run(replace(cfg, **{"model.size": size}), args.samples) for size in args.sizes]
-    print(json.dumps({"threads": args.threads, "runs": runs}, indent=2))
+    out = {"threads": args.threads, "runs": runs}
+    if args.shards:
+        out["shards"] = [shard_scaling(replace(cfg, **{"model.size": size}), args.samples, args.shards)
+                         for size in args.sizes]
+    print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -202,6 +202,21 @@ def close_abandoned_runs(uri: str, experiment_id: str) -> int:
     return closed
 
 
+def close_earlier_attempts(uri: str, experiment_id: str, stage_run_id: str, trial_run_name: str) -> int:
+    """A trial's runs still RUNNING under its stage's run when Ray Tune starts the trial again: earlier
+    attempts whose trial driver died (its node was lost), which nothing else would close. They end
+    KILLED, saying so; returns how many."""
+    client = MlflowClient(uri)
+    earlier = client.search_runs([experiment_id], filter_string=(
+        f"tags.`mlflow.parentRunId` = '{stage_run_id}' and attributes.run_name = '{trial_run_name}' "
+        "and attributes.status = 'RUNNING'"))
+    for run in earlier:
+        client.set_tag(run.info.run_id, "error", "abandoned: its trial driver died (a lost node); Ray Tune ran the "
+                                                 "trial again under a new run")
+        client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+    return len(earlier)
+
+
 def finished_trials(uri: str, experiment_id: str) -> dict[str, tuple[str, dict[str, float]]]:
     """Finished trial runs of the experiment by their trial key: (run id, final metrics); the newest
     run of a key wins."""

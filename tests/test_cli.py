@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from nds.config import REPO_ROOT
 
 
@@ -103,17 +105,23 @@ def test_resources_no_node_can_hold_are_named():
     cpu = load_config(None, ["resources.cpus_per_worker=3", "resources.driver_cpus=0.5"])
     assert unplaceable(cpu, [node(2)]).startswith("resources.cpus_per_worker: one needs 3 CPU")
     assert unplaceable(load_config(None, ["resources.driver_cpus=4"]), [node(2)]).startswith("resources.driver_cpus")
+    shard = load_config(None, ["resources.eval_gpus_per_worker=1"])
+    assert unplaceable(shard, [node(2)]).startswith("resources.eval_gpus_per_worker: one needs 1 CPU, 1 GPU")
+    assert unplaceable(shard, [node(2, 1)]) is None
+    wide = load_config(None, ["resources.eval_cpus_per_worker=4"])
+    assert unplaceable(wide, [node(2), node(2)]).startswith("resources.eval_cpus_per_worker: one needs 4 CPU")
 
 
-def test_a_sweep_asking_for_a_gpu_this_machine_lacks_stops_before_its_mlflow_run(tmp_path):
-    """On a local Ray instance (it cannot grow) a worker no node can hold fails at once, naming the key,
-    where it used to wait for hours; the sweep's MLflow run is only made after that check."""
+@pytest.mark.parametrize("key", ["resources.gpus_per_worker", "resources.eval_gpus_per_worker"])
+def test_a_sweep_asking_for_a_gpu_this_machine_lacks_stops_before_its_mlflow_run(tmp_path, key):
+    """On a local Ray instance (it cannot grow) a level fit or an evaluation shard no node can hold fails
+    at once, naming the key, where it used to wait for hours; the sweep's MLflow run is only made after
+    that check."""
     from mlflow.tracking import MlflowClient
 
-    proc = run("experiments/sweep_depth.py", "sweep.depths=[1]", "resources.gpus_per_worker=1",
-               f"paths.runs_dir={tmp_path}")
+    proc = run("experiments/sweep_depth.py", "sweep.depths=[1]", f"{key}=1", f"paths.runs_dir={tmp_path}")
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "resources.gpus_per_worker: one needs" in proc.stderr and "cannot grow" in proc.stderr
+    assert f"{key}: one needs" in proc.stderr and "cannot grow" in proc.stderr
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert not [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
 

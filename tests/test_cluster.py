@@ -66,33 +66,43 @@ def test_job_submit_runs_the_sweep_script(tmp_path):
         assert "succeeded" in proc.stdout + proc.stderr
 
 
-# CPUs of each node that ran a Ray Train worker, read from Ray's state API
+# CPUs of each node that ran a Ray Train worker, and the nodes that ran evaluation shards, read from Ray's
+# state API
 STATE_QUERY = """
 import json, sys
 import ray
-from ray.util.state import list_actors
+from ray.util.state import list_actors, list_tasks
 ray.init(address=sys.argv[1])
 workers = list_actors(address=sys.argv[1], filters=[("class_name", "=", "RayTrainWorker")], limit=100, detail=True)
+shards = [t for t in list_tasks(address=sys.argv[1], limit=10000, detail=True) if t.name.endswith("eval_shard")]
 cpus = {n["NodeID"]: n["Resources"].get("CPU", 0) for n in ray.nodes()}
-print(json.dumps({w.node_id: cpus[w.node_id] for w in workers}))
+print(json.dumps({"fits": {w.node_id: cpus[w.node_id] for w in workers},
+                  "shards": sorted({t.node_id: cpus[t.node_id] for t in shards if t.state == "FINISHED"}.values())}))
 """
+
+
+def join(env: dict, gcs: int, name: str) -> None:
+    """A worker node of one CPU (and a custom resource named ``name``) joins the head at ``gcs``."""
+    node = subprocess.run(["ray", "start", "--address", f"127.0.0.1:{gcs}", "--num-cpus", "1",
+                           "--resources", f'{{"{name}": 1}}', "--disable-usage-stats"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert node.returncode == 0, node.stdout[-3000:] + node.stderr[-3000:]
 
 
 def test_level_fits_spread_over_worker_nodes(tmp_path):
     """A head without CPUs and two worker nodes of one CPU each (``ray start --address``, each with
     its own custom resource): an L = 2 trial trains its two levels at once, which cannot share a node,
-    and Ray's state API shows the Train workers on both. The head's stop ends the worker nodes too."""
+    then samples and scores in two shards, spread; Ray's state API shows the Train workers and the
+    shards on both nodes. The head's stop ends the worker nodes too."""
     with local_head(0, check_others=False) as (env, gcs, _):
         for name in ("node_a", "node_b"):
-            node = subprocess.run(["ray", "start", "--address", f"127.0.0.1:{gcs}", "--num-cpus", "1",
-                                   "--resources", f'{{"{name}": 1}}', "--disable-usage-stats"],
-                                  cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
-            assert node.returncode == 0, node.stdout[-3000:] + node.stderr[-3000:]
+            join(env, gcs, name)
         sweep = subprocess.run(
             [sys.executable, "experiments/sweep_sigma.py", "data.name=digits", "data.train_limit=240", "data.eval_limit=48",
              "encoder.image_size=64", "hierarchy.spec='8x8x1, 2x2x8'", "hierarchy.L=2", "hierarchy.sigmas=[0.5]",
              "model.width=32", "model.depth=2", "model.heads=2", "diffusion.sample_steps=4", "training.steps=8",
-             "training.batch_size=16", "eval.num_samples=32", "eval.batch_size=32", "eval.substitute_image_size=64",
+             "training.batch_size=16", "eval.num_samples=32", "eval.batch_size=16", "eval.substitute_image_size=64",
+             "resources.eval_workers=2", "resources.eval_cpus_per_worker=0.5",
              "eval.classifier_steps=50", "sweep.depths=[2]", "sweep.sigmas=[0.5]", f"paths.runs_dir={tmp_path}",
              f"paths.cache_dir={REPO_ROOT / 'runs' / 'test-cache'}"],
             cwd=REPO_ROOT, env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}, capture_output=True, text=True, timeout=900)
@@ -101,5 +111,7 @@ def test_level_fits_spread_over_worker_nodes(tmp_path):
         state = subprocess.run([sys.executable, "-c", STATE_QUERY, f"127.0.0.1:{gcs}"], cwd=REPO_ROOT, env=env,
                                capture_output=True, text=True, timeout=120)  # the client needs the head's token mode
         assert state.returncode == 0, state.stderr[-3000:]
-        cpus_by_node = json.loads(state.stdout.splitlines()[-1])
-        assert len(cpus_by_node) == 2 and set(cpus_by_node.values()) == {1}  # the two worker nodes
+        placed = json.loads(state.stdout.splitlines()[-1])
+        assert len(placed["fits"]) == 2 and set(placed["fits"].values()) == {1}  # the two worker nodes
+        assert placed["shards"] == [1, 1]  # the two shards ran, one on each worker node
+

@@ -58,7 +58,8 @@ def test_sigma_sweep_chains_stages_and_trains_each_level_once(tmp_path):
     # restarted from scratch would hit it again and fail, so finishing proves resume works.
     cfg = tiny_config(tmp_path, "hierarchy.spec='8x8x1, 2x2x8, 1x1x4'", "hierarchy.sigmas=[0.5,0.5]",
                       "sweep.depths=[1,2,3]", "sweep.sigmas=[0.0,1.0]",
-                      "training.fail_once_at_step=8", "training.max_failures=1")
+                      "training.fail_once_at_step=8", "training.max_failures=1",
+                      "eval.batch_size=16", "resources.eval_workers=2", "resources.eval_cpus_per_worker=0.45")
     k = len(cfg.sweep.sigmas)
     planned = sweep_plan(cfg, sigma_plan(cfg))
     with Sweep(cfg, "sweep_sigma") as sweep:
@@ -103,6 +104,7 @@ def test_sigma_sweep_chains_stages_and_trains_each_level_once(tmp_path):
         # where the metric sits for real training images and for noise, for the plots' range
         assert 0 < metrics[anchor_name(sweep.metric, "real")] < metrics[anchor_name(sweep.metric, "noise")]
         assert metrics["levels.trained"] + metrics["levels.reused"] == depth
+        assert metrics["eval.shards"] == 2  # sampled and scored in two Ray tasks
         # the chain diagnostic, in the metric that ranks the sweep, for every level below the top
         assert (sampled_name(sweep.metric) in metrics) == (depth > 1)
         for level in range(1, depth):

@@ -1,4 +1,5 @@
 """The sweep planner: what a sweep will train and cost, counted before anything starts."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -105,3 +106,16 @@ def test_plan_from_the_command_line_starts_nothing(tmp_path):
     proc = subprocess.run([sys.executable, "experiments/sweep_sigma.py", "--cluster", "2x2"], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--plan" in proc.stderr
+
+
+def test_evaluation_shards_shorten_the_sampling_not_its_cost(tmp_path):
+    cfg = load_config(None, [*SMALL, f"paths.runs_dir={tmp_path}", "sweep.sigmas=[0.5]", "sweep.seeds=[0]"])
+    speed = Throughput("test", 1e-3, 1e-3)
+    plans = {workers: plan_chain_sweep(stage_of(replace(cfg, **{"resources.eval_workers": workers,
+                                                                 "resources.eval_gpus_per_worker": 1}),
+                                                sigma_variants(cfg, [2])))
+             for workers in (1, 4)}
+    assert plans[1].samplings[0].flops == plans[4].samplings[0].flops  # the same work, spread
+    fits_only = dataclasses.replace(plans[1], samplings=[])
+    sampling = {w: schedule_hours(p, 8, speed) - schedule_hours(fits_only, 8, speed) for w, p in plans.items()}
+    assert sampling[4] == pytest.approx(sampling[1] / 4)

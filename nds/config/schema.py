@@ -134,6 +134,11 @@ class ResourcesConfig:
     cpus_per_worker: float = 0.9
     gpus_per_worker: float = 0.0
     driver_cpus: float = 0.1
+    # A chain trial samples and scores in this many shards, Ray tasks of these resources spread over the
+    # cluster (each shard its contiguous run of eval.batch_size batches; the same samples for any count)
+    eval_workers: int = 1
+    eval_cpus_per_worker: float = 1.0
+    eval_gpus_per_worker: float = 0.0
     max_concurrent_trials: int = 2
     ray_address: str = ""  # empty: join RAY_ADDRESS if set, else start a local instance
     level_lock_stale_s: float = 600.0  # a level's trainer whose lock heartbeat is this old is stuck: waiters stop
@@ -479,14 +484,16 @@ def validate(cfg: Config) -> None:
     if len(set(cfg.sweep.seeds)) != len(cfg.sweep.seeds):
         raise ConfigError(f"sweep.seeds={cfg.sweep.seeds} repeats a seed: a repeat is not a second sample of the spread")
     r = cfg.resources
-    if r.cpus_per_worker <= 0 or r.gpus_per_worker < 0:
-        raise ConfigError(f"resources.cpus_per_worker={r.cpus_per_worker} must be > 0 and resources.gpus_per_worker="
-                          f"{r.gpus_per_worker} >= 0")
+    for prefix in ("", "eval_"):
+        cpus, gpus = getattr(r, f"{prefix}cpus_per_worker"), getattr(r, f"{prefix}gpus_per_worker")
+        if not cpus > 0 or not gpus >= 0:
+            raise ConfigError(f"resources.{prefix}cpus_per_worker={cpus} must be > 0 and resources.{prefix}gpus_per_worker="
+                              f"{gpus} >= 0")
+        if gpus > 1 and gpus != int(gpus):
+            raise ConfigError(f"resources.{prefix}gpus_per_worker={gpus}: above 1 a worker takes whole GPUs")
     if r.level_lock_stale_s <= 0 or r.level_wait_s < 0:
         raise ConfigError(f"resources.level_lock_stale_s={r.level_lock_stale_s} must be > 0 and "
                           f"resources.level_wait_s={r.level_wait_s} >= 0 (0 = no limit)")
-    if r.gpus_per_worker > 1 and r.gpus_per_worker != int(r.gpus_per_worker):
-        raise ConfigError(f"resources.gpus_per_worker={r.gpus_per_worker}: above 1 a worker takes whole GPUs")
     if cfg.training.lr <= 0 or cfg.training.warmup_steps < 0 or cfg.training.grad_clip < 0:
         raise ConfigError(f"training.lr={cfg.training.lr} must be > 0, training.warmup_steps="
                           f"{cfg.training.warmup_steps} and training.grad_clip={cfg.training.grad_clip} >= 0")
@@ -502,7 +509,7 @@ def validate(cfg: Config) -> None:
     if cfg.training.precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"training.precision='{cfg.training.precision}' must be 'auto', 'bf16' or 'fp32'")
     for key in ("training.steps", "training.batch_size", "resources.workers_per_level",
-                "resources.max_concurrent_trials", "eval.num_samples", "eval.batch_size",
+                "resources.max_concurrent_trials", "resources.eval_workers", "eval.num_samples", "eval.batch_size",
                 "diffusion.timesteps", "diffusion.sample_steps", "eval.classifier_steps"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:

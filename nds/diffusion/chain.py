@@ -77,17 +77,20 @@ def nested_sample(models: dict[int, nn.Module], sigmas: dict[int, float], n: int
                          f"z_{start + 1} or null_condition=True")
     if start == depth and (given is not None or null_condition):
         raise ValueError("the top level is unconditional: it takes no given condition or null condition")
+    device = next((p.device for p in models[start].parameters()), torch.device("cpu"))  # draws: on the CPU, moved
     captions = dict(zip(("text", "text_mask"), text)) if text is not None else {}
+    captions = {key: value.to(device) for key, value in captions.items()}
+    labels = None if labels is None else labels.to(device)
     clip = clip or {}
-    samples: dict[int, torch.Tensor] = {} if given is None else {start + 1: given}
+    samples: dict[int, torch.Tensor] = {} if given is None else {start + 1: given.to(device)}
     for level in range(start, 0, -1):
         model = models[level]
         h, w, c = model.input_shape
-        noise = torch.randn((n, c, h, w), generator=keyed_generator(*seed, level, NOISE))
+        noise = torch.randn((n, c, h, w), generator=keyed_generator(*seed, level, NOISE)).to(device)
         cond, scale, drop = None, cfg_scale, False
         if null_condition and level == start:  # the model ignores cond under drop; any tensor of its shape
             ch, cw, cc = model.cond_shape
-            cond, scale, drop = torch.zeros(n, cc, ch, cw), 1.0, True
+            cond, scale, drop = torch.zeros(n, cc, ch, cw, device=device), 1.0, True
         elif level < depth:
             cond = add_condition_noise(samples[level + 1], sigmas[level + 1],
                                        generator=keyed_generator(*seed, level, CONDITION_NOISE))
@@ -95,7 +98,7 @@ def nested_sample(models: dict[int, nn.Module], sigmas: dict[int, float], n: int
         denoiser = eps_denoiser(denoiser, alphas_cumprod, prediction, clip.get(level))
         samples[level] = sample(sampler, denoiser, noise, alphas_cumprod, steps, eta=eta,
                                 generator=keyed_generator(*seed, level, SAMPLER_NOISE))
-    return {level: z for level, z in samples.items() if level <= start}
+    return {level: z.cpu() for level, z in samples.items() if level <= start}
 
 
 def noise_schedule(cfg: Config) -> torch.Tensor:
@@ -114,9 +117,19 @@ def level_clips(cfg: Config, depth: int) -> dict[int, float]:
     return clips
 
 
+def sample_batches(n: int, batch_size: int, shards: int = 1) -> list[list[int]]:
+    """The first indices of the batches of n samples (``eval.batch_size`` each), split into ``shards``
+    contiguous runs of nearly equal length (fewer when there are fewer batches): what each evaluation
+    shard samples. Batches are keyed by their first index, so any split gives the same samples."""
+    firsts = list(range(0, n, batch_size))
+    shards = max(1, min(shards, len(firsts)))
+    bounds = np.linspace(0, len(firsts), shards + 1).round().astype(int)
+    return [firsts[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 def sample_levels(cfg: Config, models: dict[int, nn.Module], n: int, text_bank: TextBank | None = None, *,
                   start: int | None = None, given: torch.Tensor | None = None, null_condition: bool = False,
-                  labels: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+                  labels: torch.Tensor | None = None, firsts: list[int] | None = None) -> dict[int, torch.Tensor]:
     """n samples of levels ``start``..1 of the chain (default: all of them), in batches, seeded.
 
     Class-conditional levels get classes drawn uniformly, unless ``labels`` are given. With
@@ -125,14 +138,18 @@ def sample_levels(cfg: Config, models: dict[int, nn.Module], n: int, text_bank: 
     FID-30K draws validation captions instead, which would need the validation split's captions
     here). ``start``/``given``/``null_condition``: see :func:`nds.diffusion.chain.nested_sample`.
     Batch b's draws are keyed by (seed, b's first index): the first k samples are the same for any
-    n >= k, and the same whichever level the chain starts from."""
+    n >= k, and the same whichever level the chain starts from. ``firsts`` (of :func:`sample_batches`)
+    samples only those batches of the n: one shard's share, the same samples as in the whole."""
     d = cfg.diffusion
     alphas = noise_schedule(cfg)
     sigmas = {level: cfg.sigma(level) for level in range(2, cfg.hierarchy.L + 1)}
     classes = cfg.model.num_classes
     clips = level_clips(cfg, max(models))
     batches = []
-    for first in range(0, n, cfg.eval.batch_size):
+    for first in range(0, n, cfg.eval.batch_size) if firsts is None else firsts:
+        if first % cfg.eval.batch_size or not 0 <= first < n:
+            raise ValueError(f"{first} is not the first index of a batch of {n} samples in eval.batch_size "
+                             f"{cfg.eval.batch_size}")
         size = min(cfg.eval.batch_size, n - first)
         generator = keyed_generator(cfg.seed, first)
         batch_labels = None

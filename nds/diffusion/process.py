@@ -197,7 +197,7 @@ def ddim_sample(
         dx = (1 - a_prev - sigma**2).clamp(min=0).sqrt()
         x = a_prev.sqrt().to(x.dtype) * x0 + dx.to(x.dtype) * eps
         if eta > 0 and t_prev is not None:
-            x = x + sigma.to(x.dtype) * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + sigma.to(x.dtype) * draw_normal(x.shape, x, generator)
     return x
 
 
@@ -229,7 +229,7 @@ def ddpm_sample(
         x = mean_x0.to(x.dtype) * x0 + mean_xt.to(x.dtype) * x
         if t_prev is not None:
             std = (beta * (1 - a_prev) / (1 - a_t)).sqrt().to(x.dtype)
-            x = x + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + std * draw_normal(x.shape, x, generator)
     return x
 
 

@@ -58,25 +58,27 @@ def latent_stats(sampled: dict[int, torch.Tensor], held_out: dict[int, np.ndarra
     return stats
 
 
-def chain_diagnostic(cfg: Config, models: dict[int, nn.Module], images: np.ndarray, metric: str,
+def chain_diagnostic(cfg: Config, models: dict[int, nn.Module], metric: str,
                      score: Callable[[np.ndarray], float], decode: Callable[[torch.Tensor], np.ndarray],
                      held_out: dict[int, np.ndarray], held_out_labels: np.ndarray | None = None,
                      text_bank: TextBank | None = None) -> dict[str, float]:
-    """The true- and null-condition columns of a chain whose sampled images are ``images`` (the first
-    n of them are compared; n = ``eval.diagnostic_samples``, at most the held-out count).
+    """The true- and null-condition columns of a chain, on n samples (n = ``eval.diagnostic_samples``,
+    at most ``eval.num_samples`` and the held-out count; ``diagnostic/samples``). The column they are
+    read against, ``sampled_name(metric)``, is the chain's own first n samples: its caller has them.
 
     ``score`` maps uint8 images to ``metric``; ``decode`` maps sampled z_1 to uint8 images;
     ``held_out[l]`` is z_l of the held-out images (levels >= 2), ``held_out_labels`` their classes
     (class-conditional chains are given them with the true condition).
     """
     depth = max(models)
-    n = min(cfg.eval.diagnostic_samples, len(images), *(len(held_out[level]) for level in range(2, depth + 1)))
+    n = min(cfg.eval.diagnostic_samples, cfg.eval.num_samples,
+            *(len(held_out[level]) for level in range(2, depth + 1)))
     if depth < 2 or n < 2:
         return {}
     labels = None
     if held_out_labels is not None and (cfg.model.num_classes or text_bank is not None):
         labels = torch.as_tensor(held_out_labels[:n])
-    out = {sampled_name(metric): score(images[:n]), "diagnostic/samples": float(n)}
+    out = {"diagnostic/samples": float(n)}
     for level in range(1, depth):
         given = torch.as_tensor(held_out[level + 1][:n])
         true = sample_levels(cfg, models, n, text_bank, start=level, given=given, labels=labels)

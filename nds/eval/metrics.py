@@ -18,7 +18,6 @@ Text-image agreement of text-conditional samples (MDM Fig. 8c's other axis):
 from __future__ import annotations
 
 import functools
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -42,17 +41,9 @@ def anchor_name(metric: str, what: str) -> str:
     return f"anchor/{metric}/{what}"
 
 
-def write_pngs(images: np.ndarray, folder: Path) -> Path:
-    """uint8 [N,H,W,C] -> numbered PNGs (clean-fid reads folders)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, img in enumerate(images):
-        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(folder / f"{i:06d}.png")
-    return folder
-
-
-def _substitute_extractor(image_size: int):
+def _substitute_extractor(image_size: int, device: torch.device):
     """clean-fid feature function: [B,3,299,299] floats in 0..255 -> pooled EfficientNet-Lite0 features."""
-    encoder = build_encoder("efficientnet_lite0", image_size=image_size)
+    encoder = build_encoder("efficientnet_lite0", image_size=image_size).to(device)
 
     def features(batch: torch.Tensor) -> torch.Tensor:
         images = batch.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1)
@@ -61,10 +52,10 @@ def _substitute_extractor(image_size: int):
     return features
 
 
-def _inception_extractor(inception_dir: str):
+def _inception_extractor(inception_dir: str, device: torch.device):
     from cleanfid.inception_torchscript import InceptionV3W
 
-    model = InceptionV3W(inception_dir, download=False).eval()
+    model = InceptionV3W(inception_dir, download=False).eval().to(device)
     return lambda batch: model(batch)
 
 
@@ -80,37 +71,57 @@ def quality_metric_name(inception_dir: str, data_classifier: bool) -> str:
     return DATA_CLASSIFIER if data_classifier else SUBSTITUTE
 
 
-def extractors(inception_dir: str, substitute_image_size: int) -> dict:
-    """The metrics this machine can compute: the substitute always, FID when Inception is cached."""
-    found = {SUBSTITUTE: _substitute_extractor(substitute_image_size)}
+def extractors(inception_dir: str, substitute_image_size: int, device: torch.device) -> dict:
+    """The metrics this machine can compute (feature networks on ``device``): the substitute always,
+    FID when Inception is cached."""
+    found = {SUBSTITUTE: _substitute_extractor(substitute_image_size, device)}
     if inception_available(inception_dir):
-        found[FID] = _inception_extractor(inception_dir)
+        found[FID] = _inception_extractor(inception_dir, device)
     return found
 
 
-def folder_features(folder: Path, extractor, batch_size: int) -> np.ndarray:
+def image_features(images: np.ndarray, extractor, batch_size: int, device: torch.device) -> np.ndarray:
+    """Features of uint8 [N,H,W,C] images through clean-fid's "clean" pipeline, in memory: each image
+    as RGB, resized by clean-fid's own resizer (PIL bicubic to 299x299, as it resizes a folder's
+    files), then a batch through ``extractor`` on ``device``. The features clean-fid gets from a PNG
+    folder of these images, without writing one."""
     from cleanfid import fid
+    from cleanfid.resize import build_resizer
 
-    return fid.get_folder_features(str(folder), model=extractor, num_workers=0, batch_size=batch_size,
-                                   device=torch.device("cpu"), mode="clean", verbose=False)
+    resize = build_resizer("clean")
+    feats = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size]
+        rgb = np.repeat(batch, 3, axis=-1) if batch.shape[-1] == 1 else batch
+        resized = np.stack([resize(image) for image in rgb]).transpose(0, 3, 1, 2)
+        feats.append(fid.get_batch_features(torch.from_numpy(resized), extractor, device))
+    return np.concatenate(feats)
 
 
 def gaussian_stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return feats.mean(axis=0), np.cov(feats, rowvar=False)
 
 
+def metric_features(images: np.ndarray, inception_dir: str, substitute_image_size: int, batch_size: int,
+                    classifier=None, names: tuple[str, ...] | None = None,
+                    device: torch.device = torch.device("cpu")) -> dict[str, np.ndarray]:
+    """Each metric's features [N, D] of uint8 [N,H,W,C] images (``names``: only those metrics), the
+    ImageNet feature networks on ``device`` (the data classifier is small and stays on the CPU).
+    Features, not distances: shards of one sample set concatenate them; the distance is taken once."""
+    found = {name: extractor for name, extractor in extractors(inception_dir, substitute_image_size, device).items()
+             if names is None or name in names}
+    feats = {name: image_features(images, extractor, batch_size, device) for name, extractor in found.items()}
+    if classifier is not None and (names is None or DATA_CLASSIFIER in names):
+        feats[DATA_CLASSIFIER] = classifier.features(images, batch_size)
+    return feats
+
+
 def reference_stats(images: np.ndarray, inception_dir: str, substitute_image_size: int, batch_size: int,
                     classifier=None) -> dict:
-    """Per-metric (mu, sigma) of the reference images; computed once per sweep. ``classifier``: a
+    """Per-metric (mu, sigma) of the reference images. ``classifier``: a
     ``nds.eval.data_classifier.DataClassifier`` for fd_data_classifier, or None."""
-    stats = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = write_pngs(images, Path(tmp))
-        for name, extractor in extractors(inception_dir, substitute_image_size).items():
-            stats[name] = gaussian_stats(folder_features(folder, extractor, batch_size))
-    if classifier is not None:
-        stats[DATA_CLASSIFIER] = gaussian_stats(classifier.features(images, batch_size))
-    return stats
+    return {name: gaussian_stats(feats) for name, feats in
+            metric_features(images, inception_dir, substitute_image_size, batch_size, classifier).items()}
 
 
 def frechet(features: np.ndarray, reference_stats: tuple[np.ndarray, np.ndarray]) -> float:
@@ -120,22 +131,18 @@ def frechet(features: np.ndarray, reference_stats: tuple[np.ndarray, np.ndarray]
     return float(fid.frechet_distance(*gaussian_stats(features), *reference_stats))
 
 
+def distances(features: dict[str, np.ndarray], ref_stats: dict) -> dict[str, float]:
+    """Each metric's Fréchet distance of ``features`` (:func:`metric_features`) to its reference stats."""
+    return {name: frechet(feats, ref_stats[name]) for name, feats in features.items()}
+
+
 def images_quality(images: np.ndarray, ref_stats: dict, inception_dir: str, substitute_image_size: int,
                    batch_size: int, classifier=None, names: tuple[str, ...] | None = None) -> dict[str, float]:
-    """Fréchet distances of uint8 [N,H,W,C] images against each metric's reference stats (clean-fid's
-    metrics read the images from a temporary PNG folder, as they read reference images).
+    """Fréchet distances of uint8 [N,H,W,C] images against each metric's reference stats.
     ``names`` limits the metrics computed (default: every one with reference stats)."""
-    wanted = {name for name in ref_stats if names is None or name in names}
-    scores = {}
-    if wanted - {DATA_CLASSIFIER}:
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = write_pngs(images, Path(tmp))
-            for name, extractor in extractors(inception_dir, substitute_image_size).items():
-                if name in wanted:
-                    scores[name] = frechet(folder_features(folder, extractor, batch_size), ref_stats[name])
-    if classifier is not None and DATA_CLASSIFIER in wanted:
-        scores[DATA_CLASSIFIER] = frechet(classifier.features(images, batch_size), ref_stats[DATA_CLASSIFIER])
-    return scores
+    wanted = tuple(name for name in ref_stats if names is None or name in names)
+    feats = metric_features(images, inception_dir, substitute_image_size, batch_size, classifier, wanted)
+    return distances(feats, ref_stats)
 
 
 @functools.lru_cache(maxsize=1)

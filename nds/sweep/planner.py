@@ -41,9 +41,12 @@ class Training:
 
 @dataclass(frozen=True)
 class Sampling:
+    """One trial's sampling, spread evenly over ``devices`` (a chain's evaluation shards; an MDM trial
+    samples in its trial driver: one)."""
     trial: str
     stage: str
     flops: float
+    devices: float = 1.0
 
 
 @dataclass
@@ -135,6 +138,11 @@ def _devices(cfg: Config) -> float:
     return r.workers_per_level * (r.gpus_per_worker or 1.0)
 
 
+def _eval_devices(cfg: Config) -> float:
+    r = cfg.resources
+    return r.eval_workers * (r.eval_gpus_per_worker or 1.0)
+
+
 def _global_batch(cfg: Config) -> int:
     return cfg.training.batch_size * cfg.resources.workers_per_level
 
@@ -182,7 +190,7 @@ def plan_chain_sweep(stages: list[tuple[str, list[tuple[str, Config]]]]) -> Swee
                 flops = 3 * level_forward_flops(cfg, level) * _global_batch(cfg) * cfg.training.steps
                 stored = (cfg.levels_dir / ident / ENTRY_FILE).is_file()
                 trainings[ident] = Training(ident, stage, f"level {level} {shape}{above}", flops, _devices(cfg), stored)
-            plan.samplings.append(Sampling(name, stage, chain_sampling_flops(cfg)))
+            plan.samplings.append(Sampling(name, stage, chain_sampling_flops(cfg), _eval_devices(cfg)))
     plan.trainings = list(trainings.values())
     return plan
 
@@ -241,13 +249,16 @@ def _makespan(jobs: list[tuple[float, float]], capacity: float) -> float:
 
 def schedule_hours(plan: SweepPlan, devices: int, throughput: Throughput) -> float:
     """Wall-clock hours: stages run one after another; inside one, the level trainings share the
-    devices, then its trials sample, at most ``concurrent_trials`` at once, one device each."""
+    devices, then its trials sample, at most ``concurrent_trials`` at once, each over its evaluation
+    devices."""
     total = 0.0
     for stage in plan.stages:
         fits = [(device_hours(t.flops, throughput.train_tflops) / t.devices, t.devices)
                 for t in plan.to_train if t.stage == stage]
-        samples = [(device_hours(s.flops, throughput.sample_tflops), 1.0) for s in plan.samplings if s.stage == stage]
-        total += _makespan(fits, devices) + _makespan(samples, min(devices, plan.concurrent_trials))
+        samples = [(device_hours(s.flops, throughput.sample_tflops) / s.devices, s.devices)
+                   for s in plan.samplings if s.stage == stage]
+        widest = max((width for _, width in samples), default=1.0)
+        total += _makespan(fits, devices) + _makespan(samples, min(devices, plan.concurrent_trials * widest))
     return total
 
 

@@ -165,23 +165,37 @@ def prepare_chain_inputs(sweep: "Sweep", configs: list[Config]) -> ChainInputs:
 
 
 def run_chain_trial(cfg: Config, inputs: ChainInputs, mlflow_run: dict, trial_dir: Path) -> TrialReport:
-    """Obtain levels 1..L (all at once: each is independent given its frozen targets), then evaluate."""
+    """Obtain levels 1..L (all at once: each is independent given its frozen targets), sample and score
+    them in ``resources.eval_workers`` shards, then evaluate."""
     import ray
 
-    from nds.eval.evaluate import evaluate_chain  # torch
+    from nds.diffusion.chain import sample_batches  # torch
+    from nds.eval.evaluate import evaluate_chain, merge_shards  # torch
     from nds.sweep.level_store import load_level_model, obtain_level  # torch
 
     data = inputs.data[data_key(cfg)]
+    metric_state = inputs.metric[metric_key(cfg)]
     obtain = ray.remote(num_cpus=0)(obtain_level)
     obtained = ray.get([obtain.remote(cfg, level, data, mlflow_run) for level in range(1, cfg.hierarchy.L + 1)])
-    models = {o.level: load_level_model(cfg, o.entry) for o in obtained}
+    entries = {o.level: o.entry for o in obtained}
+    r, e = cfg.resources, cfg.eval
+    on_eval_workers = ray.remote(num_cpus=r.eval_cpus_per_worker, num_gpus=r.eval_gpus_per_worker,
+                                 scheduling_strategy="SPREAD")
+    state = ray.put(metric_state)
+    shards = sample_batches(e.num_samples, e.batch_size, r.eval_workers)
+    sampled = [on_eval_workers(eval_shard).remote(cfg, entries, state, firsts, data.text) for firsts in shards]
+    diagnosed = None if cfg.hierarchy.L == 1 else on_eval_workers(eval_diagnostic).remote(
+        cfg, entries, state, data.held_out, data.held_out_labels, data.text)
+    samples = merge_shards(ray.get(sampled))
+    models = {level: load_level_model(cfg, entry) for level, entry in entries.items()}
     text_bank = ray.get(data.text) if data.text is not None else None
     train_latents = {level: ray.get(data.latents[level]) for level in models}
     held_out = {level: z for level, z in ray.get(data.held_out).items() if level in models}
-    report = evaluate_chain(cfg, models, inputs.metric[metric_key(cfg)], trial_dir, text_bank, train_latents,
-                            held_out, ray.get(data.held_out_labels))
+    report = evaluate_chain(cfg, models, samples, metric_state, trial_dir, text_bank, train_latents, held_out,
+                            ray.get(diagnosed) if diagnosed else None)
     trained = sum(o.trained for o in obtained)
-    metrics = {**report.metrics, "levels.trained": trained, "levels.reused": len(obtained) - trained}
+    metrics = {**report.metrics, "levels.trained": trained, "levels.reused": len(obtained) - trained,
+               "eval.shards": len(shards)}
     metrics.update({f"level{o.level}/final_loss": o.entry.info["final_loss"] for o in obtained})
     tags = {}
     for o in obtained:  # the trial's link to the level-store entries it used
@@ -189,6 +203,34 @@ def run_chain_trial(cfg: Config, inputs: ChainInputs, mlflow_run: dict, trial_di
         tags[Tag.level(o.level, "path")] = str(o.entry.path)
         tags[Tag.level(o.level, "trained_here")] = str(o.trained).lower()
     return TrialReport(metrics, report.artifacts, tags)
+
+
+def eval_models(cfg: Config, entries: dict):
+    """An evaluation task's device (its GPU when it is given one) and the chain's levels from the store on it."""
+    import torch
+
+    from nds.sweep.level_store import load_level_model  # torch
+
+    device = torch.device("cuda" if cfg.resources.eval_gpus_per_worker and torch.cuda.is_available() else "cpu")
+    return device, {level: load_level_model(cfg, entry).to(device) for level, entry in entries.items()}
+
+
+def eval_shard(cfg: Config, entries: dict, metric_state: dict, firsts: list[int], text_bank=None):
+    """One evaluation shard, a Ray task with the ``resources.eval_*`` resources: its batches of the
+    chain's samples and their metric features (``nds.eval.evaluate.sample_shard``)."""
+    from nds.eval.evaluate import sample_shard  # torch
+
+    device, models = eval_models(cfg, entries)
+    return sample_shard(cfg, models, metric_state, firsts, text_bank, device)
+
+
+def eval_diagnostic(cfg: Config, entries: dict, metric_state: dict, held_out: dict, held_out_labels, text_bank=None):
+    """The chain diagnostic's columns (``nds.eval.evaluate.diagnostic``), a Ray task beside the shards."""
+    from nds.eval.evaluate import diagnostic  # torch
+
+    _, models = eval_models(cfg, entries)
+    return diagnostic(cfg, models, metric_state, {level: z for level, z in held_out.items() if level in models},
+                      held_out_labels, text_bank)
 
 
 CHAIN = TrialKind(prepare_chain_inputs, run_chain_trial, "chain")
@@ -215,6 +257,7 @@ def _trial(cfg: Config, v: Variant, kind: TrialKind, inputs: dict, ctx: dict) ->
     import ray.tune
 
     uri = ctx["uri"]
+    tracking.close_earlier_attempts(uri, ctx["experiment_id"], ctx["parent_run_id"], trial_name(v))
     with tracking.open_run(
         uri, ctx["experiment_id"], trial_name(v), params=flatten(cfg),
         tags={Tag.KIND: RunKind.TRIAL, Tag.SWEEP: ctx["sweep"], Tag.STAGE: ctx["stage"], Tag.VARIANT: v.name,

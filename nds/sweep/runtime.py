@@ -67,14 +67,17 @@ def _unanswered(address: str, timeout_s: float = 10.0) -> str:
 
 
 def unplaceable(cfg: Config, nodes: list[dict]) -> str | None:
-    """Why no node of the cluster (``ray.nodes()``) can hold one Train worker or one trial driver, naming
-    the config key; None when each fits on some node. A worker's CPUs and GPUs must share a node."""
+    """Why no node of the cluster (``ray.nodes()``) can hold one Train worker, one trial driver or one
+    evaluation shard, naming the config key; None when each fits on some node. A worker's CPUs and GPUs
+    must share a node."""
     r = cfg.resources
     capacities = [node["Resources"] for node in nodes if node.get("Alive")]
     have = "; ".join(f"{c.get('CPU', 0):g} CPU, {c.get('GPU', 0):g} GPU" for c in capacities) or "none"
     asks = [("resources.driver_cpus", {"CPU": r.driver_cpus}),
             ("resources.gpus_per_worker" if r.gpus_per_worker else "resources.cpus_per_worker",
-             {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker})]
+             {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker}),
+            ("resources.eval_gpus_per_worker" if r.eval_gpus_per_worker else "resources.eval_cpus_per_worker",
+             {"CPU": r.eval_cpus_per_worker, "GPU": r.eval_gpus_per_worker})]
     for key, ask in asks:
         if not any(all(cap.get(name, 0) >= amount for name, amount in ask.items()) for cap in capacities):
             wanted = ", ".join(f"{amount:g} {name}" for name, amount in ask.items() if amount)

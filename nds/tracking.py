@@ -196,8 +196,7 @@ def close_abandoned_runs(uri: str, experiment_id: str) -> int:
     for run in running:
         driver = run.data.tags.get(Tag.DRIVER)
         if driver and _driver_gone(driver):
-            client.set_tag(run.info.run_id, "error", f"abandoned: its sweep driver {driver} died; closed by a later sweep")
-            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+            _close_killed(client, run.info.run_id, f"abandoned: its sweep driver {driver} died; closed by a later sweep")
             closed += 1
     return closed
 
@@ -211,10 +210,15 @@ def close_earlier_attempts(uri: str, experiment_id: str, stage_run_id: str, tria
         f"tags.`mlflow.parentRunId` = '{stage_run_id}' and attributes.run_name = '{trial_run_name}' "
         "and attributes.status = 'RUNNING'"))
     for run in earlier:
-        client.set_tag(run.info.run_id, "error", "abandoned: its trial driver died (a lost node); Ray Tune ran the "
-                                                 "trial again under a new run")
-        client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+        _close_killed(client, run.info.run_id,
+                      "abandoned: its trial driver died (a lost node); Ray Tune ran the trial again under a new run")
     return len(earlier)
+
+
+def _close_killed(client: MlflowClient, run_id: str, reason: str) -> None:
+    """End a run whose process is gone: KILLED, with why in its ``error`` tag."""
+    client.set_tag(run_id, "error", reason)
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
 
 
 def finished_trials(uri: str, experiment_id: str) -> dict[str, tuple[str, dict[str, float]]]:

@@ -80,3 +80,41 @@ def test_reference_stats_are_computed_once_per_images_and_feature_model(tmp_path
     assert not np.allclose(other_model[metrics.SUBSTITUTE][0], first[metrics.SUBSTITUTE][0])
     cached_reference_stats(replace(cfg, **{"data.eval_limit": 12}), images, None)  # other reference images
     assert len(list((tmp_path / "reference_stats").glob("*.npz"))) == 3
+
+
+def test_an_mdm_cascade_scores_the_same_in_any_number_of_shards(tmp_path):
+    """A text-conditional cascade (both stages, the second conditioned on the first's noised samples):
+    its samples, metric features and caption agreement are the same whatever the shards."""
+    from nds.config import REPO_ROOT
+    from nds.sweep.mdm import score_shard, sharded_scores
+    from nds.train.mdm import generate, phase_module, prepare_images
+
+    cfg = load_config(None, ["data.name=digits", "data.train_limit=40", "mdm.resolutions=[4,8]",
+                             "mdm.core_widths=[16,32]", "mdm.stage_widths=[8]", "mdm.heads=2", "mdm.num_classes=0",
+                             "mdm.phase_steps=[4,4]", "mdm.baseline=cascaded", "model.text_encoder=minilm",
+                             "diffusion.cfg_scale=2", "diffusion.sample_steps=3", "eval.num_samples=10",
+                             "eval.batch_size=3", "eval.grid_size=2", "eval.substitute_image_size=32",
+                             f"paths.runs_dir={tmp_path}", f"paths.cache_dir={REPO_ROOT / 'runs' / 'test-cache'}"])
+    bank = prepare_images(cfg)["text"]
+    torch.manual_seed(0)
+    models = [phase_module(cfg, "cascaded", stage).eval() for stage in (0, 1)]
+    classifier = DataClassifier(1, 10, 8).eval()
+    reference = np.random.default_rng(0).integers(0, 256, (20, 8, 8, 1), dtype=np.uint8)
+    e = cfg.eval
+    state = {"classifier": classifier,
+             "ref_stats": metrics.reference_stats(reference, e.inception_dir, e.substitute_image_size, 8, classifier)}
+    whole = generate(cfg, models, e.num_samples, bank)
+    runs = {shards: sharded_scores(cfg, [score_shard(cfg, models, state, firsts, bank, agreement=True)
+                                         for firsts in sample_batches(e.num_samples, e.batch_size, shards)], state)
+            for shards in (1, 3)}
+    scores, grid = runs[1]
+    assert set(scores) == {metrics.SUBSTITUTE, metrics.DATA_CLASSIFIER, metrics.CAPTION_CLASS_ACCURACY}
+    assert scores == metrics.images_quality(whole.images, state["ref_stats"], e.inception_dir, e.substitute_image_size,
+                                            e.batch_size, classifier) | metrics.text_agreement(
+        whole.images, whole.captions, whole.caption_classes, "", classifier, e.batch_size)
+    np.testing.assert_array_equal(grid, whole.images[:4])
+    for merged, merged_grid in runs.values():
+        assert merged == scores
+        np.testing.assert_array_equal(merged_grid, grid)
+    with pytest.raises(ValueError, match="not the first index of a batch"):
+        score_shard(cfg, models, state, [4], bank)

@@ -140,12 +140,14 @@ def test_baselines_stage_trains_cascade_and_plain_unet_on_the_same_budget(tmp_pa
 def test_guidance_curve_of_a_text_conditional_nested_unet(tmp_path, ray_instance):
     """MDM Fig. 8c at tiny size: a caption-conditioned NestedUNet (MiniLM tokens of the digits' class
     captions), its final model sampled at each guidance scale, each point scored for quality and for
-    agreement with the captions (the data classifier's substitute: no CLIP weights here)."""
+    agreement with the captions (the data classifier's substitute: no CLIP weights here), each
+    scoring sampled in two evaluation shards."""
     from nds.eval.metrics import CAPTION_CLASS_ACCURACY, DATA_CLASSIFIER
     from nds.sweep.mdm import guidance_name
 
     runs, client = sweep_trials(tmp_path, "sweep.mdm_resolutions=[]", "sweep.mdm_phase_steps=[]",
-                                "sweep.mdm_baselines=[nested]", "model.text_encoder=minilm", "sweep.cfg_scales=[1,3]")
+                                "sweep.mdm_baselines=[nested]", "model.text_encoder=minilm", "sweep.cfg_scales=[1,3]",
+                                "eval.batch_size=16", "resources.eval_workers=2", "resources.eval_cpus_per_worker=0.5")
     run = runs["nested"]
     assert run.data.params["model.text_encoder"] == "minilm"
     metrics = run.data.metrics
@@ -154,3 +156,4 @@ def test_guidance_curve_of_a_text_conditional_nested_unet(tmp_path, ray_instance
         assert metrics[guidance_name(scale, DATA_CLASSIFIER)] > 0
     assert metrics[guidance_name(1, DATA_CLASSIFIER)] != metrics[guidance_name(3, DATA_CLASSIFIER)]
     assert curve(client, run) == [2, 4]  # the training curve is logged as before
+    assert metrics["eval.shards"] == 2  # each scoring sampled in two Ray tasks

@@ -70,11 +70,13 @@ class DataClassifier(nn.Module):
         return np.concatenate(out)
 
     @torch.no_grad()
-    def accuracy(self, images, labels: np.ndarray, batch_size: int = 500) -> float:
+    def predict(self, images, batch_size: int = 500) -> np.ndarray:
+        """int64 [N]: the predicted class of each uint8 [N, H, W, C] image, in eval mode."""
         self.eval()
-        hits = sum(int((self(images[i : i + batch_size]).argmax(1).numpy() == labels[i : i + batch_size]).sum())
-                   for i in range(0, len(images), batch_size))
-        return hits / len(images)
+        return np.concatenate([self(images[i : i + batch_size]).argmax(1).numpy() for i in range(0, len(images), batch_size)])
+
+    def accuracy(self, images, labels: np.ndarray, batch_size: int = 500) -> float:
+        return float(np.mean(self.predict(images, batch_size) == labels))
 
 
 def classifier_key(cfg: Config, image_size: int) -> dict:

@@ -164,7 +164,8 @@ def evaluate_chain(cfg: Config, models: dict[int, nn.Module], samples: ChainSamp
                    out_dir: Path, text_bank: TextBank | None = None,
                    train_latents: dict[int, np.ndarray] | None = None, held_out: dict[int, np.ndarray] | None = None,
                    diagnosed: dict[str, float] | None = None) -> EvalReport:
-    """Metric of the chain's ``samples`` (its shards, merged), per-level costs, a sample grid and, given
+    """Metric of the chain's ``samples`` (its shards, merged), per-level costs (of ``models``: the
+    architectures count, not their weights), a sample grid and, given
     the training latents of a chain with L > 1, the Fig. 1-style per-level grid
     (``nds.eval.figures.level_grid``) and, given the held-out latents, their z-space statistics;
     ``diagnosed`` (:func:`diagnostic`) is read against the chain's own first samples."""

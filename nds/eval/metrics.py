@@ -71,9 +71,11 @@ def quality_metric_name(inception_dir: str, data_classifier: bool) -> str:
     return DATA_CLASSIFIER if data_classifier else SUBSTITUTE
 
 
+@functools.lru_cache(maxsize=4)
 def extractors(inception_dir: str, substitute_image_size: int, device: torch.device) -> dict:
     """The metrics this machine can compute (feature networks on ``device``): the substitute always,
-    FID when Inception is cached."""
+    FID when Inception is cached. Built once per process and setting: a sweep driver scores anchors,
+    shards and diagnostics with the same networks."""
     found = {SUBSTITUTE: _substitute_extractor(substitute_image_size, device)}
     if inception_available(inception_dir):
         found[FID] = _inception_extractor(inception_dir, device)
@@ -165,8 +167,8 @@ def _projected(features) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_score(images: np.ndarray, captions: list[str], clip_dir: str, batch_size: int = 64) -> float:
-    """Mean of 100 * max(cos(CLIP image embedding, CLIP caption embedding), 0) over uint8 [N,H,W,C] images."""
+def clip_scores(images: np.ndarray, captions: list[str], clip_dir: str, batch_size: int = 64) -> np.ndarray:
+    """float64 [N]: 100 * max(cos(CLIP image embedding, CLIP caption embedding), 0) of each uint8 [N,H,W,C] image."""
     if len(images) != len(captions):
         raise ValueError(f"clip_score needs one caption per image: {len(images)} images, {len(captions)} captions")
     model, tokenizer, processor = _clip(clip_dir)
@@ -182,15 +184,28 @@ def clip_score(images: np.ndarray, captions: list[str], clip_dir: str, batch_siz
         text_emb = F.normalize(_projected(model.get_text_features(input_ids=text["input_ids"],
                                                                   attention_mask=text["attention_mask"])), dim=-1)
         scores.append(100 * (image_emb * text_emb).sum(-1).clamp(min=0))
-    return float(torch.cat(scores).mean())
+    return torch.cat(scores).double().numpy()
+
+
+def clip_score(images: np.ndarray, captions: list[str], clip_dir: str, batch_size: int = 64) -> float:
+    """The mean of :func:`clip_scores`."""
+    return float(clip_scores(images, captions, clip_dir, batch_size).mean())
+
+
+def text_agreement_values(images: np.ndarray, captions: list[str], caption_classes: np.ndarray | None, clip_dir: str,
+                          classifier=None, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """How well each sample follows its caption (float64 [N]): its CLIP score with CLIP weights, else
+    whether the classifier puts it in its caption's class where the captions name classes, else
+    nothing (said by the empty result). Per image, so shards of a sample set add up exactly."""
+    if clip_dir:
+        return {CLIP_SCORE: clip_scores(images, captions, clip_dir, batch_size)}
+    if classifier is not None and caption_classes is not None:
+        return {CAPTION_CLASS_ACCURACY: (classifier.predict(images, batch_size) == caption_classes).astype(np.float64)}
+    return {}
 
 
 def text_agreement(images: np.ndarray, captions: list[str], caption_classes: np.ndarray | None, clip_dir: str,
                    classifier=None, batch_size: int = 64) -> dict[str, float]:
-    """How well samples follow their captions: CLIP score with CLIP weights, else the classifier's
-    caption-class accuracy where the captions name classes, else nothing (said by the empty result)."""
-    if clip_dir:
-        return {CLIP_SCORE: clip_score(images, captions, clip_dir, batch_size)}
-    if classifier is not None and caption_classes is not None:
-        return {CAPTION_CLASS_ACCURACY: float(classifier.accuracy(images, caption_classes, batch_size))}
-    return {}
+    """The means of :func:`text_agreement_values`."""
+    values = text_agreement_values(images, captions, caption_classes, clip_dir, classifier, batch_size)
+    return {name: float(v.mean()) for name, v in values.items()}

@@ -455,8 +455,7 @@ def mdm_sample(
 
     denoiser = cfg_denoiser(packed_model, labels=labels, scale=cfg_scale, text=text, text_mask=text_mask,
                             cond_image=cond_image, cond_t=cond_t)
-    device = next(model.parameters()).device
-    noise = torch.randn(n, sum(math.prod(s) for s in shapes), generator=generator, device=device)
+    noise = draw_normal((n, sum(math.prod(s) for s in shapes)), next(model.parameters()), generator)
     out = sample(sampler, denoiser, noise, schedule, steps, generator=generator, prediction=prediction,
                  threshold=threshold, **sampler_kwargs)
     return unpack(out, shapes)

@@ -16,12 +16,13 @@ import numpy as np
 from nds import tracking
 from nds.config import Config, config_hash, flatten, replace, to_dict, to_yaml
 from nds.config.specs import baseline_phases
-from nds.eval.evaluate import prepare_metric, score_images
+from nds.diffusion.chain import sample_batches
+from nds.eval.evaluate import prepare_metric
 from nds.eval.figures import sample_grid, save_png
-from nds.eval.metrics import text_agreement
+from nds.eval.metrics import distances, metric_features, text_agreement_values
 from nds.latents.text import TextBank
 from nds.models.nested_unet import NestedUNet
-from nds.sweep.runner import TrialKind, TrialReport
+from nds.sweep.runner import TrialKind, TrialReport, eval_device, on_eval_workers
 from nds.sweep.runtime import extensions_dir, init_ray
 from nds.tracking import RunKind, Tag
 from nds.train.engine import prebuild_cpu_comm_op
@@ -138,7 +139,8 @@ def prepare_mdm_inputs(sweep, configs: list[Config]) -> MDMInputs:
 
 def run_mdm_trial(cfg: Config, inputs: MDMInputs, mlflow_run: dict, trial_dir: Path) -> TrialReport:
     """Train the trial's baseline, scoring it at the stage's evaluation points: the quality metric
-    goes to the trial's MLflow run with step = total training iterations.
+    goes to the trial's MLflow run with step = total training iterations. Each scoring samples in
+    ``resources.eval_workers`` shards (``score_shard``).
 
     The quality metric is not in the returned metrics: the sweep logs those at step 0, which would
     add a false first point to the curve; the run's latest value of the metric is the final one.
@@ -148,44 +150,92 @@ def run_mdm_trial(cfg: Config, inputs: MDMInputs, mlflow_run: dict, trial_dir: P
     total = trial_iterations(cfg)[-1]
     eval_at = [n for n in inputs.eval_at if n <= total]
     metric_state = inputs.metric[metric_key(cfg)]
+    state_ref = ray.put(metric_state)
     data_refs = inputs.data[data_key(cfg)]
-    text_bank = ray.get(data_refs["text"]) if data_refs.get("text") is not None else None
-    e = cfg.eval
     last = {}
 
     def evaluate(done: int, models: list[NestedUNet]) -> None:
-        images = generate_images(cfg, models, e.num_samples, text_bank)
-        scores = score_images(cfg, images, metric_state)
+        launched = launch_shards(cfg, models, state_ref, data_refs["text"])
+        scores, last["images"] = sharded_scores(cfg, ray.get(launched), metric_state)
         tracking.log_metrics(mlflow_run["uri"], mlflow_run["run_id"], scores, step=done)
         print(f"[nds] {cfg.mdm.baseline} after {done} iterations: "
               f"{', '.join(f'{k} {v:.2f}' for k, v in scores.items())}", flush=True)
-        last["images"] = images
 
     run_prefix = "mdm-" + hashlib.sha1(str(trial_dir).encode()).hexdigest()[:12]  # stable when Tune retries the trial
     phases = train_phases(cfg, data_refs, run_prefix, mlflow_run, eval_at, evaluate)
     models = final_models(cfg, phases)
     metrics = {f"{phase_name(p.phase)}/final_loss": p.final_loss for p in phases}
-    metrics.update(model_costs(*models), iterations=total)
-    metrics.update(guidance_curve(cfg, models, text_bank, metric_state))
+    metrics.update(model_costs(*models), iterations=total,
+                   **{"eval.shards": len(sample_batches(cfg.eval.num_samples, cfg.eval.batch_size, cfg.resources.eval_workers))})
+    metrics.update(guidance_curve(cfg, models, state_ref, data_refs["text"], metric_state))
     grid = save_grid(cfg, last["images"], trial_dir / "sample_grid.png")
     return TrialReport(metrics, [grid], {Tag.MDM_BASELINE: cfg.mdm.baseline})
+
+
+@dataclass
+class ScoredShard:
+    """What an MDM evaluation shard returns of its batches: each quality metric's features, each image's
+    agreement with its caption (text-conditional models, when asked) and the grid's first images."""
+
+    features: dict[str, np.ndarray]
+    agreement: dict[str, np.ndarray]
+    head: np.ndarray
+
+
+def score_shard(cfg: Config, models: list[NestedUNet], metric_state: dict, firsts: list[int],
+                text_bank: TextBank | None = None, agreement: bool = False) -> ScoredShard:
+    """One evaluation shard of an MDM trial, a Ray task with the ``resources.eval_*`` resources: the batches
+    ``firsts`` of the models' ``eval.num_samples`` samples (``nds.train.mdm.generate``: the same images
+    whatever the shards), scored on the task's device."""
+    e, device = cfg.eval, eval_device(cfg)
+    samples = generate(cfg, [m.to(device) for m in models], e.num_samples, text_bank, firsts)
+    features = metric_features(samples.images, e.inception_dir, e.substitute_image_size, e.batch_size,
+                               metric_state["classifier"], tuple(metric_state["ref_stats"]), device)
+    agrees = {}
+    if agreement and samples.captions is not None:
+        agrees = text_agreement_values(samples.images, samples.captions, samples.caption_classes, e.clip_dir,
+                                       metric_state["classifier"], e.batch_size)
+    head = samples.images[:max(0, min(e.grid_size ** 2 - firsts[0], len(samples.images)))]
+    return ScoredShard(features, agrees, head)
+
+
+def launch_shards(cfg: Config, models: list[NestedUNet], metric_state_ref, text_bank_ref,
+                  agreement: bool = False) -> list:
+    """``score_shard`` tasks over the batches of ``eval.num_samples`` samples, split ``resources.eval_workers`` ways."""
+    import ray
+
+    e, models_ref = cfg.eval, ray.put(models)
+    task = on_eval_workers(cfg, score_shard)
+    return [task.remote(cfg, models_ref, metric_state_ref, firsts, text_bank_ref, agreement)
+            for firsts in sample_batches(e.num_samples, e.batch_size, cfg.resources.eval_workers)]
+
+
+def sharded_scores(cfg: Config, shards: list[ScoredShard], metric_state: dict) -> tuple[dict[str, float], np.ndarray]:
+    """The scores of a sample set from its shards, in shard order (each Fréchet distance over all their
+    features at once, the mean caption agreement), and the grid's images."""
+    features = {name: np.concatenate([s.features[name] for s in shards]) for name in shards[0].features}
+    scores = distances(features, metric_state["ref_stats"])
+    scores.update({name: float(np.concatenate([s.agreement[name] for s in shards]).mean())
+                   for name in shards[0].agreement})
+    return scores, np.concatenate([s.head for s in shards])[:cfg.eval.grid_size ** 2]
 
 
 def guidance_name(scale: float, metric: str) -> str:
     return f"guidance{scale:g}/{metric}"
 
 
-def guidance_curve(cfg: Config, models: list[NestedUNet], text_bank: TextBank | None, metric_state: dict) -> dict:
-    """MDM Fig. 8c: the final models sampled at every guidance scale of ``sweep.cfg_scales``, each scored
-    with the quality metrics and, for text-conditional models, the samples' agreement with their
-    captions (nds.eval.metrics.text_agreement); one sampling of eval.num_samples per scale."""
-    e, curve = cfg.eval, {}
-    for scale in cfg.sweep.cfg_scales:
-        samples = generate(replace(cfg, **{"diffusion.cfg_scale": scale}), models, e.num_samples, text_bank)
-        scores = score_images(cfg, samples.images, metric_state)
-        if samples.captions is not None:
-            scores.update(text_agreement(samples.images, samples.captions, samples.caption_classes, e.clip_dir,
-                                         metric_state["classifier"], e.batch_size))
+def guidance_curve(cfg: Config, models: list[NestedUNet], metric_state_ref, text_bank_ref, metric_state: dict) -> dict:
+    """MDM Fig. 8c: the final models sampled at every guidance scale of ``sweep.cfg_scales`` (all scales'
+    shards launched at once), each scored with the quality metrics and, for text-conditional models,
+    the samples' agreement with their captions (nds.eval.metrics.text_agreement_values); one sampling of
+    eval.num_samples per scale."""
+    import ray
+
+    launched = {scale: launch_shards(replace(cfg, **{"diffusion.cfg_scale": scale}), models, metric_state_ref,
+                                     text_bank_ref, agreement=True) for scale in cfg.sweep.cfg_scales}
+    curve = {}
+    for scale, shards in launched.items():
+        scores, _ = sharded_scores(cfg, ray.get(shards), metric_state)
         curve.update({guidance_name(scale, name): value for name, value in scores.items()})
         print(f"[nds] guidance {scale:g}: {', '.join(f'{k} {v:.3f}' for k, v in scores.items())}", flush=True)
     return curve

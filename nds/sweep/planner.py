@@ -41,8 +41,7 @@ class Training:
 
 @dataclass(frozen=True)
 class Sampling:
-    """One trial's sampling, spread evenly over ``devices`` (a chain's evaluation shards; an MDM trial
-    samples in its trial driver: one)."""
+    """One trial's sampling, spread evenly over ``devices``: its evaluation shards."""
     trial: str
     stage: str
     flops: float
@@ -219,7 +218,7 @@ def plan_mdm_sweep(stages: list[tuple[str, list[tuple[str, Config]]]]) -> SweepP
             points = sum(n <= trial_iterations(cfg)[-1] for n in eval_at)
             curve = sum(2 if scale != 1.0 and conditional else 1 for scale in cfg.sweep.cfg_scales)  # Fig. 8c
             plan.samplings.append(Sampling(name, stage, (points * guided + curve) * cfg.eval.num_samples * flops
-                                           * cfg.diffusion.sample_steps))
+                                           * cfg.diffusion.sample_steps, _eval_devices(cfg)))
     plan.notes.append("MDM sampling counted with each trial's last model at every evaluation point "
                       "(and at every scale of sweep.cfg_scales: the guidance curve)")
     return plan

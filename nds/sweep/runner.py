@@ -171,23 +171,22 @@ def run_chain_trial(cfg: Config, inputs: ChainInputs, mlflow_run: dict, trial_di
 
     from nds.diffusion.chain import sample_batches  # torch
     from nds.eval.evaluate import evaluate_chain, merge_shards  # torch
-    from nds.sweep.level_store import load_level_model, obtain_level  # torch
+    from nds.sweep.level_store import obtain_level  # torch
+    from nds.train.engine import build_level_model  # torch
 
     data = inputs.data[data_key(cfg)]
     metric_state = inputs.metric[metric_key(cfg)]
     obtain = ray.remote(num_cpus=0)(obtain_level)
     obtained = ray.get([obtain.remote(cfg, level, data, mlflow_run) for level in range(1, cfg.hierarchy.L + 1)])
     entries = {o.level: o.entry for o in obtained}
-    r, e = cfg.resources, cfg.eval
-    on_eval_workers = ray.remote(num_cpus=r.eval_cpus_per_worker, num_gpus=r.eval_gpus_per_worker,
-                                 scheduling_strategy="SPREAD")
+    e = cfg.eval
     state = ray.put(metric_state)
-    shards = sample_batches(e.num_samples, e.batch_size, r.eval_workers)
-    sampled = [on_eval_workers(eval_shard).remote(cfg, entries, state, firsts, data.text) for firsts in shards]
-    diagnosed = None if cfg.hierarchy.L == 1 else on_eval_workers(eval_diagnostic).remote(
+    shards = sample_batches(e.num_samples, e.batch_size, cfg.resources.eval_workers)
+    sampled = [on_eval_workers(cfg, eval_shard).remote(cfg, entries, state, firsts, data.text) for firsts in shards]
+    diagnosed = None if cfg.hierarchy.L == 1 else on_eval_workers(cfg, eval_diagnostic).remote(
         cfg, entries, state, data.held_out, data.held_out_labels, data.text)
     samples = merge_shards(ray.get(sampled))
-    models = {level: load_level_model(cfg, entry) for level, entry in entries.items()}
+    models = {level: build_level_model(cfg, level) for level in entries}  # their costs: the weights stay in the shards
     text_bank = ray.get(data.text) if data.text is not None else None
     train_latents = {level: ray.get(data.latents[level]) for level in models}
     held_out = {level: z for level, z in ray.get(data.held_out).items() if level in models}
@@ -205,13 +204,27 @@ def run_chain_trial(cfg: Config, inputs: ChainInputs, mlflow_run: dict, trial_di
     return TrialReport(metrics, report.artifacts, tags)
 
 
-def eval_models(cfg: Config, entries: dict):
-    """An evaluation task's device (its GPU when it is given one) and the chain's levels from the store on it."""
+def eval_device(cfg: Config):
+    """An evaluation task's device: its GPU when it is given one (``resources.eval_gpus_per_worker``)."""
     import torch
 
+    return torch.device("cuda" if cfg.resources.eval_gpus_per_worker and torch.cuda.is_available() else "cpu")
+
+
+def on_eval_workers(cfg: Config, task: Callable):
+    """``task`` as a Ray remote function with an evaluation shard's resources, spread over the nodes."""
+    import ray
+
+    r = cfg.resources
+    return ray.remote(num_cpus=r.eval_cpus_per_worker, num_gpus=r.eval_gpus_per_worker,
+                      scheduling_strategy="SPREAD")(task)
+
+
+def eval_models(cfg: Config, entries: dict):
+    """An evaluation task's device and the chain's levels from the store on it."""
     from nds.sweep.level_store import load_level_model  # torch
 
-    device = torch.device("cuda" if cfg.resources.eval_gpus_per_worker and torch.cuda.is_available() else "cpu")
+    device = eval_device(cfg)
     return device, {level: load_level_model(cfg, entry).to(device) for level, entry in entries.items()}
 
 

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from nds.config import Config, ConfigError, from_dict, to_dict
 from nds.config.specs import LevelShape, Phase, baseline_phases, latent_spec, mdm_spec
 from nds.data import load_config_split
-from nds.diffusion.chain import noise_schedule
+from nds.diffusion.chain import keyed_generator, noise_schedule
 from nds.diffusion.process import draw_timesteps
 from nds.latents.hierarchy import image_level, images_from_level1
 from nds.latents.text import MAX_CAPTION_TOKENS, TextBank, prepare_text_condition, sampling_groups, text_width
@@ -315,34 +315,48 @@ def generate_images(cfg: Config, models: list[NestedUNet], n: int, text_bank: Te
     return generate(cfg, models, n, text_bank).images
 
 
-def generate(cfg: Config, models: list[NestedUNet], n: int, text_bank: TextBank | None = None) -> Samples:
+def generate(cfg: Config, models: list[NestedUNet], n: int, text_bank: TextBank | None = None,
+             firsts: Sequence[int] | None = None) -> Samples:
     """n full-resolution uint8 [n, R, R, C] images from ``mdm.baseline``'s latest models, in eval.batch_size
-    batches with a fixed seed (labels drawn at random, as MDM's FID protocol does; a text-conditional
-    model gets a caption of a random class, or of a random training image for per-image captions). A model that
-    does not reach the full resolution yet (an early phase, a cascade without its second stage)
-    shows its top resolution upsampled: what it can offer at that point of training."""
+    batches, on the models' device (labels drawn at random, as MDM's FID protocol does; a
+    text-conditional model gets a caption of a random class, or of a random training image for
+    per-image captions). A model that does not reach the full resolution yet (an early phase, a
+    cascade without its second stage) shows its top resolution upsampled: what it can offer at that
+    point of training.
+
+    Batch b's draws are keyed by (seed, b's first index), as a chain's are
+    (``nds.diffusion.chain.sample_levels``): ``firsts`` (of ``sample_batches``) samples only those
+    batches of the n, the same images as in the whole, so evaluation shards add up to one sampling."""
     d, m = cfg.diffusion, cfg.mdm
     top = m.resolutions[-1]
     alphas = noise_schedule(cfg)
     cond_schedule = resolution_schedules(alphas, [top], m.resolutions[0], m.snr_power)[0]
     cond_level = min(round(CASCADE_NOISE_LEVEL * d.timesteps), d.timesteps - 1)
     cascaded = cfg.mdm.baseline == "cascaded"
-    first = models[0] if cascaded else models[-1]
-    generator = torch.Generator().manual_seed(cfg.seed)
+    first_model = models[0] if cascaded else models[-1]
+    device = next(first_model.parameters()).device
     batches, captions, classes = [], [], []
-    for start in range(0, n, cfg.eval.batch_size):
-        size = min(cfg.eval.batch_size, n - start)
+    for first in range(0, n, cfg.eval.batch_size) if firsts is None else firsts:
+        if first % cfg.eval.batch_size or not 0 <= first < n:
+            raise ValueError(f"{first} is not the first index of a batch of {n} samples in eval.batch_size "
+                             f"{cfg.eval.batch_size}")
+        size = min(cfg.eval.batch_size, n - first)
+        generator = keyed_generator(cfg.seed, first)
         labels = torch.randint(m.num_classes, (size,), generator=generator) if m.num_classes else None
         text = {}
         if text_bank is not None:
             groups = sampling_groups(text_bank, labels, size, generator)
-            text, batch_captions = caption_tokens(text_bank, groups, generator)
+            text, batch_captions = caption_tokens(text_bank, groups, generator, device)
             captions += batch_captions
             classes += [] if text_bank.groups_are_images else groups.tolist()
-        x = sample_images(cfg, first, size, labels, generator, **text)[-1]
-        x = decode_codes(latent_autoencoder(m.vae_weights), x, m.channels) if m.baseline == "latent" else x.clamp(-1, 1)
+        labels = None if labels is None else labels.to(device)
+        x = sample_images(cfg, first_model, size, labels, generator, **text)[-1]
+        if m.baseline == "latent":
+            x = decode_codes(latent_autoencoder(m.vae_weights).to(device), x, m.channels)
+        else:
+            x = x.clamp(-1, 1)
         if cascaded and len(models) == 2:
-            level = torch.full((size,), cond_level)
+            level = torch.full((size,), cond_level, device=device)
             cond = noised_upsample(x, top, level, cond_schedule, generator)
             x = sample_images(cfg, models[1], size, labels, generator, cond_image=cond, cond_t=level, **text)[-1]
         if x.shape[-1] < top:

@@ -101,15 +101,24 @@ def test_resources_no_node_can_hold_are_named():
     assert unplaceable(cfg, [node(8, 1), node(8, 1)]) is None  # one worker per node
     assert "resources.gpus_per_worker: one needs 4 CPU, 1 GPU on a single node" in unplaceable(cfg, [node(2), node(8)])
     assert "nodes: 2 CPU, 0 GPU; 8 CPU, 0 GPU" in unplaceable(cfg, [node(2), node(8)])
-    assert "resources.workers_per_level=2: the Ray cluster holds 1 workers" in unplaceable(cfg, [node(8, 1), node(8, 1, False)])
+    assert "resources.workers_per_level=2: beside a trial driver (resources.driver_cpus=0.1) the Ray cluster holds 1 " \
+        "workers" in unplaceable(cfg, [node(8, 1), node(8, 1, False)])
+    assert unplaceable(cfg, [node(4, 1), node(4, 1)]).startswith("resources.workers_per_level=2")  # no room for the driver
+    assert unplaceable(cfg, [node(4, 1), node(4, 1), node(1)]) is None  # the driver on a third node
     cpu = load_config(None, ["resources.cpus_per_worker=3", "resources.driver_cpus=0.5"])
     assert unplaceable(cpu, [node(2)]).startswith("resources.cpus_per_worker: one needs 3 CPU")
     assert unplaceable(load_config(None, ["resources.driver_cpus=4"]), [node(2)]).startswith("resources.driver_cpus")
     shard = load_config(None, ["resources.eval_gpus_per_worker=1"])
-    assert unplaceable(shard, [node(2)]).startswith("resources.eval_gpus_per_worker: one needs 1 CPU, 1 GPU")
+    assert unplaceable(shard, [node(2)]).startswith("resources.eval_gpus_per_worker: one needs 0.9 CPU, 1 GPU")
     assert unplaceable(shard, [node(2, 1)]) is None
     wide = load_config(None, ["resources.eval_cpus_per_worker=4"])
     assert unplaceable(wide, [node(2), node(2)]).startswith("resources.eval_cpus_per_worker: one needs 4 CPU")
+    # a shard that fits a node, but never beside its own trial driver (a sweep that used to hang for good)
+    crowded = load_config(None, ["resources.eval_cpus_per_worker=1"])
+    assert unplaceable(crowded, [node(0), node(1)]).startswith(
+        "resources.eval_cpus_per_worker=1: no evaluation shard fits beside its trial driver (resources.driver_cpus=0.1)")
+    assert unplaceable(crowded, [node(1), node(1)]) is None  # driver and shard on two nodes
+    assert unplaceable(load_config(None), [node(0), node(1)]) is None  # the defaults: both on one one-CPU node
 
 
 @pytest.mark.parametrize("key", ["resources.gpus_per_worker", "resources.eval_gpus_per_worker"])

@@ -137,7 +137,7 @@ class ResourcesConfig:
     # A chain trial samples and scores in this many shards, Ray tasks of these resources spread over the
     # cluster (each shard its contiguous run of eval.batch_size batches; the same samples for any count)
     eval_workers: int = 1
-    eval_cpus_per_worker: float = 1.0
+    eval_cpus_per_worker: float = 0.9  # with the 0.1 CPU trial driver: a one-CPU node holds both
     eval_gpus_per_worker: float = 0.0
     max_concurrent_trials: int = 2
     ray_address: str = ""  # empty: join RAY_ADDRESS if set, else start a local instance

@@ -36,6 +36,14 @@ def init_ray(cfg: Config) -> None:
         if problem:  # ray.init would retry for minutes before failing
             raise ConfigError(f"resources.ray_address (or RAY_ADDRESS) = {address}: {problem}; start the cluster "
                               "(ray start --head, cluster/start_local_head.sh) or leave both empty for a local instance")
+        # Ray Train's PlacementGroupCleaner (a detached actor on the head) removes the worker placement group
+        # of a Train controller that died ungracefully (lost with its node); it finds the cluster through
+        # RAY_ADDRESS, else by scanning the machine for GCS processes, and with more than one Ray instance on
+        # the machine its thread died ("Found multiple active Ray instances"): the dead fit's placement group
+        # was kept, moved to a surviving node, and the retried fit waited for its CPUs (raylet-kill drill)
+        gcs = _gcs_address(address)
+        if gcs:
+            runtime_env["env_vars"]["RAY_ADDRESS"] = gcs
         ray.init(address=address, runtime_env=runtime_env)
     else:
         ray.init(include_dashboard=False,
@@ -49,6 +57,20 @@ def mute_placement_group_cleaner() -> None:
     of every fit. A local instance's placement groups end with it anyway. On a cluster the dashboard
     runs and its warnings, if any, mean something: they are kept."""
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
+def _gcs_address(address: str) -> str:
+    """The GCS address (host:port, as Ray resolves it: ``auto`` looked up, a loopback host made the node's
+    IP) that ``ray.init(address=...)`` joins; "" for a Ray Client address (``ray://``) or one Ray cannot
+    resolve here (ray.init then says why)."""
+    if "://" in address:
+        return ""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        return canonicalize_bootstrap_address(address) or ""
+    except Exception:  # noqa: BLE001 - ray.init reports the problem with this address itself
+        return ""
 
 
 def _unanswered(address: str, timeout_s: float = 10.0) -> str:
@@ -66,25 +88,45 @@ def _unanswered(address: str, timeout_s: float = 10.0) -> str:
     return ""
 
 
+def _slots(capacities: list[dict], ask: dict) -> int:
+    """How many of ``ask`` the nodes hold at once (each one on a single node)."""
+    return sum(int(min((cap.get(name, 0) + 1e-9) // amount for name, amount in ask.items() if amount))
+               for cap in capacities)
+
+
+def _slots_beside(capacities: list[dict], held: dict, ask: dict) -> int:
+    """The most of ``ask`` the nodes hold at once beside one ``held`` (a trial driver, placed where it leaves most)."""
+    best = 0
+    for i, cap in enumerate(capacities):
+        if all(cap.get(name, 0) + 1e-9 >= amount for name, amount in held.items()):
+            rest = {name: cap.get(name, 0) - held.get(name, 0) for name in {*cap, *held}}
+            best = max(best, _slots(capacities[:i] + [rest] + capacities[i + 1:], ask))
+    return best
+
+
 def unplaceable(cfg: Config, nodes: list[dict]) -> str | None:
-    """Why no node of the cluster (``ray.nodes()``) can hold one Train worker, one trial driver or one
-    evaluation shard, naming the config key; None when each fits on some node. A worker's CPUs and GPUs
-    must share a node."""
+    """Why the cluster (``ray.nodes()``) cannot run a trial, naming the config key; None when it can. Each
+    Train worker, trial driver and evaluation shard must fit on some node (a worker's CPUs and GPUs share
+    a node), and a trial's driver holds its CPUs while its fit's workers and its evaluation shards run: the
+    cluster must hold one driver with ``workers_per_level`` workers, and one driver with a shard."""
     r = cfg.resources
     capacities = [node["Resources"] for node in nodes if node.get("Alive")]
     have = "; ".join(f"{c.get('CPU', 0):g} CPU, {c.get('GPU', 0):g} GPU" for c in capacities) or "none"
-    asks = [("resources.driver_cpus", {"CPU": r.driver_cpus}),
-            ("resources.gpus_per_worker" if r.gpus_per_worker else "resources.cpus_per_worker",
-             {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker}),
-            ("resources.eval_gpus_per_worker" if r.eval_gpus_per_worker else "resources.eval_cpus_per_worker",
-             {"CPU": r.eval_cpus_per_worker, "GPU": r.eval_gpus_per_worker})]
-    for key, ask in asks:
-        if not any(all(cap.get(name, 0) >= amount for name, amount in ask.items()) for cap in capacities):
+    driver = {"CPU": r.driver_cpus}
+    worker = {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker}
+    shard = {"CPU": r.eval_cpus_per_worker, "GPU": r.eval_gpus_per_worker}
+    worker_key = "resources.gpus_per_worker" if r.gpus_per_worker else "resources.cpus_per_worker"
+    shard_key = "resources.eval_gpus_per_worker" if r.eval_gpus_per_worker else "resources.eval_cpus_per_worker"
+    for key, ask in (("resources.driver_cpus", driver), (worker_key, worker), (shard_key, shard)):
+        if not _slots(capacities, ask):
             wanted = ", ".join(f"{amount:g} {name}" for name, amount in ask.items() if amount)
             return f"{key}: one needs {wanted} on a single node, and no node of the Ray cluster has that (nodes: {have})"
-    worker = asks[1][1]
-    slots = sum(int(min(cap.get(name, 0) // amount for name, amount in worker.items() if amount)) for cap in capacities)
+    slots = _slots_beside(capacities, driver, worker)
     if slots < r.workers_per_level:
-        return (f"resources.workers_per_level={r.workers_per_level}: the Ray cluster holds {slots} workers of "
-                f"{r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU at once (nodes: {have})")
+        return (f"resources.workers_per_level={r.workers_per_level}: beside a trial driver (resources.driver_cpus="
+                f"{r.driver_cpus:g}) the Ray cluster holds {slots} workers of {r.cpus_per_worker:g} CPU, "
+                f"{r.gpus_per_worker:g} GPU at once (nodes: {have})")
+    if not _slots_beside(capacities, driver, shard):
+        return (f"{shard_key}={getattr(r, shard_key.split('.')[1]):g}: no evaluation shard fits beside its trial "
+                f"driver (resources.driver_cpus={r.driver_cpus:g}) on the Ray cluster (nodes: {have})")
     return None

@@ -505,7 +505,7 @@ def fit(cfg: Config, loop, loop_config: dict, run_name: str, what: str):
     Runs are kept under ``<runs_dir>/ray_results/<run_name>``: a fit that names a run seen
     before resumes from its last checkpoint.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     marker = cfg.runs_dir / "ray_results" / run_name / NONFINITE_FILE
@@ -525,6 +525,9 @@ def fit(cfg: Config, loop, loop_config: dict, run_name: str, what: str):
             storage_path=str(cfg.runs_dir / "ray_results"),
             failure_config=FailureConfig(max_failures=cfg.training.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
+            # Ray Train's INFO lines (resources requested, worker group started) stay in Ray's session logs;
+            # the console gets the fit's own progress lines
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     result = trainer.fit()

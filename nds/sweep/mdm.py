@@ -155,7 +155,7 @@ def run_mdm_trial(cfg: Config, inputs: MDMInputs, mlflow_run: dict, trial_dir: P
     last = {}
 
     def evaluate(done: int, models: list[NestedUNet]) -> None:
-        launched = launch_shards(cfg, models, state_ref, data_refs["text"])
+        launched = launch_shards(cfg, ray.put(models), state_ref, data_refs["text"])
         scores, last["images"] = sharded_scores(cfg, ray.get(launched), metric_state)
         tracking.log_metrics(mlflow_run["uri"], mlflow_run["run_id"], scores, step=done)
         print(f"[nds] {cfg.mdm.baseline} after {done} iterations: "
@@ -199,12 +199,10 @@ def score_shard(cfg: Config, models: list[NestedUNet], metric_state: dict, first
     return ScoredShard(features, agrees, head)
 
 
-def launch_shards(cfg: Config, models: list[NestedUNet], metric_state_ref, text_bank_ref,
-                  agreement: bool = False) -> list:
-    """``score_shard`` tasks over the batches of ``eval.num_samples`` samples, split ``resources.eval_workers`` ways."""
-    import ray
-
-    e, models_ref = cfg.eval, ray.put(models)
+def launch_shards(cfg: Config, models_ref, metric_state_ref, text_bank_ref, agreement: bool = False) -> list:
+    """``score_shard`` tasks over the batches of ``eval.num_samples`` samples, split ``resources.eval_workers``
+    ways; the models, the metric state and the caption bank are in the object store."""
+    e = cfg.eval
     task = on_eval_workers(cfg, score_shard)
     return [task.remote(cfg, models_ref, metric_state_ref, firsts, text_bank_ref, agreement)
             for firsts in sample_batches(e.num_samples, e.batch_size, cfg.resources.eval_workers)]
@@ -231,7 +229,8 @@ def guidance_curve(cfg: Config, models: list[NestedUNet], metric_state_ref, text
     eval.num_samples per scale."""
     import ray
 
-    launched = {scale: launch_shards(replace(cfg, **{"diffusion.cfg_scale": scale}), models, metric_state_ref,
+    models_ref = ray.put(models)
+    launched = {scale: launch_shards(replace(cfg, **{"diffusion.cfg_scale": scale}), models_ref, metric_state_ref,
                                      text_bank_ref, agreement=True) for scale in cfg.sweep.cfg_scales}
     curve = {}
     for scale, shards in launched.items():

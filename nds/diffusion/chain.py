@@ -127,6 +127,18 @@ def sample_batches(n: int, batch_size: int, shards: int = 1) -> list[list[int]]:
     return [firsts[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def seeded_batches(cfg: Config, n: int, firsts: list[int] | None = None) -> list[tuple[int, int, torch.Generator]]:
+    """(first index, size, generator keyed by (seed, first index)) of each batch of n samples in
+    ``eval.batch_size`` batches, or of the batches ``firsts`` (:func:`sample_batches`) only: a batch's
+    draws depend on nothing else, so any split of the batches gives the same samples."""
+    b = cfg.eval.batch_size
+    for first in firsts or ():
+        if first % b or not 0 <= first < n:
+            raise ValueError(f"{first} is not the first index of a batch of {n} samples in eval.batch_size {b}")
+    return [(first, min(b, n - first), keyed_generator(cfg.seed, first))
+            for first in (range(0, n, b) if firsts is None else firsts)]
+
+
 def sample_levels(cfg: Config, models: dict[int, nn.Module], n: int, text_bank: TextBank | None = None, *,
                   start: int | None = None, given: torch.Tensor | None = None, null_condition: bool = False,
                   labels: torch.Tensor | None = None, firsts: list[int] | None = None) -> dict[int, torch.Tensor]:
@@ -146,12 +158,7 @@ def sample_levels(cfg: Config, models: dict[int, nn.Module], n: int, text_bank: 
     classes = cfg.model.num_classes
     clips = level_clips(cfg, max(models))
     batches = []
-    for first in range(0, n, cfg.eval.batch_size) if firsts is None else firsts:
-        if first % cfg.eval.batch_size or not 0 <= first < n:
-            raise ValueError(f"{first} is not the first index of a batch of {n} samples in eval.batch_size "
-                             f"{cfg.eval.batch_size}")
-        size = min(cfg.eval.batch_size, n - first)
-        generator = keyed_generator(cfg.seed, first)
+    for first, size, generator in seeded_batches(cfg, n, firsts):
         batch_labels = None
         if labels is not None:
             batch_labels = labels[first:first + size]

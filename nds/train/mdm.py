@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from nds.config import Config, ConfigError, from_dict, to_dict
 from nds.config.specs import LevelShape, Phase, baseline_phases, latent_spec, mdm_spec
 from nds.data import load_config_split
-from nds.diffusion.chain import keyed_generator, noise_schedule
+from nds.diffusion.chain import noise_schedule, seeded_batches
 from nds.diffusion.process import draw_timesteps
 from nds.latents.hierarchy import image_level, images_from_level1
 from nds.latents.text import MAX_CAPTION_TOKENS, TextBank, prepare_text_condition, sampling_groups, text_width
@@ -336,12 +336,7 @@ def generate(cfg: Config, models: list[NestedUNet], n: int, text_bank: TextBank 
     first_model = models[0] if cascaded else models[-1]
     device = next(first_model.parameters()).device
     batches, captions, classes = [], [], []
-    for first in range(0, n, cfg.eval.batch_size) if firsts is None else firsts:
-        if first % cfg.eval.batch_size or not 0 <= first < n:
-            raise ValueError(f"{first} is not the first index of a batch of {n} samples in eval.batch_size "
-                             f"{cfg.eval.batch_size}")
-        size = min(cfg.eval.batch_size, n - first)
-        generator = keyed_generator(cfg.seed, first)
+    for _, size, generator in seeded_batches(cfg, n, firsts):
         labels = torch.randint(m.num_classes, (size,), generator=generator) if m.num_classes else None
         text = {}
         if text_bank is not None:

@@ -37,6 +37,7 @@ from analysis.tables import (
     text_table,
 )
 from nds.config import ConfigError, load_config
+from nds.config.arguments import add_config_arguments, config_file, config_help
 from nds.eval.metrics import METRIC_PREFERENCE
 
 FORMATS = ("md", "latex", "csv", "png")
@@ -48,7 +49,6 @@ def build_tables(tracking_uri: str, experiments: list[str] | None = None,
                  metric: str | None = None) -> tuple[list[Table], list[str]]:
     """Every table with runs behind it, and one line per table skipped or per setting set aside.
     ``metric``: what the tables show (default: per table, ``analysis.runs.quality_metric``)."""
-    experiments = [name for name in experiments or [] if name] or None  # "": the config's unset name
     trials = load_trials(tracking_uri, experiments)
     if trials.empty:
         where = f"experiment(s) {experiments}" if experiments else f"the {EXPERIMENT_PREFIX}* experiments"
@@ -67,7 +67,7 @@ def build_tables(tracking_uri: str, experiments: list[str] | None = None,
 def write_reports(tracking_uri: str, experiments: list[str] | None, report_dir: Path,
                   metric: str | None = None) -> list[Path]:
     """One HTML report per experiment (default: every nds-* one), a page saying so where none finished."""
-    names = [name for name in experiments or [] if name] or experiment_names(MlflowClient(tracking_uri))
+    names = experiments or experiment_names(MlflowClient(tracking_uri))
     paths = []
     for name in names:
         try:
@@ -115,7 +115,7 @@ def _formats(text: str) -> tuple[str, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (for the tracking URI, runs_dir and experiment name)")
+    add_config_arguments(parser)
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: from the config)")
     parser.add_argument("--experiments", nargs="+", metavar="NAME",
                         help=f"MLflow experiments to read (default: every {EXPERIMENT_PREFIX}* experiment)")
@@ -130,13 +130,17 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += [word for word in args.experiments if "=" in word]
         args.experiments = [word for word in args.experiments if "=" not in word] or None
     try:
-        cfg = load_config(args.config, args.overrides)
+        helped = config_help(args)
+        if helped is not None:
+            print(helped)
+            return 0
+        cfg = load_config(config_file(args), args.overrides)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     out_dir = Path(args.out_dir) if args.out_dir else cfg.runs_dir / "tables"
     report_dir = Path(args.report_dir) if args.report_dir else cfg.runs_dir / "report"
-    experiments = args.experiments or [cfg.tracking.experiment]
+    experiments = args.experiments or ([cfg.tracking.experiment] if cfg.tracking.experiment else None)
     print(make_tables(args.tracking_uri or cfg.tracking_uri, experiments, out_dir, args.format, args.metric, report_dir))
     print(f"written to {out_dir}/ ({', '.join(args.format)})")
     return 0

@@ -37,12 +37,12 @@ def resolution_changes(cfg: Config, resolutions: list[int]) -> dict:
     top, core = resolutions[-1], m.core_widths[0]
     outer = m.stage_widths[-1] if m.stage_widths else core // 2
     low, last = sum(m.phase_steps[:-1]), m.phase_steps[-1]
-    weights = dict(zip(m.resolutions, m.loss_weights))
+    weights = dict(zip(m.resolutions, m.loss_weights or []))
     return {
         "mdm.resolutions": resolutions,
         "mdm.stage_widths": [min(core, outer * top // r) for r in resolutions[1:]],
         "mdm.phase_steps": [low, *[0] * (len(resolutions) - 2), last] if len(resolutions) > 1 else [low + last],
-        "mdm.loss_weights": [weights.get(r, 1.0) for r in resolutions] if m.loss_weights else [],
+        "mdm.loss_weights": [weights.get(r, 1.0) for r in resolutions] if m.loss_weights else None,
     }
 
 
@@ -86,7 +86,8 @@ def run(sweep: Sweep, stages: Plan) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return sweep_main(SCRIPT, __doc__, plan, argv, run=run, default_config=preset(SCRIPT), planner=plan_mdm_sweep)
+    return sweep_main(SCRIPT, __doc__, plan, argv, run=run, default_config=preset(SCRIPT), planner=plan_mdm_sweep,
+                      kind=MDM.name)
 
 
 if __name__ == "__main__":

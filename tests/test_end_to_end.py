@@ -212,7 +212,7 @@ def test_an_imagenet_layout_folder_runs_a_sweep(tmp_path):
             for i in range(n):
                 pixels = np.clip(np.array(colour) + rng.normal(0, 20, (12, 12, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.png")
-    cfg = tiny_config(tmp_path, "data.name=image_folder", f"data.root={tmp_path / 'data'}", "data.train_limit=0",
+    cfg = tiny_config(tmp_path, "data.name=image_folder", f"data.root={tmp_path / 'data'}", "data.train_limit=null",
                       "data.eval_limit=8", "hierarchy.spec='8x8x3, 2x2x8'", "eval.reference_split=train",
                       "eval.num_samples=8", "eval.batch_size=8", "resources.workers_per_level=1", "training.steps=4",
                       "sweep.sigmas=[0.5]")

@@ -1,26 +1,37 @@
 """One typed config tree: the single source of truth for a run.
 
-It is read from YAML plus ``key=value`` overrides, validated before any Ray worker
-starts, flattened into MLflow params, and hashed to key caches. Unknown keys and
-values of the wrong type are errors that name the key.
+It is read from YAML plus ``key=value`` overrides (``nds.config.loading``), validated by pydantic
+before any Ray worker starts, flattened into MLflow params, and hashed to key caches. Every key has
+its type, default, constraints and a one-line description here; ``nds.config.reference`` prints them
+(``--help-config``) and writes docs/configuration.md and the JSON Schema from them. Unknown keys and
+values of the wrong type or range are errors that name the key.
 """
 from __future__ import annotations
 
-import dataclasses
+import difflib
 import hashlib
 import json
-import math
 import os
-from dataclasses import dataclass, field
+import re
 from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from nds.config.errors import ConfigError
+from nds.config.loading import SOURCE_SCALARS, merge, parse_overrides, read_config_file
 from nds.config.specs import (
+    BAD_IMAGE_POLICIES,
+    BASELINES,
     COND_INJECTIONS,
+    DATASETS,
     DOWNSAMPLE_MODES,
+    ENCODERS,
+    LEVEL1_SOURCES,
+    PRECISIONS,
     PREDICTIONS,
+    REFERENCE_SPLITS,
     SAMPLERS,
     SCHEDULES,
     TEXT_ENCODERS,
@@ -35,232 +46,358 @@ from nds.config.specs import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-BAD_IMAGE_POLICIES = ("fail", "skip")  # data.bad_images
+
+# Each enum once: Literal types built from the names nds.config.specs holds for the implementations.
+Dataset = Literal[DATASETS]
+BadImagePolicy = Literal[BAD_IMAGE_POLICIES]
+EncoderName = Literal[ENCODERS]
+Level1Source = Literal[LEVEL1_SOURCES]
+UViTSize = Literal[tuple(UVIT_SIZES)]
+TextEncoder = Literal[TEXT_ENCODERS]
+CondInjection = Literal[COND_INJECTIONS]
+Schedule = Literal[SCHEDULES]
+Prediction = Literal[PREDICTIONS]
+Sampler = Literal[SAMPLERS]
+Precision = Literal[PRECISIONS]
+ReferenceSplit = Literal[REFERENCE_SPLITS]
+DownsampleMode = Literal[DOWNSAMPLE_MODES]
+Baseline = Literal[BASELINES]
+
+NonNegative = Annotated[float, Field(ge=0)]
+Probability = Annotated[float, Field(ge=0, lt=1)]
+Seed = Annotated[int, Field(ge=0, lt=2**32)]  # numpy's and torch's seeds are unsigned 32-bit
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+
+PATH = {"x-nds-path": True}  # json_schema_extra of a path key: ~ and $VAR / ${VAR} are expanded
+_ENV_VAR = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
 
 
-@dataclass
-class DataConfig:
-    name: str = "fashion_mnist"  # fashion_mnist | digits | image_folder (ImageNet-100 layout) | coco2014
-    root: str = "/usr/share/datasets/fashion-mnist"
-    train_limit: int = 3000  # images of the training split used (0 = all)
-    eval_limit: int = 500  # reference images for the sample-quality metric (0 = all)
-    image_size: int = 0  # image_folder/coco2014: resize to this (0 = the level-1 size; x8 for encoder.level1=vae)
-    captions: str = ""  # coco2014: folder with captions_{train,val}2014.json (empty = <root>/annotations)
-    bad_images: str = "fail"  # image_folder/coco2014 files that do not decode: fail (name them) | skip (count, leave out)
+def expand_path(text: str) -> str:
+    """``~`` and ``$VAR`` / ``${VAR}`` expanded; an unset variable is an error naming it."""
+    def var(match: re.Match) -> str:
+        name = match.group(1) or match.group(2)
+        if name not in os.environ:
+            raise ValueError(f"environment variable ${name} is not set")
+        return os.environ[name]
+
+    return os.path.expanduser(_ENV_VAR.sub(var, text))
 
 
-@dataclass
-class EncoderConfig:
-    name: str = "efficientnet_lite0"
-    weights: str = ""  # local weights file; empty = what ships with the package / standard cache
-    image_size: int = 128  # encoder input resolution
-    batch_size: int = 256
-    bf16: bool = False  # only pays on CPUs/GPUs with bf16 matrix units
-    cache_dir: str = ""  # where downloaded weights are cached (empty = the standard HF / torch hub caches)
-    parallel: bool = False  # extract features in Ray tasks (joins/starts Ray as the sweep does) instead of in-process
-    cpus_per_task: float = 1.0  # CPUs per Ray extraction task
-    shard_size: int = 1024  # images per feature-cache shard, and per Ray task
-    level1: str = "pixels"  # z_1: pixels (image resized to level 1) | vae (AutoencoderKL latents, e.g. 256 px -> 32x32x4)
-    level1_weights: str = ""  # level1=vae: AutoencoderKL .safetensors (empty = HF cache of stabilityai/sd-vae-ft-mse)
+def _accepts_str(annotation) -> bool:
+    """Whether a field of this type takes a string (so a YAML number is kept as its text)."""
+    if annotation is str:
+        return True
+    if get_origin(annotation) is Literal:
+        return any(isinstance(a, str) for a in get_args(annotation))
+    if get_origin(annotation) in (Union, Annotated) or type(annotation).__name__ == "UnionType":
+        return any(_accepts_str(a) for a in get_args(annotation) if a is not type(None))
+    return False
 
 
-@dataclass
-class HierarchyConfig:
-    spec: str = "28x28x1, 4x4x32, 2x2x16"  # level 1 (image space) first, as the paper writes it
-    L: int = 2  # depth: the first L levels of the spec are used
-    sigmas: list[float] = field(default_factory=lambda: [0.5, 0.5])  # σ_2..σ_len(spec)
+def _optional(annotation) -> bool:
+    return (get_origin(annotation) is Union or type(annotation).__name__ == "UnionType") and \
+        type(None) in get_args(annotation)
 
 
-@dataclass
-class ModelConfig:
-    size: str = "tiny"  # tiny | small | mid | large (U-ViT sizes)
-    width: int = 0  # 0 = from size
-    depth: int = 0
-    heads: int = 0
-    max_token_grid: int = 8  # patch size is the smallest divisor keeping the token grid ≤ this
-    num_classes: int = 0  # 0 = unconditional; >0 = class-conditional on the dataset labels
-    text_encoder: str = ""  # "" = no text; minilm (ships offline) | clip | t5: captions as condition tokens
-    text_encoder_path: str = ""  # local directory of the text encoder (empty = minilm's packaged copy)
-    # how ẑ_{l+1} enters a level (§4.1; nds/models/uvit.py): kv = condition tokens that only supply keys/values
-    # every two blocks; tokens = a channel-mixing deconvolution to the token grid and two FC layers make
-    # condition tokens that join the sequence, refreshed every two blocks (the paper presets' reading)
-    cond_injection: str = "kv"
-    qkv_bias: bool = True  # U-ViT's configs: false
-    mlp_time_embed: bool = True  # an MLP on the sinusoidal time embedding (U-ViT's configs: false)
+def _item_type(annotation):
+    """The item type of a list type (through Optional / Annotated), or None."""
+    if get_origin(annotation) is list:
+        return get_args(annotation)[0]
+    if get_origin(annotation) in (Union, Annotated) or type(annotation).__name__ == "UnionType":
+        for arg in get_args(annotation):
+            item = _item_type(arg)
+            if item is not None:
+                return item
+    return None
 
 
-@dataclass
-class DiffusionConfig:
-    timesteps: int = 1000
-    schedule: str = "linear"
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
-    cond_drop_prob: float = 0.5
-    # what every level regresses: v | eps (U-ViT, as the paper). Under ε a small level learns to ignore its
-    # condition (it informs the high-noise steps, where the ε target is nearly x_t itself); v weighs those
-    # steps in (README: "The nested gain at laptop scale")
-    prediction: str = "v"
-    sampler: str = "ddim"  # ddim | ddpm | dpm_solver | dpm_solver++ | dpm_solver++_fast (every level)
-    sample_steps: int = 25
-    cfg_scale: float = 3.0  # classifier-free guidance, out_u + s·(out_c - out_u): 1 = none; 3 measured best here
-    eta: float = 0.0  # DDIM only: 0 deterministic, 1 DDPM-like
-    clip_images: bool = True  # clip the image level's predicted x0 to [-1, 1] while sampling
-    latent_clip: float = 0.0  # clip a latent level's predicted x0 to ± this many (training) stds (0 = off)
+def as_field_value(annotation, value):
+    """A value read from YAML as the field's type wants it: a number keeps its text where the type is a
+    string; "" is null where the type is optional (an empty path or name meant "the default")."""
+    if isinstance(value, SOURCE_SCALARS):
+        return value.source if _accepts_str(annotation) else type(value).__mro__[1](value)
+    if value == "" and _optional(annotation):
+        return None
+    item = _item_type(annotation)
+    if item is not None and isinstance(value, list):
+        return [as_field_value(item, v) for v in value]
+    return value
 
 
-@dataclass
-class TrainingConfig:
-    steps: int = 300
-    batch_size: int = 64  # per worker
-    lr: float = 5e-3  # the tiny U-ViT learns too slowly at 2e-3 for a 300-step budget (samples stay noise)
-    warmup_steps: int = 50
-    weight_decay: float = 0.03
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])  # AdamW's (β1, β2)
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999  # sampling uses the EMA weights (0 = the last weights)
-    zero_stage: int = 2
-    precision: str = "auto"  # auto (bf16 where a timed probe of the model finds it faster) | bf16 | fp32
-    log_every: int = 25
-    checkpoint_every: int = 100
-    max_failures: int = 1  # worker restarts, resumed from the last checkpoint
-    fail_once_at_step: int = 0  # fault drill: raise once at this step to exercise resume (0 = off)
-    nan_at_step: int = 0  # fault drill: rank 0's loss is NaN at this step, to exercise non-finite detection (0 = off)
-    kill_worker_at_step: int = 0  # fault drill: the last rank SIGKILLs itself at this step, once per fit (0 = off)
+class Section(BaseModel):
+    """A config section: strict types (no "3" for 3, no 1.5 for an int), finite numbers, no unknown keys."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _yaml_scalars(cls, value, info: ValidationInfo):
+        return as_field_value(cls.model_fields[info.field_name].annotation, value)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _paths(cls, value, info: ValidationInfo):
+        extra = cls.model_fields[info.field_name].json_schema_extra
+        if isinstance(value, str) and isinstance(extra, dict) and extra.get("x-nds-path"):
+            return expand_path(value)
+        return value
 
 
-@dataclass
-class ResourcesConfig:
-    workers_per_level: int = 1
-    cpus_per_worker: float = 0.9
-    gpus_per_worker: float = 0.0
-    driver_cpus: float = 0.1
-    # A chain trial samples and scores in this many shards, Ray tasks of these resources spread over the
-    # cluster (each shard its contiguous run of eval.batch_size batches; the same samples for any count)
-    eval_workers: int = 1
-    eval_cpus_per_worker: float = 0.9  # with the 0.1 CPU trial driver: a one-CPU node holds both
-    eval_gpus_per_worker: float = 0.0
-    max_concurrent_trials: int = 2
-    ray_address: str = ""  # empty: join RAY_ADDRESS if set, else start a local instance
-    level_lock_stale_s: float = 600.0  # a level's trainer whose lock heartbeat is this old is stuck: waiters stop
-    level_wait_s: float = 0.0  # longest wait for a level another trial trains (0 = while its trainer lives)
+class DataConfig(Section):
+    """The images: which dataset, where, how many."""
+
+    name: Dataset = Field("fashion_mnist", description="dataset: an image_folder is ImageNet's train/ + val/ layout")
+    root: str = Field("/usr/share/datasets/fashion-mnist", json_schema_extra=PATH,
+                      description="where the dataset lies (fashion_mnist: the IDX files; digits ships with scikit-learn)")
+    train_limit: Optional[PositiveInt] = Field(3000, description="images of the training split used (null: all)")
+    eval_limit: Optional[Annotated[int, Field(ge=2)]] = Field(
+        500, description="held-out images: the metric's reference and the diagnostic's (null: all)")
+    image_size: Optional[PositiveInt] = Field(
+        None, description="image_folder/coco2014: resize to this (null: the level-1 size, x8 for encoder.level1=vae)")
+    captions: Optional[str] = Field(None, json_schema_extra=PATH,
+                                    description="coco2014: folder of captions_{train,val}2014.json (null: <root>/annotations)")
+    bad_images: BadImagePolicy = Field("fail", description="a file that does not decode: fail (naming it) | skip (count, leave out)")
 
 
-@dataclass
-class EvalConfig:
-    num_samples: int = 500
-    batch_size: int = 250
-    grid_size: int = 8  # samples per side in the logged grid
-    inception_dir: str = "/tmp"  # clean-fid's cache of inception-2015-12-05.pt; true FID only if it is there
-    substitute_image_size: int = 128  # input size of the substitute metric's feature network
-    # Also score fd_data_classifier: Fréchet distance in the features of a small CNN trained on the data's own
-    # labelled training split (nds/eval/data_classifier.py); tables rank by it where FID is absent. Skipped for data
-    # without class labels (COCO).
-    data_classifier: bool = True
-    classifier_steps: int = 1000  # its training steps (batch 128; ~2 min on 2 cores); trained once per data setting, cached
-    classifier_train_limit: int = 0  # training images it learns from (0 = the whole training split)
-    # The chain diagnostic (nds/eval/diagnostics.py), for L > 1: each level l < L is also sampled given the true
-    # condition (held-out z_{l+1}) and the null one, on this many held-out images (0 = off). With guidance
-    # the two columns cost 3/2 of the chain's level-1 sampling per image: 160 of 500 keeps them within +50%
-    diagnostic_samples: int = 160
-    # the metric's reference images: data.eval_limit images of the held-out split (test; an image folder's
-    # test/ or val/) or of the training split (the nested paper's ImageNet-100 FID, "too few val images")
-    reference_split: str = "test"
-    # A local CLIP model directory (CLIPModel + processor, e.g. openai/clip-vit-base-patch16): text-conditional
-    # samples get a CLIP score (MDM Fig. 8c); without it, caption_class_accuracy where captions name classes
-    clip_dir: str = ""
+class EncoderConfig(Section):
+    """The frozen encoder whose features, pooled and SVD-reduced, are the levels z_2.. of the hierarchy."""
+
+    name: EncoderName = Field("efficientnet_lite0", description="the frozen encoder (Table 4a's choices)")
+    weights: Optional[str] = Field(None, json_schema_extra=PATH,
+                                   description="a local weights file, or random (null: what ships with the package or the cache)")
+    image_size: PositiveInt = Field(128, description="encoder input resolution (px)")
+    batch_size: PositiveInt = Field(256, description="images per encoder forward pass")
+    bf16: bool = Field(False, description="extract in bf16 (pays only on CPUs/GPUs with bf16 matrix units)")
+    cache_dir: Optional[str] = Field(None, json_schema_extra=PATH,
+                                     description="where downloaded weights are cached (null: the standard HF / torch hub caches)")
+    parallel: bool = Field(False, description="extract features in Ray tasks (joins/starts Ray as the sweep does)")
+    cpus_per_task: float = Field(1.0, gt=0, description="CPUs per Ray extraction task")
+    shard_size: PositiveInt = Field(1024, description="images per feature-cache shard, and per Ray task")
+    level1: Level1Source = Field("pixels", description="z_1: pixels (the image resized to level 1) | vae (AutoencoderKL codes)")
+    level1_weights: Optional[str] = Field(
+        None, json_schema_extra=PATH,
+        description="level1=vae: AutoencoderKL .safetensors (null: HF cache of stabilityai/sd-vae-ft-mse)")
 
 
-@dataclass
-class SweepConfig:
-    """What the experiment scripts vary; each script reads the lists it sweeps."""
+class HierarchyConfig(Section):
+    """The chain's levels, level 1 (image space) first as the paper writes them."""
 
-    depths: list[int] = field(default_factory=lambda: [1, 2])  # sweep_sigma, sweep_depth
-    sigmas: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])  # sweep_sigma: values of σ_L
-    # sweep_sigma: guidance scales tried at every σ_L of depths L > 1 (empty: diffusion.cfg_scale only); the
-    # best (σ_L, scale) pair is carried into depth L+1. Guidance only changes sampling: no extra level trainings
-    cfg_scales: list[float] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=lambda: [0])  # every sweep: results are mean ± std over these
-    reuse_finished: bool = True  # a trial whose finished MLflow run (same trial key) exists is reused, not rerun
-    carry_best_sigma: bool = True  # sweep_sigma: depth L+1 uses the best σ_L found at depth L
-    shapes: list[str] = field(default_factory=list)  # sweep_shapes: whole hierarchy.spec strings to compare
-    encoders: list[str] = field(default_factory=list)  # sweep_encoders: encoder.name values (Table 4a)
-    encoder_specs: list[str] = field(default_factory=list)  # sweep_encoders: per encoder a spec ("" = hierarchy.spec)
-    rcg_encoder: str = "rcg_moco_v3"  # sweep_rcg: the global-vector encoder (Table 4b)
-    rcg_spec: str = ""  # sweep_rcg: the spec with the global vector on top, e.g. "32x32x4, 1x1x256"
-    mdm_resolutions: list[list[int]] = field(default_factory=list)  # sweep_mdm: nested resolution lists (Fig. 8b)
-    mdm_phase_steps: list[list[int]] = field(default_factory=list)  # sweep_mdm: progressive schedules (Fig. 8a)
-    mdm_baselines: list[str] = field(default_factory=list)  # sweep_mdm: values of mdm.baseline to compare
+    spec: str = Field("28x28x1, 4x4x32, 2x2x16", description="level shapes HxWxC, level 1 (image space) first")
+    L: PositiveInt = Field(2, description="depth: the first L levels of the spec are used")
+    sigmas: list[NonNegative] = Field([0.5, 0.5], description="σ_2..σ_n: the noise on each conditioning copy ẑ_l")
 
 
-@dataclass
-class TrackingConfig:
-    uri: str = ""  # empty: MLFLOW_TRACKING_URI if set, else sqlite in paths.runs_dir
-    experiment: str = ""  # empty: nds-<script>, e.g. nds-sweep-sigma (make_tables reads every nds-* experiment)
+class ModelConfig(Section):
+    """Each level's U-ViT (nds/models/uvit.py)."""
+
+    size: UViTSize = Field("tiny", description="U-ViT size: its width, depth and heads unless set below")
+    width: Optional[PositiveInt] = Field(None, description="token width (null: from model.size)")
+    depth: Optional[PositiveInt] = Field(None, description="transformer blocks, even (null: from model.size)")
+    heads: Optional[PositiveInt] = Field(None, description="attention heads, dividing the width (null: from model.size)")
+    max_token_grid: PositiveInt = Field(8, description="patch size is the smallest divisor keeping the token grid within this")
+    num_classes: NonNegativeInt = Field(0, description="0 = unconditional; else class-conditional on the data's labels (its class count)")
+    text_encoder: Optional[TextEncoder] = Field(
+        None, description="captions as condition tokens: minilm (ships offline) | clip | t5 (null: no text)")
+    text_encoder_path: Optional[str] = Field(None, json_schema_extra=PATH,
+                                             description="local directory of the text encoder (null: minilm's packaged copy)")
+    cond_injection: CondInjection = Field(
+        "kv", description="how ẑ_{l+1} enters a level: kv (keys/values every two blocks) | tokens (joins the sequence)")
+    qkv_bias: bool = Field(True, description="biases in the attention's q/k/v projection (U-ViT's configs: false)")
+    mlp_time_embed: bool = Field(True, description="an MLP on the sinusoidal time embedding (U-ViT's configs: false)")
 
 
-@dataclass
-class PathsConfig:
-    runs_dir: str = "runs"  # relative paths resolve against the repo root
-    cache_dir: str = ""  # empty: <runs_dir>/cache
-    levels_dir: str = ""  # trained-level store shared by every sweep (empty: <runs_dir>/levels)
+class DiffusionConfig(Section):
+    """The Gaussian process, its loss and its sampler (every level; MDM's schedule too)."""
+
+    timesteps: PositiveInt = Field(1000, description="diffusion steps T of the training process")
+    schedule: Schedule = Field("linear", description="noise schedule")
+    beta_start: float = Field(1e-4, gt=0, lt=1, description="β at t=0 (linear, scaled_linear), below beta_end")
+    beta_end: float = Field(0.02, gt=0, lt=1, description="β at t=T (linear, scaled_linear)")
+    cond_drop_prob: Probability = Field(0.5, description="conditions dropped this often in training (classifier-free guidance)")
+    prediction: Prediction = Field("v", description="what every level regresses: v | eps (U-ViT and the paper: eps)")
+    sampler: Sampler = Field("ddim", description="sampler of every level")
+    sample_steps: PositiveInt = Field(25, description="sampling steps, at most diffusion.timesteps")
+    cfg_scale: float = Field(3.0, ge=0, description="classifier-free guidance out_u + s·(out_c - out_u): 1 = none")
+    eta: float = Field(0.0, ge=0, le=1, description="DDIM only: 0 deterministic, 1 DDPM-like")
+    clip_images: bool = Field(True, description="clip the image level's predicted x0 to [-1, 1] while sampling")
+    latent_clip: Optional[float] = Field(
+        None, gt=0, description="clip a latent level's predicted x0 to ± this many training stds (null: no clipping)")
 
 
-@dataclass
-class MDMConfig:
-    """Matryoshka Diffusion: one NestedUNet over all resolutions (nds/models/nested_unet.py).
+class TrainingConfig(Section):
+    """How each level (or NestedUNet phase) is trained: Ray Train + DeepSpeed ZeRO, AdamW, EMA."""
 
-    The defaults fit Fashion-MNIST as it is: 14 -> 28, two levels, no padding. Images are
-    resized to the last (full) resolution. Optimisation (lr, warm-up, clipping, EMA, ZeRO, batch)
-    comes from ``training``; the schedule and sampling from ``diffusion``.
-    """
-
-    resolutions: list[int] = field(default_factory=lambda: [14, 28])  # innermost first, each a power-of-two multiple of the last
-    channels: int = 1  # image channels (1 for Fashion-MNIST and digits, 3 for RGB folders)
-    core_widths: list[int] = field(default_factory=lambda: [32, 64])  # inner UNet widths, halving resolution between
-    core_blocks: int = 1
-    attention_levels: list[int] = field(default_factory=list)  # core levels with self-attention (the middle always has it)
-    stage_widths: list[int] = field(default_factory=lambda: [16])  # one per outer resolution
-    stage_blocks: int = 1
-    heads: int = 4
-    num_classes: int = 0  # 0 = unconditional; >0 = class-conditional on the dataset labels
-    cond_drop_prob: float = 0.1  # labels dropped this often in training, for classifier-free guidance
-    snr_power: float = 2.0  # resolution r's SNR is the base schedule's times (r_base / r)^power
-    loss_weights: list[float] = field(default_factory=list)  # one per resolution (empty = all 1)
-    prediction: str = "v"  # v | eps
-    # Progressive training: phase i trains the i+1 innermost resolutions for phase_steps[i] steps,
-    # growing from the previous phase's EMA weights; 0 skips a phase (e.g. [0, 400] = no progression).
-    phase_steps: list[int] = field(default_factory=lambda: [200, 200])
-    sampler: str = "ddim"  # ddim | ddpm | dpm_solver | dpm_solver++ | dpm_solver++_fast
-    text_layers: int = 2  # with model.text_encoder: self-attention layers over the caption tokens (MDM §4.1)
-    # Imagen's dynamic thresholding of every resolution's x0 at this percentile while sampling (App. C; 0 = off)
-    threshold: float = 0.0
-    downsample: str = "bilinear"  # how the lower resolutions are formed: bilinear (§3.1) | area (pixel means)
-    # What is trained on that budget: nested (the NestedUNet) | cascaded (a low-resolution UNet, then a
-    # full-resolution UNet conditioned on its noised upsampled output) | plain (full resolution only) |
-    # latent (the innermost UNet on a frozen autoencoder's codes, decoded after sampling: MDM's LDM).
-    baseline: str = "nested"
-    # The latent baseline's AutoencoderKL: a diffusers-format .safetensors (architecture from its
-    # metadata or a config.json beside it), and the code shape it must have, checked before training.
-    vae_weights: str = ""
-    latent_downsample: int = 4  # MDM App. E.2: KL-F4, 256 px -> 64x64 codes
-    latent_channels: int = 3
+    steps: PositiveInt = Field(300, description="optimiser steps per level")
+    batch_size: PositiveInt = Field(64, description="images per step per worker")
+    lr: float = Field(5e-3, gt=0, description="AdamW's peak learning rate")
+    warmup_steps: NonNegativeInt = Field(50, description="linear warm-up steps to the peak learning rate")
+    weight_decay: float = Field(0.03, ge=0, description="AdamW's decoupled weight decay")
+    betas: list[Probability] = Field([0.9, 0.99], min_length=2, max_length=2, description="AdamW's (β1, β2)")
+    grad_clip: float = Field(1.0, ge=0, description="gradient norm clip (0 = none)")
+    ema_decay: Probability = Field(0.999, description="sampling uses these EMA weights (0 = the last weights)")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage")
+    precision: Precision = Field("auto", description="auto (bf16 where a timed probe finds it faster) | bf16 | fp32")
+    log_every: PositiveInt = Field(25, description="steps between logged losses")
+    checkpoint_every: PositiveInt = Field(100, description="steps between checkpoints a restarted fit resumes from")
+    max_failures: int = Field(1, ge=0, le=10,
+                              description="retries of a failed fit or trial, from its last checkpoint (a repeating failure is not transient)")
+    fail_once_at_step: Optional[PositiveInt] = Field(
+        None, description="fault drill: raise once at this step to exercise resume (null: off)")
+    nan_at_step: Optional[PositiveInt] = Field(
+        None, description="fault drill: rank 0's loss is NaN at this step (null: off)")
+    kill_worker_at_step: Optional[PositiveInt] = Field(
+        None, description="fault drill: the last rank SIGKILLs itself at this step, once per fit (null: off)")
 
 
-@dataclass
-class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    hierarchy: HierarchyConfig = field(default_factory=HierarchyConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    sweep: SweepConfig = field(default_factory=SweepConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    mdm: MDMConfig = field(default_factory=MDMConfig)
-    seed: int = 0
+class ResourcesConfig(Section):
+    """What Ray gives each fit, trial driver and evaluation shard, and the cluster to run on."""
+
+    workers_per_level: PositiveInt = Field(1, description="Ray Train workers per fit (they set the global batch)")
+    cpus_per_worker: float = Field(0.9, gt=0, description="CPUs per Train worker")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per Train worker (above 1: whole GPUs)")
+    driver_cpus: float = Field(0.1, gt=0, description="CPUs held by each trial's driver")
+    eval_workers: PositiveInt = Field(1, description="shards a trial samples and scores in (the same samples for any count)")
+    eval_cpus_per_worker: float = Field(0.9, gt=0, description="CPUs per evaluation shard")
+    eval_gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per evaluation shard (above 1: whole GPUs)")
+    max_concurrent_trials: PositiveInt = Field(2, description="trials of a stage that run at once")
+    ray_address: Optional[str] = Field(
+        None, description="Ray cluster to join: auto | host:port | ray://host:port (null: RAY_ADDRESS, else a local instance)")
+    level_lock_stale_s: float = Field(600.0, gt=0, description="a level trainer's lock heartbeat this old means it is stuck (s)")
+    level_wait_s: Optional[float] = Field(
+        None, gt=0, description="longest wait for a level another trial trains, in s (null: while its trainer lives)")
+
+    @field_validator("ray_address")
+    @classmethod
+    def _ray_address(cls, address: str | None) -> str | None:
+        problem = ray_address_problem(address) if address is not None else ""
+        if problem:
+            raise ValueError(problem)
+        return address
+
+
+class EvalConfig(Section):
+    """Sampling and scoring a trial: the quality metric, the data classifier, the chain diagnostic."""
+
+    num_samples: Annotated[int, Field(ge=2)] = Field(500, description="samples scored per trial (a Fréchet distance needs 2+)")
+    batch_size: PositiveInt = Field(250, description="samples per sampling batch")
+    grid_size: PositiveInt = Field(8, description="samples per side of the logged sample grid")
+    inception_dir: str = Field("/tmp", json_schema_extra=PATH,
+                               description="clean-fid's cache of inception-2015-12-05.pt: true FID only if it is there")
+    substitute_image_size: PositiveInt = Field(
+        128, description="input size of the substitute metric's feature network (px)")
+    data_classifier: bool = Field(True, description="also score fd_data_classifier, in a small CNN trained on the data's labels")
+    classifier_steps: PositiveInt = Field(1000, description="the data classifier's training steps (batch 128; cached)")
+    classifier_train_limit: Optional[PositiveInt] = Field(
+        None, description="training images the data classifier learns from (null: the whole training split)")
+    diagnostic_samples: NonNegativeInt = Field(
+        160, description="held-out images of the chain diagnostic, 2+ (0 = off; L > 1 only)")
+    reference_split: ReferenceSplit = Field("test", description="the metric's reference images: held-out (test) or training split")
+    clip_dir: Optional[str] = Field(None, json_schema_extra=PATH,
+                                    description="local CLIP model directory for the CLIP score (null: caption_class_accuracy)")
+
+
+class SweepConfig(Section):
+    """What the experiment scripts vary; each script reads the lists it sweeps. No list may repeat a value."""
+
+    depths: list[PositiveInt] = Field([1, 2], description="sweep_sigma, sweep_depth: depths L")
+    sigmas: list[NonNegative] = Field([0.0, 0.5, 1.0], description="sweep_sigma: values of σ_L")
+    cfg_scales: list[NonNegative] = Field(
+        [], description="sweep_sigma, sweep_mdm: guidance scales tried at each setting (empty: diffusion.cfg_scale)")
+    seeds: list[Seed] = Field([0], min_length=1, description="every sweep: results are mean ± std over these")
+    reuse_finished: bool = Field(True, description="a trial whose finished MLflow run (same trial key) exists is reused")
+    carry_best_sigma: bool = Field(True, description="sweep_sigma: depth L+1 uses the best σ_L found at depth L")
+    shapes: list[str] = Field([], description="sweep_shapes: whole hierarchy.spec strings")
+    encoders: list[EncoderName] = Field([], description="sweep_encoders: encoder.name values (Table 4a)")
+    encoder_specs: list[Optional[str]] = Field(
+        [], description="sweep_encoders: per encoder a hierarchy.spec, null for hierarchy.spec (empty: all null)")
+    rcg_encoder: EncoderName = Field("rcg_moco_v3", description="sweep_rcg: the global-vector encoder (Table 4b)")
+    rcg_spec: Optional[str] = Field(
+        None, description="sweep_rcg: the spec with the global vector on top, e.g. 32x32x4, 1x1x256 (sweep_rcg needs it)")
+    mdm_resolutions: list[list[PositiveInt]] = Field([], description="sweep_mdm: nested resolution lists (Fig. 8b)")
+    mdm_phase_steps: list[list[NonNegativeInt]] = Field([], description="sweep_mdm: progressive schedules (Fig. 8a)")
+    mdm_baselines: list[Baseline] = Field([], description="sweep_mdm: values of mdm.baseline to compare")
+
+
+class TrackingConfig(Section):
+    """Where runs are logged (MLflow)."""
+
+    uri: Optional[str] = Field(
+        None, description="MLflow tracking URI with its scheme (null: MLFLOW_TRACKING_URI, else sqlite in paths.runs_dir)")
+    experiment: Optional[str] = Field(
+        None, description="MLflow experiment (null: nds-<script>; make_tables reads every nds-* experiment)")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, uri: str | None) -> str | None:
+        problem = tracking_uri_problem(uri) if uri is not None else ""
+        if problem:
+            raise ValueError(problem)
+        return uri
+
+
+class PathsConfig(Section):
+    """Where a run writes."""
+
+    runs_dir: str = Field("runs", json_schema_extra=PATH, description="everything a run writes (relative: to the repo root)")
+    cache_dir: Optional[str] = Field(None, json_schema_extra=PATH, description="feature and data caches (null: <runs_dir>/cache)")
+    levels_dir: Optional[str] = Field(None, json_schema_extra=PATH,
+                                      description="trained-level store shared by every sweep (null: <runs_dir>/levels)")
+
+
+class MDMConfig(Section):
+    """Matryoshka Diffusion: one NestedUNet over all resolutions (nds/models/nested_unet.py); optimisation
+    from training, the schedule and sampling from diffusion."""
+
+    resolutions: list[PositiveInt] = Field([14, 28], min_length=1,
+                                           description="innermost first, each a power-of-two multiple of the one before")
+    channels: PositiveInt = Field(1, description="image channels: the data's (1 for Fashion-MNIST and digits, 3 for RGB)")
+    core_widths: list[PositiveInt] = Field([32, 64], min_length=1, description="inner UNet widths, halving resolution between")
+    core_blocks: PositiveInt = Field(1, description="residual blocks per core level")
+    attention_levels: list[NonNegativeInt] = Field([], description="core levels with self-attention (the middle always has it)")
+    stage_widths: list[PositiveInt] = Field([16], description="one width per outer resolution")
+    stage_blocks: PositiveInt = Field(1, description="residual blocks per outer stage")
+    heads: PositiveInt = Field(4, description="attention heads, dividing each attended core width")
+    num_classes: NonNegativeInt = Field(0, description="0 = unconditional; else class-conditional on the data's labels (its class count)")
+    cond_drop_prob: Probability = Field(0.1, description="labels or captions dropped this often in training, for guidance")
+    snr_power: float = Field(2.0, ge=0, description="resolution r's SNR is the base schedule's times (r_base / r)^power")
+    loss_weights: Optional[list[NonNegative]] = Field(None, description="one loss weight per resolution (null: all 1)")
+    prediction: Prediction = Field("v", description="what the NestedUNet regresses: v | eps")
+    phase_steps: list[NonNegativeInt] = Field(
+        [200, 200], description="progressive training: phase i trains the i+1 innermost resolutions; 0 skips it")
+    sampler: Sampler = Field("ddim", description="sampler of the NestedUNet")
+    text_layers: NonNegativeInt = Field(2, description="with model.text_encoder: self-attention layers over the caption tokens")
+    threshold: Optional[float] = Field(
+        None, gt=0, le=1, description="dynamic thresholding of x0 at this percentile while sampling (null: off)")
+    downsample: DownsampleMode = Field("bilinear", description="how the lower resolutions are formed: bilinear | area")
+    baseline: Baseline = Field("nested", description="what is trained: nested | cascaded | plain | latent (MDM's LDM)")
+    vae_weights: Optional[str] = Field(None, json_schema_extra=PATH,
+                                       description="baseline=latent: the AutoencoderKL .safetensors (diffusers format)")
+    latent_downsample: PositiveInt = Field(4, description="baseline=latent: the autoencoder's downsampling factor")
+    latent_channels: PositiveInt = Field(3, description="baseline=latent: the autoencoder's code channels")
+
+
+class Config(Section):
+    """A whole run."""
+
+    data: DataConfig = Field(default_factory=DataConfig, description=DataConfig.__doc__)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig, description=EncoderConfig.__doc__)
+    hierarchy: HierarchyConfig = Field(default_factory=HierarchyConfig, description=HierarchyConfig.__doc__)
+    model: ModelConfig = Field(default_factory=ModelConfig, description=ModelConfig.__doc__)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig, description=DiffusionConfig.__doc__)
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description=TrainingConfig.__doc__)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description=ResourcesConfig.__doc__)
+    eval: EvalConfig = Field(default_factory=EvalConfig, description=EvalConfig.__doc__)
+    sweep: SweepConfig = Field(default_factory=SweepConfig, description=SweepConfig.__doc__)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description=TrackingConfig.__doc__)
+    paths: PathsConfig = Field(default_factory=PathsConfig, description=PathsConfig.__doc__)
+    mdm: MDMConfig = Field(default_factory=MDMConfig, description=MDMConfig.__doc__)
+    seed: Seed = Field(0, description="the run's seed (a sweep's trials take theirs from sweep.seeds)")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        validate(self)
+        return self
 
     # -- derived values, so no caller recomputes them --------------------------------
     @property
@@ -279,16 +416,16 @@ class Config:
 
     @property
     def runs_dir(self) -> Path:
-        path = Path(self.paths.runs_dir).expanduser()
+        path = Path(self.paths.runs_dir)
         return path if path.is_absolute() else REPO_ROOT / path
 
     @property
     def cache_dir(self) -> Path:
-        return Path(self.paths.cache_dir).expanduser() if self.paths.cache_dir else self.runs_dir / "cache"
+        return Path(self.paths.cache_dir) if self.paths.cache_dir else self.runs_dir / "cache"
 
     @property
     def levels_dir(self) -> Path:
-        return Path(self.paths.levels_dir).expanduser() if self.paths.levels_dir else self.runs_dir / "levels"
+        return Path(self.paths.levels_dir) if self.paths.levels_dir else self.runs_dir / "levels"
 
     def experiment_name(self, script: str) -> str:
         """The MLflow experiment of a run of ``script`` (e.g. sweep_sigma -> nds-sweep-sigma)."""
@@ -301,146 +438,192 @@ class Config:
         return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.runs_dir / 'mlflow.db'}"
 
 
+SECTIONS: dict[str, type[Section]] = {name: field.annotation for name, field in Config.model_fields.items()
+                                       if isinstance(field.annotation, type) and issubclass(field.annotation, Section)}
+
+
+# -- addresses ---------------------------------------------------------------------------------
+
+
+def ray_address_problem(address: str) -> str:
+    """Why Ray could not join ``address`` as written ("" if it could): ``auto``, ``host:port`` or
+    ``ray://host:port``. ``localhost`` alone, say, made ray.init retry for minutes."""
+    if address == "auto":
+        return ""
+    rest = address[len("ray://"):] if address.startswith("ray://") else address
+    host, sep, port = rest.rstrip("/").rpartition(":")
+    if "://" in rest or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return ("not a Ray address: give auto, host:port (the head's GCS, e.g. 10.0.0.1:6379) or ray://host:port "
+                "(Ray Client), or leave it empty for a local instance")
+    return ""
+
+
+_URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def tracking_uri_problem(uri: str) -> str:
+    """Why ``uri`` is not an MLflow tracking URI ("" if it is): it must say its scheme, e.g.
+    http://host:5000, sqlite:///path/mlflow.db, databricks."""
+    if uri == "databricks" or (_URI_SCHEME.match(uri) and not re.match(r"^[A-Za-z]:[\\/]", uri)):
+        if uri.startswith(("http://", "https://")) and not uri.split("://", 1)[1].strip("/"):
+            return "names no host"
+        return ""
+    looks_like_host = re.match(r"^[\w.-]+:\d+(/.*)?$", uri)
+    example = f"http://{uri}" if looks_like_host else f"sqlite:///{uri}"
+    return f"no scheme: write the URI in full (e.g. {example}), or leave it empty for the sqlite store under paths.runs_dir"
+
+
 # -- reading -----------------------------------------------------------------------------
 
 
-def _coerce(value, annotation, key: str):
-    """Check/convert one leaf value against its dataclass annotation."""
-    # annotations are strings under `from __future__ import annotations`
-    kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
-    if kind.startswith("list["):
-        item_kind = kind[5:-1]
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        return [_coerce(v, item_kind, f"{key}[{i}]") for i, v in enumerate(value)]
-    if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
-    if kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
-        return value
-    if kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
-        return float(value)
-    if kind == "str":
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
-        return str(value)
-    raise ConfigError(f"config key '{key}' has an unsupported type {kind}")
+def _field_at(loc: tuple) -> tuple[type[Section] | None, Any]:
+    """(the section holding the field, the field's annotation) at a pydantic error location; list
+    indices give the item type."""
+    model, annotation = Config, Config
+    for part in loc:
+        if isinstance(part, int):
+            annotation = _item_type(annotation) or annotation
+            continue
+        if not (isinstance(annotation, type) and issubclass(annotation, Section)) or part not in annotation.model_fields:
+            return (annotation if isinstance(annotation, type) and issubclass(annotation, Section) else None), None
+        model, annotation = annotation, annotation.model_fields[part].annotation
+    return model, annotation
 
 
-def _merge(node, updates: dict, prefix: str = ""):
-    if not isinstance(updates, dict):
-        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {updates!r}")
-    fields = {f.name: f for f in dataclasses.fields(node)}
-    for name, value in updates.items():
-        key = f"{prefix}{name}"
-        if name not in fields:
-            known = ", ".join(sorted(fields))
-            raise ConfigError(f"unknown config key '{key}' (known here: {known})")
-        current = getattr(node, name)
-        if dataclasses.is_dataclass(current):
-            _merge(current, value, f"{key}.")
-        else:
-            setattr(node, name, _coerce(value, fields[name].type, key))
+def dotted(loc: tuple) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(loc))
 
 
-def parse_overrides(overrides: list[str]) -> dict:
-    """``['model.width=64', 'sweep.sigmas=[0,1]']`` -> nested dict (values parsed as YAML)."""
-    nested: dict = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as err:
-            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-            raise ConfigError(f"override '{item}': value is not valid YAML ({problem})") from None
-        node = nested
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return nested
+def _shown(value) -> str:
+    if isinstance(value, SOURCE_SCALARS):
+        return value.source
+    return repr(value) if isinstance(value, str) else json.dumps(value) if isinstance(value, list) else str(value)
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last, silently)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key '{key}' given twice (first on line {seen[key]})", key_node.start_mark)
-            seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep)
+def _literal_values(annotation) -> list:
+    if get_origin(annotation) is Literal:
+        return list(get_args(annotation))
+    for arg in get_args(annotation):
+        values = _literal_values(arg)
+        if values:
+            return values
+    return []
 
 
-def read_yaml(path: Path):
-    """A YAML file's content; a syntax error is one line naming the file, line and column."""
+_NULL_MEANING = re.compile(r"\(null: ([^)]*)\)")
+
+
+def _message(error: dict) -> str:
+    """One pydantic error as a line that names the dotted key, the value given and what is allowed."""
+    loc, kind, given = tuple(error["loc"]), error["type"], error.get("input")
+    key = dotted(loc)
+    section, annotation = _field_at(loc)
+    if kind == "extra_forbidden":
+        known = sorted(section.model_fields) if section else []
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"did you mean '{dotted((*loc[:-1], close[0]))}'? " if close else ""
+        anchors = "; a top-level key that only holds YAML anchors starts with x-" if len(loc) == 1 else ""
+        return f"unknown config key '{key}' ({hint}known here: {', '.join(known)}{anchors})"
+    if kind in ("model_type", "dict_type", "model_attributes_type"):
+        return f"config section '{key or '<root>'}' must be a mapping of its keys, got {_shown(given)}"
+    types = {"int_type": "an integer", "int_from_float": "an integer", "int_parsing": "an integer",
+             "float_type": "a number", "float_parsing": "a number", "finite_number": "a finite number",
+             "bool_type": "true or false", "bool_parsing": "true or false", "string_type": "a string",
+             "list_type": "a list"}
+    if kind in types:
+        return f"config key '{key}' must be {types[kind]}, got {_shown(given)}"
+    if kind == "literal_error":
+        values = _literal_values(annotation)
+        return f"{key}={_shown(given)} must be one of {values}" + (" or null" if _optional(annotation) else "")
+    bounds = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"), "less_than_equal": ("<=", "le"),
+              "less_than": ("<", "lt")}
+    if kind in bounds:
+        op, name = bounds[kind]
+        field = section.model_fields.get(loc[-1]) if section and isinstance(loc[-1], str) else None
+        meaning = _NULL_MEANING.search(field.description or "") if field is not None else None
+        null = f" (or null: {meaning.group(1)})" if meaning and _optional(annotation) and not isinstance(loc[-1], int) else ""
+        bound = error["ctx"][name]
+        return f"{key}={_shown(given)} must be {op} {bound:g}{null}" if isinstance(bound, float) else \
+            f"{key}={_shown(given)} must be {op} {bound}{null}"
+    if kind in ("too_short", "too_long"):
+        ctx = error.get("ctx", {})
+        need = (f"at least {ctx['min_length']}" if kind == "too_short" else f"at most {ctx['max_length']}")
+        return f"{key}={_shown(given)} must have {need} entries"
+    if kind in ("value_error", "assertion_error"):
+        text = str(error.get("ctx", {}).get("error", error["msg"]))
+        return text if not key or text.startswith(key) else f"{key}={_shown(given)}: {text}"
+    return f"config key '{key}': {error['msg']}, got {_shown(given)}"
+
+
+def config_error(err: ValidationError) -> ConfigError:
+    """pydantic's errors as one ConfigError line (several joined by '; ')."""
+    return ConfigError("; ".join(dict.fromkeys(_message(e) for e in err.errors(include_url=False))))
+
+
+def build(data: dict) -> Config:
+    """A validated Config from a nested dict (YAML, overrides, ``to_dict`` output)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '<root>' must be a mapping of sections, got {data!r}")
     try:
-        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: not valid YAML: {err.problem or err.context}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not a text file ({err.reason} at byte {err.start})") from None
-
-
-def _merge_file(cfg: Config, path: Path, seen: tuple[Path, ...] = ()) -> None:
-    """Merge a YAML file into ``cfg``; its ``extends: other.yaml`` (relative to it) is merged first,
-    so a preset states only how it differs from the setup it builds on."""
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    if path.resolve() in seen:
-        raise ConfigError(f"config file {path} extends itself (via {' -> '.join(map(str, seen))})")
-    loaded = read_yaml(path)
-    if isinstance(loaded, dict) and "extends" in loaded:
-        _merge_file(cfg, path.parent / str(loaded.pop("extends")), (*seen, path.resolve()))
-    _merge(cfg, loaded)
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise config_error(err) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file (and what it extends) <- overrides, then validated."""
-    cfg = Config()
-    if path is not None:
-        _merge_file(cfg, Path(path))
-    _merge(cfg, parse_overrides(overrides or []))
-    validate(cfg)
-    return cfg
+    data = read_config_file(Path(path)) if path is not None else {}
+    return build(merge(data, parse_overrides(overrides or [])))
 
 
 def from_dict(data: dict) -> Config:
     """Rebuild a config from ``to_dict`` output (e.g. inside a Ray worker)."""
-    cfg = Config()
-    _merge(cfg, data)
-    return cfg
+    return build(data)
 
 
-def replace(cfg: Config, **dotted) -> Config:
+def replace(cfg: Config, **dotted_keys) -> Config:
     """A validated copy with dotted keys changed: ``replace(cfg, **{"hierarchy.L": 1})``."""
-    new = from_dict(to_dict(cfg))
-    _merge(new, parse_overrides([f"{k}={json.dumps(v)}" for k, v in dotted.items()]))
-    validate(new)
-    return new
+    changes: dict = {}
+    for key, value in dotted_keys.items():
+        node, parts = changes, key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return build(merge(to_dict(cfg), changes))
 
 
 # -- checking ----------------------------------------------------------------------------
 
 
+def _check_unique(key: str, values: list, same=lambda v: v, shown=None, why: str = "") -> None:
+    """A sweep list repeats no value: nor two values that are the same setting (``same``) or that
+    name the same trial (``shown``: how a trial name prints them)."""
+    seen: dict = {}
+    for i, value in enumerate(values):
+        form = json.dumps(same(value))
+        if form in seen:
+            j = seen[form]
+            raise ConfigError(f"{key}[{i}] = {_shown(value)} repeats {key}[{j}] = {_shown(values[j])}: each entry "
+                              f"of a sweep list is one setting{why}")
+        seen[form] = i
+    named: dict = {}
+    for i, value in enumerate(values if shown else ()):
+        form = shown(value)
+        if form in named:
+            j = named[form]
+            raise ConfigError(f"{key}[{j}] = {_shown(values[j])} and {key}[{i}] = {_shown(value)} both print as {form} "
+                              "in trial names, so their trials would share one name and one MLflow record: give "
+                              "values that differ within 6 significant digits")
+        named[form] = i
+
+
+def trial_float(value: float) -> str:
+    """How a swept number is written in a trial name (σ, guidance scale)."""
+    return f"{value:g}"
+
+
 def validate(cfg: Config) -> None:
-    """Structural checks that need no files; raise ConfigError naming the key."""
+    """Checks across keys, and those no field type states; raise ConfigError naming the key."""
     try:
         spec = parse_spec(cfg.hierarchy.spec)
         check_nesting(spec)
@@ -464,101 +647,75 @@ def validate(cfg: Config) -> None:
             f"hierarchy.sigmas needs one σ per conditioning level (levels 2..{len(spec)}): "
             f"got {len(cfg.hierarchy.sigmas)}, need {len(spec) - 1}"
         )
-    for i, s in enumerate(cfg.hierarchy.sigmas):
-        if s < 0:
-            raise ConfigError(f"hierarchy.sigmas[{i}] (σ_{i + 2}) = {s} must be >= 0")
-    for i, s in enumerate(cfg.sweep.sigmas):
-        if s < 0:
-            raise ConfigError(f"sweep.sigmas[{i}] = {s} must be >= 0")
-    for i, depth in enumerate(cfg.sweep.depths):
-        if not 1 <= depth <= len(spec):
-            raise ConfigError(f"sweep.depths[{i}] = {depth} must be between 1 and the {len(spec)} levels of hierarchy.spec")
-    if cfg.sweep.encoder_specs and len(cfg.sweep.encoder_specs) != len(cfg.sweep.encoders):
-        raise ConfigError(f"sweep.encoder_specs needs one spec (or \"\") per entry of sweep.encoders "
-                          f"({len(cfg.sweep.encoders)}), got {len(cfg.sweep.encoder_specs)}")
-    if not cfg.sweep.seeds:
-        raise ConfigError("sweep.seeds must list at least one seed")
-    for key, seed in [("seed", cfg.seed), *((f"sweep.seeds[{i}]", s) for i, s in enumerate(cfg.sweep.seeds))]:
-        if not 0 <= seed < 2**32:  # numpy's and torch's seeds are unsigned 32-bit
-            raise ConfigError(f"{key}={seed} must be in [0, 2**32)")
-    if len(set(cfg.sweep.seeds)) != len(cfg.sweep.seeds):
-        raise ConfigError(f"sweep.seeds={cfg.sweep.seeds} repeats a seed: a repeat is not a second sample of the spread")
+    _validate_model(cfg)
+    _validate_sweep(cfg, len(spec))
     r = cfg.resources
     for prefix in ("", "eval_"):
-        cpus, gpus = getattr(r, f"{prefix}cpus_per_worker"), getattr(r, f"{prefix}gpus_per_worker")
-        if not cpus > 0 or not gpus >= 0:
-            raise ConfigError(f"resources.{prefix}cpus_per_worker={cpus} must be > 0 and resources.{prefix}gpus_per_worker="
-                              f"{gpus} >= 0")
+        gpus = getattr(r, f"{prefix}gpus_per_worker")
         if gpus > 1 and gpus != int(gpus):
             raise ConfigError(f"resources.{prefix}gpus_per_worker={gpus}: above 1 a worker takes whole GPUs")
-    if r.level_lock_stale_s <= 0 or r.level_wait_s < 0:
-        raise ConfigError(f"resources.level_lock_stale_s={r.level_lock_stale_s} must be > 0 and "
-                          f"resources.level_wait_s={r.level_wait_s} >= 0 (0 = no limit)")
-    if cfg.training.lr <= 0 or cfg.training.warmup_steps < 0 or cfg.training.grad_clip < 0:
-        raise ConfigError(f"training.lr={cfg.training.lr} must be > 0, training.warmup_steps="
-                          f"{cfg.training.warmup_steps} and training.grad_clip={cfg.training.grad_clip} >= 0")
-    if cfg.training.log_every < 1 or cfg.training.checkpoint_every < 1:
-        raise ConfigError(f"training.log_every={cfg.training.log_every} and training.checkpoint_every="
-                          f"{cfg.training.checkpoint_every} must be >= 1")
-    if cfg.model.size not in UVIT_SIZES:
-        raise ConfigError(f"model.size='{cfg.model.size}' is not one of {sorted(UVIT_SIZES)}")
-    if cfg.model.text_encoder and cfg.model.text_encoder not in TEXT_ENCODERS:
-        raise ConfigError(f"model.text_encoder='{cfg.model.text_encoder}' must be empty (no text) or one of {list(TEXT_ENCODERS)}")
-    if cfg.training.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"training.zero_stage={cfg.training.zero_stage} must be 0, 1, 2 or 3")
-    if cfg.training.precision not in ("auto", "bf16", "fp32"):
-        raise ConfigError(f"training.precision='{cfg.training.precision}' must be 'auto', 'bf16' or 'fp32'")
-    for key in ("training.steps", "training.batch_size", "resources.workers_per_level",
-                "resources.max_concurrent_trials", "resources.eval_workers", "eval.num_samples", "eval.batch_size",
-                "diffusion.timesteps", "diffusion.sample_steps", "eval.classifier_steps"):
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) < 1:
-            raise ConfigError(f"{key} must be >= 1")
     d = cfg.diffusion
-    if d.prediction not in PREDICTIONS:
-        raise ConfigError(f"diffusion.prediction='{d.prediction}' must be one of {list(PREDICTIONS)}")
-    if d.schedule not in SCHEDULES:
-        raise ConfigError(f"diffusion.schedule='{d.schedule}' must be one of {sorted(SCHEDULES)}")
-    if d.sampler not in SAMPLERS:
-        raise ConfigError(f"diffusion.sampler='{d.sampler}' must be one of {sorted(SAMPLERS)}")
+    if d.beta_start >= d.beta_end:
+        raise ConfigError(f"diffusion.beta_start={d.beta_start:g} must be below diffusion.beta_end={d.beta_end:g} "
+                          "(β grows from t=0 to t=T)")
     if d.eta and d.sampler != "ddim":
         raise ConfigError(f"diffusion.eta={d.eta} is a DDIM setting; diffusion.sampler='{d.sampler}' does not take it")
-    if not 0.0 <= d.eta <= 1.0:
-        raise ConfigError(f"diffusion.eta={d.eta} must be in [0, 1]")
-    if not d.cfg_scale >= 0:
-        raise ConfigError(f"diffusion.cfg_scale={d.cfg_scale} must be >= 0 (1 = no guidance)")
-    for i, scale in enumerate(cfg.sweep.cfg_scales):
-        if not scale >= 0:
-            raise ConfigError(f"sweep.cfg_scales[{i}] = {scale} must be >= 0 (1 = no guidance)")
-    if not d.latent_clip >= 0:
-        raise ConfigError(f"diffusion.latent_clip={d.latent_clip} must be >= 0 (0 = off)")
-    if cfg.model.cond_injection not in COND_INJECTIONS:
-        raise ConfigError(f"model.cond_injection='{cfg.model.cond_injection}' must be one of {list(COND_INJECTIONS)}")
-    if cfg.data.bad_images not in BAD_IMAGE_POLICIES:
-        raise ConfigError(f"data.bad_images='{cfg.data.bad_images}' must be one of {list(BAD_IMAGE_POLICIES)}")
-    if cfg.eval.reference_split not in ("train", "test"):
-        raise ConfigError(f"eval.reference_split='{cfg.eval.reference_split}' must be 'train' or 'test'")
-    if cfg.eval.diagnostic_samples < 0:
-        raise ConfigError(f"eval.diagnostic_samples={cfg.eval.diagnostic_samples} must be >= 0 (0 = off)")
-    if cfg.diffusion.sample_steps > cfg.diffusion.timesteps:
-        raise ConfigError("diffusion.sample_steps must not exceed diffusion.timesteps")
-    if len(cfg.training.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.training.betas):
-        raise ConfigError(f"training.betas={cfg.training.betas} must be two numbers in [0, 1) (AdamW's β1, β2)")
-    if not 0.0 <= cfg.training.ema_decay < 1.0:
-        raise ConfigError("training.ema_decay must be in [0, 1)")
-    if not 0.0 <= cfg.diffusion.cond_drop_prob < 1.0:
-        raise ConfigError("diffusion.cond_drop_prob must be in [0, 1)")
-    if cfg.resources.driver_cpus <= 0:
-        raise ConfigError("resources.driver_cpus must be > 0 (Ray Tune refuses a zero-CPU trial driver)")
+    if d.sample_steps > d.timesteps:
+        raise ConfigError(f"diffusion.sample_steps={d.sample_steps} must not exceed diffusion.timesteps={d.timesteps}")
+    for key, sampler in (("diffusion.sampler", d.sampler), ("mdm.sampler", cfg.mdm.sampler)):
+        if sampler == "dpm_solver++_fast" and d.sample_steps >= d.timesteps:
+            raise ConfigError(f"diffusion.sample_steps={d.sample_steps} must be below diffusion.timesteps="
+                              f"{d.timesteps} for {key}=dpm_solver++_fast (its grid has sample_steps + 1 points)")
+    if cfg.eval.diagnostic_samples == 1:
+        raise ConfigError("eval.diagnostic_samples=1: the diagnostic's Fréchet distances need 2 or more (0 = off)")
     _validate_mdm(cfg)
+
+
+def _validate_model(cfg: Config) -> None:
+    """The U-ViT's width, depth and heads as a level will be built: from model.size where not set."""
+    m = cfg.model
+    size = UVIT_SIZES[m.size]
+    width, depth, heads = (getattr(m, k) or size[k] for k in ("width", "depth", "heads"))
+    named = lambda k: f"model.{k}={getattr(m, k)}" if getattr(m, k) else f"model.size={m.size}'s {k} {size[k]}"  # noqa: E731
+    if width % heads:
+        raise ConfigError(f"{named('width')} is not a multiple of {named('heads')}: each attention head takes "
+                          "width/heads channels")
+    if depth % 2:
+        raise ConfigError(f"{named('depth')} must be even: a U-ViT has depth/2 in-blocks and depth/2 out-blocks "
+                          "joined by long skips")
+
+
+def _validate_sweep(cfg: Config, levels: int) -> None:
+    s = cfg.sweep
+    for i, depth in enumerate(s.depths):
+        if depth > levels:
+            raise ConfigError(f"sweep.depths[{i}] = {depth} must be between 1 and the {levels} levels of hierarchy.spec")
+    if s.encoder_specs and len(s.encoder_specs) != len(s.encoders):
+        raise ConfigError(f"sweep.encoder_specs needs one spec (or null) per entry of sweep.encoders "
+                          f"({len(s.encoders)}), got {len(s.encoder_specs)}")
+    specs = [(f"sweep.shapes[{i}]", spec) for i, spec in enumerate(s.shapes)]
+    specs += [(f"sweep.encoder_specs[{i}]", spec) for i, spec in enumerate(s.encoder_specs) if spec is not None]
+    for key, spec in specs + ([("sweep.rcg_spec", s.rcg_spec)] if s.rcg_spec is not None else []):
+        try:
+            check_nesting(parse_spec(spec))
+        except ValueError as err:
+            raise ConfigError(f"{key} = '{spec}': {err}") from None
+    normal_spec = lambda spec: ", ".join(map(str, parse_spec(spec)))  # noqa: E731
+    _check_unique("sweep.depths", s.depths)
+    _check_unique("sweep.sigmas", s.sigmas, shown=trial_float)
+    _check_unique("sweep.cfg_scales", s.cfg_scales, shown=trial_float)
+    _check_unique("sweep.seeds", s.seeds, why=" (a repeated seed is not a second sample of the spread)")
+    _check_unique("sweep.shapes", s.shapes, same=normal_spec)
+    _check_unique("sweep.encoders", s.encoders)
+    _check_unique("sweep.mdm_resolutions", s.mdm_resolutions)
+    _check_unique("sweep.mdm_phase_steps", s.mdm_phase_steps)
+    _check_unique("sweep.mdm_baselines", s.mdm_baselines)
 
 
 def _validate_mdm(cfg: Config) -> None:
     """The mdm section: the phase schedule against the resolutions, then the NestedUNet spec's own checks."""
     m = cfg.mdm
     res = m.resolutions
-    if not res or min(res) < 1:
-        raise ConfigError(f"mdm.resolutions must list positive resolutions, got {res}")
     for i in range(1, len(res)):
         ratio = res[i] // res[i - 1]
         if res[i] % res[i - 1] or ratio < 2 or ratio & (ratio - 1):
@@ -567,27 +724,11 @@ def _validate_mdm(cfg: Config) -> None:
     if len(m.phase_steps) != len(res):
         raise ConfigError(f"mdm.phase_steps needs one entry per resolution in mdm.resolutions ({len(res)}; "
                           f"phase i trains the i+1 innermost), got {len(m.phase_steps)}")
-    for i, steps in enumerate(m.phase_steps):
-        if steps < 0:
-            raise ConfigError(f"mdm.phase_steps[{i}] = {steps} must be >= 0 (0 skips the phase)")
     if m.phase_steps[-1] < 1:
         raise ConfigError("mdm.phase_steps: the last entry must be >= 1 (the last phase trains the full model)")
-    if m.loss_weights and len(m.loss_weights) != len(res):
-        raise ConfigError(f"mdm.loss_weights needs one weight per resolution ({len(res)}) or none, "
+    if m.loss_weights is not None and len(m.loss_weights) != len(res):
+        raise ConfigError(f"mdm.loss_weights needs one weight per resolution ({len(res)}) or null, "
                           f"got {len(m.loss_weights)}")
-    for i, w in enumerate(m.loss_weights):
-        if w < 0:
-            raise ConfigError(f"mdm.loss_weights[{i}] = {w} must be >= 0")
-    if m.prediction not in PREDICTIONS:
-        raise ConfigError(f"mdm.prediction='{m.prediction}' must be one of {list(PREDICTIONS)}")
-    if not 0.0 <= m.threshold <= 1.0:
-        raise ConfigError(f"mdm.threshold={m.threshold} must be a percentile in (0, 1], or 0 for none")
-    if m.downsample not in DOWNSAMPLE_MODES:
-        raise ConfigError(f"mdm.downsample='{m.downsample}' must be one of {list(DOWNSAMPLE_MODES)}")
-    if m.sampler not in SAMPLERS:
-        raise ConfigError(f"mdm.sampler='{m.sampler}' must be one of {sorted(SAMPLERS)}")
-    if not 0.0 <= m.cond_drop_prob < 1.0:
-        raise ConfigError("mdm.cond_drop_prob must be in [0, 1)")
     try:
         mdm_spec(cfg).validate()
     except ValueError as err:  # names the spec field: core_widths, stage_widths, heads, ...
@@ -600,9 +741,8 @@ def _validate_mdm(cfg: Config) -> None:
         if not m.vae_weights:
             raise ConfigError("mdm.baseline=latent needs mdm.vae_weights: the AutoencoderKL .safetensors whose codes "
                               "it models")
-        if m.latent_downsample < 1 or m.latent_channels < 1 or res[-1] % m.latent_downsample:
-            raise ConfigError(f"mdm.latent_downsample={m.latent_downsample} must divide the top resolution {res[-1]}, "
-                              f"and mdm.latent_channels={m.latent_channels} must be >= 1")
+        if res[-1] % m.latent_downsample:
+            raise ConfigError(f"mdm.latent_downsample={m.latent_downsample} must divide the top resolution {res[-1]}")
         try:
             latent_spec(cfg).validate()
         except ValueError as err:
@@ -612,16 +752,16 @@ def _validate_mdm(cfg: Config) -> None:
 # -- writing -----------------------------------------------------------------------------
 
 
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+def to_dict(cfg: BaseModel) -> dict:
+    return cfg.model_dump()
 
 
 def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
 
 
 def flatten(cfg: Config) -> dict[str, str]:
-    """Flat, stable param names for MLflow (``model.width``, ``hierarchy.sigma.2``, ...)."""
+    """Flat, stable param names for MLflow (``model.width``, ``hierarchy.sigma.2``, ...); null is ""."""
     flat: dict[str, str] = {}
 
     def walk(node, prefix):
@@ -629,7 +769,7 @@ def flatten(cfg: Config) -> dict[str, str]:
             if isinstance(value, dict):
                 walk(value, f"{prefix}{key}.")
             else:
-                flat[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list) else str(value)
+                flat[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list) else "" if value is None else str(value)
 
     walk(to_dict(cfg), "")
     for level in range(2, cfg.hierarchy.L + 1):
@@ -641,6 +781,6 @@ def flatten(cfg: Config) -> dict[str, str]:
 
 def config_hash(obj) -> str:
     """Stable short hash of a config (or any section / plain dict) to key caches and group runs."""
-    data = to_dict(obj) if dataclasses.is_dataclass(obj) else obj
+    data = to_dict(obj) if isinstance(obj, BaseModel) else obj
     blob = json.dumps(data, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

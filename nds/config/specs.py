@@ -22,6 +22,13 @@ SAMPLERS = ("ddim", "ddpm", "dpm_solver", "dpm_solver++", "dpm_solver++_fast")  
 TEXT_ENCODERS = ("minilm", "clip", "t5")
 DOWNSAMPLE_MODES = ("bilinear", "area")  # how MDM makes the lower resolutions of an image
 COND_INJECTIONS = ("kv", "tokens")  # how ẑ_{l+1} enters a U-ViT level (nds/models/uvit.py)
+DATASETS = ("fashion_mnist", "digits", "image_folder", "coco2014")  # nds.data.DATASETS
+ENCODERS = ("efficientnet_lite0", "dino_vit_b16", "clip_vit_b16", "moco_v3_vit_b16", "rcg_moco_v3", "vae", "pixels",
+            "random_cnn")  # nds.latents.encoders.ENCODERS
+LEVEL1_SOURCES = ("pixels", "vae")  # what z_1 is: the image, or an AutoencoderKL's codes of it
+BAD_IMAGE_POLICIES = ("fail", "skip")  # what a file dataset does with a file that does not decode
+PRECISIONS = ("auto", "bf16", "fp32")  # a fit's compute precision
+REFERENCE_SPLITS = ("train", "test")  # where the metric's reference images come from
 
 UVIT_SIZES = {
     "tiny": dict(width=64, depth=4, heads=2),

@@ -112,7 +112,7 @@ def level_clips(cfg: Config, depth: int) -> dict[int, float]:
     no such range), ± ``diffusion.latent_clip`` for the standardised latent levels."""
     d = cfg.diffusion
     clips = {1: 1.0} if d.clip_images and cfg.encoder.level1 == "pixels" else {}
-    if d.latent_clip > 0:
+    if d.latent_clip is not None:
         clips.update({level: d.latent_clip for level in range(2, depth + 1)})
     return clips
 

@@ -86,12 +86,12 @@ def classifier_key(cfg: Config, image_size: int) -> dict:
             "steps": e.classifier_steps, "image_size": image_size, "version": VERSION}
 
 
-def _load(cfg: Config, split: str, limit: int, image_size: int):
+def _load(cfg: Config, split: str, limit: int | None, image_size: int):
     return load_config_split(cfg, split, limit, image_size)
 
 
 def train_classifier(cfg: Config, image_size: int, seed: int = 0) -> tuple[DataClassifier, float]:
-    """Train on the labelled training split (``eval.classifier_train_limit`` images, 0 = all) for
+    """Train on the labelled training split (``eval.classifier_train_limit`` images, None = all) for
     ``eval.classifier_steps`` AdamW steps with a cosine learning rate; returns it with its test accuracy."""
     train = _load(cfg, "train", cfg.eval.classifier_train_limit, image_size)
     num_classes = len(train.class_names)

@@ -36,7 +36,6 @@ from nds.latents.hierarchy import (
 
 log = logging.getLogger(__name__)
 
-LEVEL1_OPTIONS = ("pixels", "vae")
 VAE_DOWNSAMPLE = 8  # Stable Diffusion's VAE: 256 px images -> 32x32 latents
 
 
@@ -84,8 +83,6 @@ def encoder_spec(cfg: Config, in_channels: int) -> EncoderSpec:
 def level1_spec(cfg: Config, in_channels: int) -> EncoderSpec | None:
     """The VAE that forms z_1, or None for pixel-space z_1."""
     e = cfg.encoder
-    if e.level1 not in LEVEL1_OPTIONS:
-        raise ConfigError(f"encoder.level1={e.level1!r} must be one of {list(LEVEL1_OPTIONS)}")
     if e.level1 == "pixels":
         return None
     return EncoderSpec("vae", image_size(cfg), e.level1_weights or None, in_channels, e.cache_dir or None)

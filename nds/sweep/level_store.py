@@ -104,9 +104,9 @@ class LevelStore:
         return LevelEntry(level_id, path, json.loads((path / ENTRY_FILE).read_text()))
 
     @contextmanager
-    def hold(self, level_id: str, stale_s: float, wait_s: float = 0.0, holder: str = "") -> Iterator[None]:
+    def hold(self, level_id: str, stale_s: float, wait_s: float | None = None, holder: str = "") -> Iterator[None]:
         """Held while a level is trained, so concurrent trials that need it wait instead of training it too.
-        Raises LevelLockError if the holder's heartbeat is older than ``stale_s`` or (``wait_s`` > 0) after
+        Raises LevelLockError if the holder's heartbeat is older than ``stale_s`` or (``wait_s`` set) after
         waiting that long; ``holder`` (e.g. the MLflow run) is shown to waiters."""
         lock = FileLock(str(self.root / f"{level_id}.lock"))
         heartbeat = self.root / f"{level_id}.holder.json"

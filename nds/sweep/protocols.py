@@ -7,7 +7,7 @@ levels").
 """
 from __future__ import annotations
 
-from nds.config import Config, replace
+from nds.config import Config, ConfigError, replace
 from nds.sweep.runner import StageOutcome, Sweep, Variant, mean_metric, variant
 from nds.tracking import Tag
 
@@ -118,7 +118,7 @@ def shape_variants(cfg: Config) -> list[Variant]:
 def encoder_variants(cfg: Config) -> list[Variant]:
     """Table 4a: the same chain and hyperparameters with each encoder of ``sweep.encoders``; an
     encoder whose map cannot hold the spec (a VAE has 4 channels) gets its own from ``sweep.encoder_specs``."""
-    specs = cfg.sweep.encoder_specs or [""] * len(cfg.sweep.encoders)
+    specs = cfg.sweep.encoder_specs or [None] * len(cfg.sweep.encoders)
     variants = []
     for seed in cfg.sweep.seeds:
         for name, spec in zip(cfg.sweep.encoders, specs):
@@ -130,6 +130,9 @@ def encoder_variants(cfg: Config) -> list[Variant]:
 def rcg_variants(cfg: Config) -> list[Variant]:
     """Table 4b: our L = 2 spatial hierarchy (the config as it is) against RCG's global vector on
     top (``sweep.rcg_encoder`` with ``sweep.rcg_spec``), which RCG conditions on without noise."""
+    if cfg.sweep.rcg_spec is None:
+        raise ConfigError("sweep.rcg_spec is not set: sweep_rcg needs the spec with RCG's global vector on top, "
+                          "e.g. sweep.rcg_spec='28x28x1, 1x1x256'")
     rcg = {"encoder.name": cfg.sweep.rcg_encoder, "hierarchy.spec": cfg.sweep.rcg_spec, "hierarchy.L": 2,
            "hierarchy.sigmas": [0.0] * (len(cfg.sweep.rcg_spec.split(",")) - 1)}
     return [v for seed in cfg.sweep.seeds

@@ -185,7 +185,7 @@ def phase_loop(loop_config: dict) -> None:
     m = cfg.mdm
     top = m.resolutions[-1]
     alphas = noise_schedule(cfg).to(device)
-    weights = [w for r, w in zip(m.resolutions, m.loss_weights) if r in model.io_resolutions] or None
+    weights = [w for r, w in zip(m.resolutions, m.loss_weights or []) if r in model.io_resolutions] or None
     # a super-resolution stage's condition is noised on its own (full-resolution) schedule
     cond_schedule = resolution_schedules(alphas, [top], m.resolutions[0], m.snr_power)[0] if model.spec.cond_channels else None
     batch = cfg.training.batch_size

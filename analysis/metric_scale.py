@@ -13,6 +13,7 @@ import json
 import numpy as np
 
 from nds.config import load_config
+from nds.config.arguments import add_config_arguments, config_file, config_help
 from nds.eval.evaluate import prepare_metric, score_images
 from nds.eval.metrics import quality_metric_name
 from nds.latents.prepare import load_split
@@ -39,11 +40,15 @@ def degraded_sets(real: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=None, help="YAML config (data, eval settings)")
+    add_config_arguments(parser)
     parser.add_argument("--n", type=int, default=0, help="images per set (default: eval.num_samples)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    helped = config_help(args)
+    if helped is not None:
+        print(helped)
+        return {}
+    cfg = load_config(config_file(args), args.overrides)
     n = args.n or cfg.eval.num_samples
     reference = np.asarray(load_split(cfg, "test", cfg.data.eval_limit).images)
     state = prepare_metric(cfg, reference)

@@ -24,6 +24,7 @@ import numpy as np
 
 from nds import tracking
 from nds.config import Config, ConfigError, config_hash, load_config
+from nds.config.arguments import add_config_arguments, config_file, config_help
 from nds.config.specs import parse_spec
 from nds.eval.knn import Panel, encoder_panel, render_figure
 from nds.latents.encoders import RANDOM_WEIGHTS, EncoderSpec
@@ -60,7 +61,7 @@ def spread_queries(labels: np.ndarray, n: int) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config file (default: the embedded laptop demo)")
+    add_config_arguments(parser)
     parser.add_argument("--encoders", nargs="+", default=["efficientnet_lite0", "vae@32"], help="NAME[@SIZE] each")
     parser.add_argument("--weights", action="append", default=[], help="NAME=PATH: a local weights file for NAME")
     parser.add_argument("--fit-vae-steps", type=int, default=0, help="train a small KL-VAE for 'vae' without weights")
@@ -73,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[nds] %(message)s")
     try:
-        cfg = load_config(args.config, args.overrides)
+        helped = config_help(args)
+        if helped is not None:
+            print(helped)
+            return 0
+        cfg = load_config(config_file(args), args.overrides)
         weights = dict(w.split("=", 1) for w in args.weights)
         levels = parse_spec(args.levels) if args.levels else parse_spec(cfg.hierarchy.spec)[1:]
         if not levels:

@@ -15,29 +15,27 @@ import logging
 import sys
 
 from nds.config import ConfigError, load_config, to_yaml
+from nds.config.arguments import add_config_arguments, config_file, config_help
 from nds.config.specs import mdm_phases
 from nds.sweep.mdm import run_mdm
-from nds.sweep.preflight import check_latent_vae
+from nds.sweep.preflight import preflight
 from nds.train.mdm import phase_name
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config file (default: the embedded laptop demo)")
+    add_config_arguments(parser)
     parser.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and the phases, exit")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. mdm.phase_steps=[100,100] training.lr=1e-3")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[nds] %(message)s")
     try:
-        cfg = load_config(args.config, args.overrides)
-        from nds.data import check_dataset
-
-        try:
-            check_dataset(cfg.data.name, cfg.data.root)
-        except (ValueError, FileNotFoundError) as err:
-            raise ConfigError(f"data.name: {err}") from None
-        if cfg.mdm.baseline == "latent":
-            check_latent_vae(cfg)
+        helped = config_help(args)
+        if helped is not None:
+            print(helped)
+            return 0
+        cfg = load_config(config_file(args), args.overrides)
+        preflight(cfg, kind="mdm")
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

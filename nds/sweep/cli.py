@@ -1,6 +1,7 @@
 """The command line every experiment script shares:
 
     python experiments/<name>.py [--config FILE] [--dry-run | --plan [--cluster NxG] [--throughput T]] [key=value ...]
+    python experiments/<name>.py --help-config [SECTION]
 
 The config (defaults <- preset or --config <- overrides) and every trial's config are validated
 and their files checked before Ray starts; errors name the key or path and exit with code 2.
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from nds.config import REPO_ROOT, Config, ConfigError, load_config, to_yaml
+from nds.config.arguments import add_config_arguments, config_file, config_help
 from nds.sweep.runner import Sweep, Variant, preflight_trials, trial_config, trial_name
 
 Plan = list[tuple[str, list[Variant]]]  # (stage name, variants) in the order they run
@@ -48,13 +50,13 @@ def plan_report(cfg: Config, stages: Plan, planner: Callable | None, cluster: st
 
 def sweep_main(script: str, doc: str, plan: Callable[[Config], Plan], argv: list[str] | None = None,
                run: Callable[[Sweep, Plan], None] = run_plan, default_config: Path | None = None,
-               planner: Callable | None = None) -> int:
+               planner: Callable | None = None, kind: str = "chain") -> int:
     """Parse, validate, show the plan; unless --dry-run or --plan, run it as one sweep. Exit 1 if a trial failed.
 
-    ``planner`` costs the trials for --plan (default: ``nds.sweep.planner.plan_chain_sweep``)."""
+    ``planner`` costs the trials for --plan (default: ``nds.sweep.planner.plan_chain_sweep``); ``kind``
+    is what the trials train (``TrialKind.name``: chain or mdm), whose data-dependent keys are checked."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    default_text = f"default: {default_config.relative_to(REPO_ROOT)}" if default_config else "default: the embedded laptop demo"
-    parser.add_argument("--config", help=f"YAML config file ({default_text})")
+    add_config_arguments(parser, str(default_config.relative_to(REPO_ROOT)) if default_config else "the embedded laptop demo")
     parser.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and the trials, exit")
     parser.add_argument("--plan", action="store_true",
                         help="print what the sweep will train and cost (FLOPs, device-hours, schedule), start nothing")
@@ -65,9 +67,14 @@ def sweep_main(script: str, doc: str, plan: Callable[[Config], Plan], argv: list
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[nds] %(message)s")
     try:
-        cfg = load_config(args.config or default_config, args.overrides)
+        helped = config_help(args)
+        if helped is not None:
+            print(helped)
+            return 0
+        cfg = load_config(config_file(args) or default_config, args.overrides)
         stages = plan(cfg)
-        if not preflight_trials(cfg, [v for _, variants in stages for v in variants], check_files=not args.plan):
+        if not preflight_trials(cfg, [v for _, variants in stages for v in variants], check_files=not args.plan,
+                                kind=kind):
             raise ConfigError(f"{script}: the config gives no trials (see the sweep.* keys this script reads)")
         if (args.cluster or args.throughput) and not args.plan:
             raise ConfigError("--cluster and --throughput go with --plan")

@@ -39,22 +39,48 @@ def public_params(params: dict[str, str]) -> dict[str, str]:
     return {k: mask_credentials(str(v)) for k, v in params.items() if not CREDENTIAL_NAME.search(k)}
 
 
+MLFLOW_PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"  # a read every MLflow tracking server answers
+
+
 def unreachable(uri: str, timeout_s: float = 10.0) -> str:
-    """Why an ``http(s)`` tracking server does not answer (its /health endpoint), or "" if it does or
-    the store is not a server. Checked before a sweep starts: MLflow's own client retries an
-    unreachable server for minutes before it fails."""
+    """Why an ``http(s)`` tracking URI is not an MLflow server that answers, or "" if it is one (or the
+    store is not a server). A quick read of its REST API: MLflow's own client retries an unreachable
+    server for minutes before it fails, and a server that is not MLflow fails only at the first log."""
     if not uri.startswith(("http://", "https://")):
         return ""
+    import base64
+    import json
     import urllib.error
+    import urllib.parse
     import urllib.request
 
+    parts = urllib.parse.urlsplit(uri)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    netloc += f":{parts.port}" if parts.port else ""
+    request = urllib.request.Request(urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+                                     + MLFLOW_PROBE)
+    if parts.username:  # user:password@ in the URI: what MLflow's client sends as basic auth
+        login = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        request.add_header("Authorization", "Basic " + base64.b64encode(login.encode()).decode())
+    shown = mask_credentials(uri)
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            body = response.read(1 << 16)
     except urllib.error.HTTPError as err:
-        if err.code >= 500:
-            return f"the MLflow server at {mask_credentials(uri)} answers HTTP {err.code}"
+        if err.code in (401, 403):  # an MLflow server behind authentication: MLflow's client logs in
+            return ""
+        what = "fails" if err.code >= 500 else "is not an MLflow tracking server"
+        return f"the server at {shown} {what} (HTTP {err.code} for MLflow's REST API {MLFLOW_PROBE.split('?')[0]})"
     except (OSError, ValueError) as err:
-        return f"no MLflow server answers at {mask_credentials(uri)} ({getattr(err, 'reason', err)})"
+        return f"no MLflow server answers at {shown} ({getattr(err, 'reason', err)})"
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        return (f"the server at {shown} answers, but not as an MLflow tracking server (no JSON from "
+                f"{MLFLOW_PROBE.split('?')[0]})")
     return ""
 
 

@@ -76,8 +76,9 @@ def test_image_folder_problems_stop_in_the_dry_run(tmp_path):
     from PIL import Image
 
     for split in ("train", "val"):
-        (tmp_path / split / "cls").mkdir(parents=True)
-        Image.new("RGB", (12, 12), (200, 10, 10)).save(tmp_path / split / "cls" / "0.png")
+        for cls in ("a", "b"):  # the data classifier needs two classes
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.new("RGB", (12, 12), (200, 10, 10)).save(tmp_path / split / cls / "0.png")
     folder = ["data.name=image_folder", f"data.root={tmp_path}", f"paths.runs_dir={tmp_path / 'runs'}"]
     proc = run("experiments/sweep_sigma.py", "--dry-run", *folder)
     assert proc.returncode == 2
@@ -149,7 +150,7 @@ def test_an_unreachable_mlflow_server_stops_the_sweep_before_compute(tmp_path):
     proc = run("experiments/sweep_sigma.py", "data.name=digits", f"tracking.uri=http://127.0.0.1:{port}",
                f"paths.runs_dir={tmp_path}")
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert f"tracking.uri (or MLFLOW_TRACKING_URI): no MLflow server answers at http://127.0.0.1:{port}" in proc.stderr
+    assert f"tracking.uri: no MLflow server answers at http://127.0.0.1:{port}" in proc.stderr
     assert not (tmp_path / "ray_results").exists() and not (tmp_path / "levels").exists()
 
 
@@ -158,4 +159,4 @@ def test_a_ray_address_where_nothing_listens_stops_the_sweep_at_once(tmp_path):
     proc = run("experiments/sweep_sigma.py", "data.name=digits", f"resources.ray_address=127.0.0.1:{port}",
                f"paths.runs_dir={tmp_path}")
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert f"resources.ray_address (or RAY_ADDRESS) = 127.0.0.1:{port}: nothing answers at 127.0.0.1:{port}" in proc.stderr
+    assert f"resources.ray_address = 127.0.0.1:{port}: nothing answers at 127.0.0.1:{port}" in proc.stderr

@@ -60,13 +60,29 @@ def experiment_hash(cfg: Config, with_seed: bool = True) -> str:
     return config_hash(d)
 
 
-def preflight_trials(cfg: Config, variants: list[Variant], check_files: bool = True) -> list[Config]:
+def preflight_trials(cfg: Config, variants: list[Variant], check_files: bool = True, kind: str = "chain",
+                     earlier: list[Variant] = ()) -> list[Config]:
     """Every trial's config, validated, with the files of each distinct setting checked (unless
-    ``check_files`` is off: a plan made before the data is at hand), before any compute is spent."""
+    ``check_files`` is off: a plan made before the data is at hand), before any compute is spent; no
+    two trials (nor one of ``earlier``, the sweep's trials so far) share a name. ``kind``: what the
+    trials train (``TrialKind.name``)."""
+    check_trial_names([*earlier, *variants])
     configs = [trial_config(cfg, v) for v in variants]
     for distinct in {experiment_hash(c, with_seed=False): c for c in configs}.values() if check_files else ():
-        preflight(distinct)
+        preflight(distinct, kind)
     return configs
+
+
+def check_trial_names(variants: list[Variant]) -> None:
+    """A trial's name is its MLflow run's and its identity in a sweep (an earlier attempt of the same name
+    is closed as abandoned): two trials of one name would take each other's records."""
+    seen: dict[str, Variant] = {}
+    for v in variants:
+        name = trial_name(v)
+        if name in seen:
+            raise ConfigError(f"two trials of the sweep are named {name} ({seen[name].changes} and {v.changes}): "
+                              "the sweep.* lists give the same setting twice, or settings that print alike")
+        seen[name] = v
 
 
 # -- what a trial does ---------------------------------------------------------------------------
@@ -351,13 +367,9 @@ class Sweep:
         from nds.eval.metrics import quality_metric_name  # torch
         from nds.train.engine import prebuild_cpu_comm_op  # torch
 
-        skipped_images = preflight(cfg)
+        skipped_images = preflight(cfg)  # and the tracking server answers, as MLflow
         self.cfg, self.name = cfg, name
         self.uri = cfg.tracking_uri
-        problem = tracking.unreachable(self.uri)
-        if problem:
-            raise ConfigError(f"tracking.uri (or MLFLOW_TRACKING_URI): {problem}; start it, or leave tracking.uri "
-                              "empty for the sqlite store under paths.runs_dir")
         self.metric = quality_metric_name(cfg.eval.inception_dir, cfg.uses_data_classifier)
         self.experiment = cfg.experiment_name(name)
         self.experiment_id = tracking.prepare_experiment(self.uri, self.experiment, cfg.runs_dir / "mlartifacts")
@@ -407,7 +419,8 @@ class Sweep:
         """Run ``variants`` of ``cfg`` (default: the sweep's config) as one Tune run; failed trials are recorded,
         and trials an earlier finished run already holds are reused, not run again."""
         cfg = cfg or self.cfg
-        configs = preflight_trials(cfg, variants)
+        configs = preflight_trials(cfg, variants, kind=kind.name,
+                                   earlier=[t["variant"] for stage in self.stages for t in stage.trials])
         with tracking.open_run(self.uri, self.experiment_id, f"{self.name}-{name}", params=flatten(cfg),
                                tags={Tag.KIND: RunKind.STAGE, Tag.SWEEP: self.name, Tag.STAGE: name,
                                      Tag.DRIVER: self.driver},

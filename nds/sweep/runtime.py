@@ -32,7 +32,7 @@ def init_ray(cfg: Config) -> None:
                                 "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
     address = cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
-        problem = _unanswered(address)
+        problem = unanswered(address)
         if problem:  # ray.init would retry for minutes before failing
             raise ConfigError(f"resources.ray_address (or RAY_ADDRESS) = {address}: {problem}; start the cluster "
                               "(ray start --head, cluster/start_local_head.sh) or leave both empty for a local instance")
@@ -73,7 +73,7 @@ def _gcs_address(address: str) -> str:
         return ""
 
 
-def _unanswered(address: str, timeout_s: float = 10.0) -> str:
+def unanswered(address: str, timeout_s: float = 10.0) -> str:
     """Why nothing answers at a Ray address of the form [ray://|http://]host:port ("" if something does,
     or the address names no port, like "auto")."""
     import socket

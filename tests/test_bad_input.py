@@ -24,6 +24,12 @@ def _yaml(content: str | bytes):
     return write
 
 
+def _two_configs(tmp: Path) -> list[str]:
+    (tmp / "a.yaml").write_text("training:\n  steps: 3\n")
+    (tmp / "b.yaml").write_text("training:\n  lr: 1e-3\n")
+    return ["--config", str(tmp / "a.yaml"), "--config", str(tmp / "b.yaml")]
+
+
 def _runs_dir_under_a_file(tmp: Path) -> list[str]:
     (tmp / "a_file").write_text("")
     return [f"paths.runs_dir={tmp / 'a_file' / 'runs'}"]
@@ -126,6 +132,11 @@ CASES = [
     ("YAML section that is a scalar", _yaml("model: 3\n"), "'model'"),
     ("binary config file", _yaml(b"\xff\xfe\x00\x01binary"), "bad.yaml: not a text file"),
     ("config that extends itself", _extends_itself, "extends itself"),
+    ("config given twice", _two_configs, r"--config given 2 times \(.*a.yaml, .*b.yaml\): give one file"),
+    ("empty extends", _yaml("extends:\ntraining:\n  steps: 3\n"), r"bad.yaml: 'extends:' must name .* got None"),
+    ("override inside a value", ["training=3", "training.steps=5"], r"'training' is a section"),
+    ("unset variable in a path", ["paths.cache_dir=$NDS_SURELY_UNSET/c"], r"paths.cache_dir=.*NDS_SURELY_UNSET is not set"),
+    ("YAML 1.1 boolean word", _yaml("encoder:\n  bf16: yes\n"), r"'encoder.bf16' must be true or false, got 'yes'"),
     ("dataset folder that does not exist", lambda tmp: ["data.name=fashion_mnist", f"data.root={tmp / 'nowhere'}"],
      "nowhere"),
     ("encoder weights that do not exist", lambda tmp: [f"encoder.weights={tmp / 'w.pth'}"], "w.pth"),

@@ -8,7 +8,15 @@ from safetensors.torch import save_file
 from sklearn.datasets import load_sample_image
 
 import nds.latents.encoders as encoders
-from nds.latents.encoders import ENCODERS, RANDOM_WEIGHTS, EncoderSpec, build_encoder, check_encoder, extract_features
+from nds.latents.encoders import (
+    ENCODERS,
+    RANDOM_WEIGHTS,
+    EncoderSpec,
+    build_encoder,
+    check_encoder,
+    extract_features,
+    feature_shape,
+)
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +127,19 @@ def test_registry_names_every_encoder_of_the_paper():
         check_encoder(name, RANDOM_WEIGHTS)
     with pytest.raises(ValueError, match="unknown encoder 'resnet9000'"):  # ... and nothing else
         check_encoder("resnet9000", RANDOM_WEIGHTS)
+
+
+@pytest.mark.parametrize("name", sorted(ENCODERS))
+def test_feature_shape_is_the_built_encoders(name):
+    """The preflight computes each encoder's feature map without building it: the same as the built one's."""
+    sizes = [32, 48] if name in ("vae",) or "vit" in name or "moco" in name else [17, 32, 100]
+    for size in sizes:
+        spec = EncoderSpec(name, size, None if name in ("pixels", "random_cnn") else RANDOM_WEIGHTS, 1)
+        built = build_encoder(name, size, spec.weights, in_channels=1)
+        assert feature_shape(spec) == built.feature_shape, (name, size)
+    if "vit" in name or "moco" in name:
+        with pytest.raises(ValueError, match="encoder.image_size=40 must be a multiple of the 16-pixel"):
+            feature_shape(EncoderSpec(name, 40, RANDOM_WEIGHTS))
 
 
 # -- ViT-B/16 family, RCG, weights sources ---------------------------------------------------------

@@ -51,8 +51,14 @@ def test_the_config_registries_name_what_the_implementations_provide():
     from nds.models.nested_unet import downsample_pyramid
     from nds.models.uvit import uvit_from_size
 
+    from nds.data import DATASETS
+    from nds.latents.encoders import ENCODERS
+
     assert set(specs.SAMPLERS) == set(SAMPLE_FUNCTIONS)
     assert set(specs.SCHEDULES) == set(SCHEDULE_FUNCTIONS)
+    assert set(specs.DATASETS) == set(DATASETS)
+    assert set(specs.ENCODERS) == set(ENCODERS)
+    assert set(specs.LEVEL1_SOURCES) <= set(ENCODERS)  # z_1 is the pixels encoder's or the VAE's
     for size in specs.UVIT_SIZES:
         assert uvit_from_size(size, input_shape=(8, 8, 1), patch_size=4).patch_size == 4
     for injection in specs.COND_INJECTIONS:

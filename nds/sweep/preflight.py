@@ -9,6 +9,7 @@ from pathlib import Path
 from nds import tracking
 from nds.config import Config, ConfigError
 from nds.config.schema import ray_address_problem, tracking_uri_problem
+from nds.config.specs import check_nesting, parse_spec
 from nds.data import DATASET_CHANNELS, FILE_DATASETS, BadImagesError, check_dataset, load_config_split
 from nds.sweep.runtime import unanswered
 
@@ -82,6 +83,7 @@ def preflight(cfg: Config, kind: str = "chain") -> dict[str, int]:
             raise ConfigError(f"encoder.level1_weights: no AutoencoderKL weights file at {vae}: put the VAE's "
                               f"{SD_VAE_HUB[1]} (Hugging Face repo {SD_VAE_HUB[0]}) there, or leave "
                               "encoder.level1_weights empty to use the Hugging Face cache")
+        check_feature_maps(cfg, channels)
     clip = cfg.eval.clip_dir
     if clip and not (Path(clip) / "config.json").is_file():
         raise ConfigError(f"eval.clip_dir: no CLIP model at {clip} (no config.json): download one (e.g. "
@@ -93,6 +95,32 @@ def preflight(cfg: Config, kind: str = "chain") -> dict[str, int]:
         except (ValueError, FileNotFoundError) as err:
             raise ConfigError(f"model.text_encoder_path: {err}") from None
     return skipped
+
+
+def check_feature_maps(cfg: Config, channels: int) -> None:
+    """The levels fit the maps they are cut from, computed without building the encoders: levels 2.. the
+    encoder's feature map at encoder.image_size, level 1 the VAE's codes under encoder.level1=vae (each
+    found only once features were extracted, after Ray and the sweep's MLflow runs had started)."""
+    from nds.latents.encoders import feature_shape
+    from nds.latents.prepare import encoder_spec, image_size, level1_spec
+
+    levels, e = parse_spec(cfg.hierarchy.spec), cfg.encoder
+    if len(levels) > 1:
+        try:
+            c, h, w = feature_shape(encoder_spec(cfg, channels))
+            check_nesting(levels, (c, h, w))
+        except ValueError as err:
+            raise ConfigError(f"hierarchy.spec '{cfg.hierarchy.spec}' does not fit encoder.name={e.name} at "
+                              f"encoder.image_size={e.image_size}: {err}") from None
+    z1 = level1_spec(cfg, channels)
+    if z1 is not None:
+        try:
+            c, h, w = feature_shape(z1)
+        except ValueError as err:
+            raise ConfigError(f"encoder.level1=vae at {image_size(cfg)} px images (data.image_size): {err}") from None
+        if (h, w, c) != (levels[0].h, levels[0].w, levels[0].c):
+            raise ConfigError(f"hierarchy.spec level 1 ({levels[0]}) does not match the encoder.level1=vae codes "
+                              f"{h}x{w}x{c} of {image_size(cfg)} px images (data.image_size): write it {h}x{w}x{c}")
 
 
 def check_class_count(cfg: Config, key: str, num_classes: int, classes: list[str], labelled: bool) -> None:

@@ -8,12 +8,14 @@ levels").
 from __future__ import annotations
 
 from nds.config import Config, ConfigError, replace
+from nds.config.schema import trial_float
 from nds.sweep.runner import StageOutcome, Sweep, Variant, mean_metric, variant
 from nds.tracking import Tag
 
 
 def sigma_name(depth: int, sigma: float, cfg_scale: float | None = None) -> str:
-    return f"L{depth}-sigma{sigma:g}" + ("" if cfg_scale is None else f"-cfg{cfg_scale:g}")
+    """A σ stage's variant name (the config refuses swept values that print alike here)."""
+    return f"L{depth}-sigma{trial_float(sigma)}" + ("" if cfg_scale is None else f"-cfg{trial_float(cfg_scale)}")
 
 
 def guidance_scales(cfg: Config) -> list[float | None]:

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from test_tables import chain_metrics, chain_params, log_sigma_sweep, log_trial
 
 from analysis.make_tables import make_tables
-from nds.tracking import RunKind, Tag, tag_filter
+from nds.tracking import RunKind, Tag, tag_filter, unreachable
 
 pytestmark = pytest.mark.slow  # the server takes 20 s or more to start on a 2-core machine
 MLFLOW = Path(sys.executable).parent / "mlflow"
@@ -115,6 +115,24 @@ def test_runs_line_up_for_the_compare_view(logged):
     assert {"hierarchy.L", "hierarchy.sigma.2", "hierarchy.sigma.3", "hierarchy.shape.3", "encoder.name",
             "data.name", "seed"} <= shared
     assert {p["encoder.name"] for p in deepest} == {"efficientnet_lite0", "vae"}
+
+
+def test_the_preflight_probe_knows_a_tracking_server_from_another_server(server, tmp_path):
+    """The check before a sweep reads MLflow's REST API: a real server passes (with credentials in its
+    URI too); a web server that is not MLflow, or nothing at all, is named in one line."""
+    host = server.split("://")[1]
+    assert unreachable(server) == "" and unreachable(f"http://user:secret@{host}/") == ""
+    other = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port := _free_port())],
+                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while "no MLflow server answers" in (problem := unreachable(f"http://127.0.0.1:{port}")):
+            assert time.monotonic() < deadline, problem
+            time.sleep(0.2)
+        assert "is not an MLflow tracking server (HTTP 404" in problem
+    finally:
+        other.terminate()
+        other.wait()
 
 
 def test_make_tables_reads_the_server(logged, tmp_path):

@@ -20,26 +20,23 @@ EXTENDS = "extends"  # the key of a preset that names the file it builds on
 ANCHORS = "x-"  # top-level keys of a file starting with this hold YAML anchors only (x-common: &common ...)
 
 
-class SourceInt(int):
-    """An int read from YAML, with the text it was written as."""
+class _Source:
+    """A number read from YAML, with the text it was written as."""
 
     source: str
 
-    def __new__(cls, value: int, source: str):
+    def __new__(cls, value, source: str):
         obj = super().__new__(cls, value)
         obj.source = source
         return obj
 
 
-class SourceFloat(float):
-    """A float read from YAML, with the text it was written as."""
+class SourceInt(_Source, int):
+    pass
 
-    source: str
 
-    def __new__(cls, value: float, source: str):
-        obj = super().__new__(cls, value)
-        obj.source = source
-        return obj
+class SourceFloat(_Source, float):
+    pass
 
 
 SOURCE_SCALARS = (SourceInt, SourceFloat)

@@ -17,10 +17,19 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from nds.config.errors import ConfigError
-from nds.config.loading import SOURCE_SCALARS, merge, parse_overrides, read_config_file
+from nds.config.loading import SOURCE_SCALARS, merge, parse_overrides, plain, read_config_file
 from nds.config.specs import (
     BAD_IMAGE_POLICIES,
     BASELINES,
@@ -116,13 +125,52 @@ def as_field_value(annotation, value):
     """A value read from YAML as the field's type wants it: a number keeps its text where the type is a
     string; "" is null where the type is optional (an empty path or name meant "the default")."""
     if isinstance(value, SOURCE_SCALARS):
-        return value.source if _accepts_str(annotation) else type(value).__mro__[1](value)
+        return value.source if _accepts_str(annotation) else plain(value)
     if value == "" and _optional(annotation):
         return None
     item = _item_type(annotation)
     if item is not None and isinstance(value, list):
         return [as_field_value(item, v) for v in value]
     return value
+
+
+def ray_address_problem(address: str) -> str:
+    """Why Ray could not join ``address`` as written ("" if it could): ``auto``, ``host:port`` or
+    ``ray://host:port``. ``localhost`` alone, say, made ray.init retry for minutes."""
+    if address == "auto":
+        return ""
+    rest = address[len("ray://"):] if address.startswith("ray://") else address
+    host, sep, port = rest.rstrip("/").rpartition(":")
+    if "://" in rest or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return ("not a Ray address: give auto, host:port (the head's GCS, e.g. 10.0.0.1:6379) or ray://host:port "
+                "(Ray Client), or leave it empty for a local instance")
+    return ""
+
+
+_URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def tracking_uri_problem(uri: str) -> str:
+    """Why ``uri`` is not an MLflow tracking URI ("" if it is): it must say its scheme, e.g.
+    http://host:5000, sqlite:///path/mlflow.db, databricks."""
+    if uri == "databricks" or (_URI_SCHEME.match(uri) and not re.match(r"^[A-Za-z]:[\\/]", uri)):
+        if uri.startswith(("http://", "https://")) and not uri.split("://", 1)[1].strip("/"):
+            return "names no host"
+        return ""
+    looks_like_host = re.match(r"^[\w.-]+:\d+(/.*)?$", uri)
+    example = f"http://{uri}" if looks_like_host else f"sqlite:///{uri}"
+    return f"no scheme: write the URI in full (e.g. {example}), or leave it empty for the sqlite store under paths.runs_dir"
+
+
+def _refuse(problem_of) -> AfterValidator:
+    """A field check from a function that says what is wrong with a value ("" when nothing is)."""
+    def check(value):
+        problem = problem_of(value) if value is not None else ""
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    return AfterValidator(check)
 
 
 class Section(BaseModel):
@@ -261,19 +309,11 @@ class ResourcesConfig(Section):
     eval_cpus_per_worker: float = Field(0.9, gt=0, description="CPUs per evaluation shard")
     eval_gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per evaluation shard (above 1: whole GPUs)")
     max_concurrent_trials: PositiveInt = Field(2, description="trials of a stage that run at once")
-    ray_address: Optional[str] = Field(
+    ray_address: Annotated[Optional[str], _refuse(ray_address_problem)] = Field(
         None, description="Ray cluster to join: auto | host:port | ray://host:port (null: RAY_ADDRESS, else a local instance)")
     level_lock_stale_s: float = Field(600.0, gt=0, description="a level trainer's lock heartbeat this old means it is stuck (s)")
     level_wait_s: Optional[float] = Field(
         None, gt=0, description="longest wait for a level another trial trains, in s (null: while its trainer lives)")
-
-    @field_validator("ray_address")
-    @classmethod
-    def _ray_address(cls, address: str | None) -> str | None:
-        problem = ray_address_problem(address) if address is not None else ""
-        if problem:
-            raise ValueError(problem)
-        return address
 
 
 class EvalConfig(Section):
@@ -322,18 +362,10 @@ class SweepConfig(Section):
 class TrackingConfig(Section):
     """Where runs are logged (MLflow)."""
 
-    uri: Optional[str] = Field(
+    uri: Annotated[Optional[str], _refuse(tracking_uri_problem)] = Field(
         None, description="MLflow tracking URI with its scheme (null: MLFLOW_TRACKING_URI, else sqlite in paths.runs_dir)")
     experiment: Optional[str] = Field(
         None, description="MLflow experiment (null: nds-<script>; make_tables reads every nds-* experiment)")
-
-    @field_validator("uri")
-    @classmethod
-    def _uri(cls, uri: str | None) -> str | None:
-        problem = tracking_uri_problem(uri) if uri is not None else ""
-        if problem:
-            raise ValueError(problem)
-        return uri
 
 
 class PathsConfig(Section):
@@ -377,21 +409,25 @@ class MDMConfig(Section):
     latent_channels: PositiveInt = Field(3, description="baseline=latent: the autoencoder's code channels")
 
 
+def _section(cls: type[Section]):
+    return Field(default_factory=cls, description=cls.__doc__)
+
+
 class Config(Section):
     """A whole run."""
 
-    data: DataConfig = Field(default_factory=DataConfig, description=DataConfig.__doc__)
-    encoder: EncoderConfig = Field(default_factory=EncoderConfig, description=EncoderConfig.__doc__)
-    hierarchy: HierarchyConfig = Field(default_factory=HierarchyConfig, description=HierarchyConfig.__doc__)
-    model: ModelConfig = Field(default_factory=ModelConfig, description=ModelConfig.__doc__)
-    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig, description=DiffusionConfig.__doc__)
-    training: TrainingConfig = Field(default_factory=TrainingConfig, description=TrainingConfig.__doc__)
-    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description=ResourcesConfig.__doc__)
-    eval: EvalConfig = Field(default_factory=EvalConfig, description=EvalConfig.__doc__)
-    sweep: SweepConfig = Field(default_factory=SweepConfig, description=SweepConfig.__doc__)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description=TrackingConfig.__doc__)
-    paths: PathsConfig = Field(default_factory=PathsConfig, description=PathsConfig.__doc__)
-    mdm: MDMConfig = Field(default_factory=MDMConfig, description=MDMConfig.__doc__)
+    data: DataConfig = _section(DataConfig)
+    encoder: EncoderConfig = _section(EncoderConfig)
+    hierarchy: HierarchyConfig = _section(HierarchyConfig)
+    model: ModelConfig = _section(ModelConfig)
+    diffusion: DiffusionConfig = _section(DiffusionConfig)
+    training: TrainingConfig = _section(TrainingConfig)
+    resources: ResourcesConfig = _section(ResourcesConfig)
+    eval: EvalConfig = _section(EvalConfig)
+    sweep: SweepConfig = _section(SweepConfig)
+    tracking: TrackingConfig = _section(TrackingConfig)
+    paths: PathsConfig = _section(PathsConfig)
+    mdm: MDMConfig = _section(MDMConfig)
     seed: Seed = Field(0, description="the run's seed (a sweep's trials take theirs from sweep.seeds)")
 
     @model_validator(mode="after")
@@ -440,37 +476,6 @@ class Config(Section):
 
 SECTIONS: dict[str, type[Section]] = {name: field.annotation for name, field in Config.model_fields.items()
                                        if isinstance(field.annotation, type) and issubclass(field.annotation, Section)}
-
-
-# -- addresses ---------------------------------------------------------------------------------
-
-
-def ray_address_problem(address: str) -> str:
-    """Why Ray could not join ``address`` as written ("" if it could): ``auto``, ``host:port`` or
-    ``ray://host:port``. ``localhost`` alone, say, made ray.init retry for minutes."""
-    if address == "auto":
-        return ""
-    rest = address[len("ray://"):] if address.startswith("ray://") else address
-    host, sep, port = rest.rstrip("/").rpartition(":")
-    if "://" in rest or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        return ("not a Ray address: give auto, host:port (the head's GCS, e.g. 10.0.0.1:6379) or ray://host:port "
-                "(Ray Client), or leave it empty for a local instance")
-    return ""
-
-
-_URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
-
-
-def tracking_uri_problem(uri: str) -> str:
-    """Why ``uri`` is not an MLflow tracking URI ("" if it is): it must say its scheme, e.g.
-    http://host:5000, sqlite:///path/mlflow.db, databricks."""
-    if uri == "databricks" or (_URI_SCHEME.match(uri) and not re.match(r"^[A-Za-z]:[\\/]", uri)):
-        if uri.startswith(("http://", "https://")) and not uri.split("://", 1)[1].strip("/"):
-            return "names no host"
-        return ""
-    looks_like_host = re.match(r"^[\w.-]+:\d+(/.*)?$", uri)
-    example = f"http://{uri}" if looks_like_host else f"sqlite:///{uri}"
-    return f"no scheme: write the URI in full (e.g. {example}), or leave it empty for the sqlite store under paths.runs_dir"
 
 
 # -- reading -----------------------------------------------------------------------------

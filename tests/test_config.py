@@ -127,7 +127,7 @@ def test_empty_optional_strings_are_null_and_sentinels_are_gone():
                              "sweep.encoders=[efficientnet_lite0, random_cnn]"])
     assert cfg.encoder.weights is None and cfg.tracking.uri is None
     assert cfg.sweep.encoder_specs == [None, "28x28x1, 2x2x8"]
-    with pytest.raises(ConfigError, match=r"data.train_limit=0 must be >= 1 \(or null: all\)"):
+    with pytest.raises(ConfigError, match=r"data.train_limit=0 must be >= 2 \(or null: all\)"):
         load_config(None, ["data.train_limit=0"])
     with pytest.raises(ConfigError, match=r"model.width=0 must be >= 1 \(or null: from model.size\)"):
         load_config(None, ["model.width=0"])

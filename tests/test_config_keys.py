@@ -85,8 +85,8 @@ VIOLATIONS = {
     "data.name": [(["data.name=cifar"], r"data.name='cifar' must be one of \['fashion_mnist'")],
     "data.root": [(["data.name=fashion_mnist", "data.root=/nonexistent/fm"], r"/nonexistent/fm.*set data.root"),
                   (["data.name=image_folder", "data.root=/nonexistent/if", RGB], r"data.root not found: '/nonexistent/if'")],
-    "data.train_limit": [(["data.train_limit=-3"], r"data.train_limit=-3 must be >= 1 \(or null: all\)"),
-                         (["data.train_limit=0"], r"data.train_limit=0 must be >= 1")],
+    "data.train_limit": [(["data.train_limit=-3"], r"data.train_limit=-3 must be >= 2 \(or null: all\)"),
+                         (["data.train_limit=1"], r"data.train_limit=1 must be >= 2")],
     "data.eval_limit": [(["data.eval_limit=1"], r"data.eval_limit=1 must be >= 2")],
     "data.image_size": [(["data.image_size=0"], r"data.image_size=0 must be >= 1"),
                         (["encoder.level1=vae", "encoder.level1_weights=random", "data.image_size=100",
@@ -209,6 +209,7 @@ VIOLATIONS = {
     "sweep.depths": [(["sweep.depths=[1,4]"], r"sweep.depths\[1\] = 4 must be between 1 and the 3 levels"),
                      (["sweep.depths=[2,2]"], r"sweep.depths\[1\] = 2 repeats sweep.depths\[0\] = 2")],
     "sweep.sigmas": [(["sweep.sigmas=[0.5,-1]"], r"sweep.sigmas\[1\]=-1 must be >= 0"),
+                     (["sweep.sigmas=[]"], r"sweep.sigmas is empty: sweep_sigma sweeps σ_L at each depth L > 1"),
                      (["sweep.sigmas=[0.5,0.5]"], r"sweep.sigmas\[1\] = 0.5 repeats sweep.sigmas\[0\] = 0.5"),
                      (["sweep.sigmas=[0.5,0.5000001]"], r"sweep.sigmas\[0\] = 0.5 and sweep.sigmas\[1\] = 0.5000001 both "
                                                          r"print as 0.5 in trial names")],

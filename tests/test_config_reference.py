@@ -76,7 +76,7 @@ def test_help_config_prints_every_key_and_refuses_an_unknown_section(capsys):
     assert proc.returncode == 0, proc.stderr
     listed = {line.split()[0] for line in proc.stdout.splitlines() if line.startswith("  ") and not line.startswith("   ")}
     assert listed == {k.key for k in keys()}
-    assert "data.train_limit (int or null, ≥ 1) = 3000" in proc.stdout
+    assert "data.train_limit (int or null, ≥ 2) = 3000" in proc.stdout
     from analysis.make_tables import main
 
     assert main(["--help-config", "modle"]) == 2

@@ -198,7 +198,8 @@ class DataConfig(Section):
     name: Dataset = Field("fashion_mnist", description="dataset: an image_folder is ImageNet's train/ + val/ layout")
     root: str = Field("/usr/share/datasets/fashion-mnist", json_schema_extra=PATH,
                       description="where the dataset lies (fashion_mnist: the IDX files; digits ships with scikit-learn)")
-    train_limit: Optional[PositiveInt] = Field(3000, description="images of the training split used (null: all)")
+    train_limit: Optional[Annotated[int, Field(ge=2)]] = Field(
+        3000, description="images of the training split used, 2+ for the levels' SVD (null: all)")
     eval_limit: Optional[Annotated[int, Field(ge=2)]] = Field(
         500, description="held-out images: the metric's reference and the diagnostic's (null: all)")
     image_size: Optional[PositiveInt] = Field(

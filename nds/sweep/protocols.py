@@ -75,6 +75,9 @@ def sigma_stage_name(depths: list[int]) -> str:
 def sigma_plan(cfg: Config) -> list[tuple[str, list[Variant]]]:
     """The σ sweep's stages in order. The run gives a deeper stage the best σ_{L-1} found before it;
     the plan gives it the first swept value instead, which needs the same level trainings whichever wins."""
+    if not cfg.sweep.sigmas and max(cfg.sweep.depths, default=1) > 1:
+        raise ConfigError(f"sweep.sigmas is empty: sweep_sigma sweeps σ_L at each depth L > 1 of sweep.depths="
+                          f"{cfg.sweep.depths}; give at least one σ (or sweep.depths=[1])")
     stages = []
     for depths in sigma_stages(cfg.sweep.depths):
         stages.append((sigma_stage_name(depths), sigma_variants(cfg, depths)))

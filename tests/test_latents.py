@@ -134,7 +134,11 @@ def test_preflight_names_a_missing_vae_weights_file(tmp_path):
             "put the VAE's diffusion_pytorch_model.safetensors .*stabilityai/sd-vae-ft-mse")
     with pytest.raises(ConfigError, match=says):
         preflight(config(tmp_path, "encoder.level1=vae", f"encoder.level1_weights={missing}"))
-    _, path = _tiny_vae_file(tmp_path)
-    preflight(config(tmp_path, "encoder.level1=vae", f"encoder.level1_weights={path}"))
-    preflight(config(tmp_path, "encoder.level1=vae", "encoder.level1_weights=random"))
+    _, path = _tiny_vae_file(tmp_path)  # 2x downsampling, 4 channels: 8 px images give 4x4x4 codes
+    tiny = ["hierarchy.spec='4x4x4, 2x2x4'", "hierarchy.L=2", "hierarchy.sigmas=[0.5]", "data.image_size=8"]
+    preflight(config(tmp_path, "encoder.level1=vae", f"encoder.level1_weights={path}", *tiny))
+    with pytest.raises(ConfigError, match=r"level 1 \(8x8x1\) does not match the encoder.level1=vae codes 32x32x4 of "
+                                          r"64 px images \(data.image_size\): write it 32x32x4"):
+        preflight(config(tmp_path, "encoder.level1=vae", f"encoder.level1_weights={path}"))  # found before compute
+    preflight(config(tmp_path, "encoder.level1=vae", "encoder.level1_weights=random", "hierarchy.spec='8x8x4, 4x4x4, 2x2x4'"))
     preflight(config(tmp_path, f"encoder.level1_weights={missing}"))  # pixel z_1: the file is never read

@@ -101,8 +101,8 @@ def check_feature_maps(cfg: Config, channels: int) -> None:
     """The levels fit the maps they are cut from, computed without building the encoders: levels 2.. the
     encoder's feature map at encoder.image_size, level 1 the VAE's codes under encoder.level1=vae (each
     found only once features were extracted, after Ray and the sweep's MLflow runs had started)."""
-    from nds.latents.encoders import feature_shape
-    from nds.latents.prepare import encoder_spec, image_size, level1_spec
+    from nds.latents.encoders import feature_shape  # torch: see preflight
+    from nds.latents.prepare import encoder_spec, image_size, level1_spec  # torch
 
     levels, e = parse_spec(cfg.hierarchy.spec), cfg.encoder
     if len(levels) > 1:

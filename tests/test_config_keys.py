@@ -237,6 +237,8 @@ VIOLATIONS = {
                             (["sweep.mdm_baselines=[plain,plain]"], r"sweep.mdm_baselines\[1\] = 'plain' repeats")],
     "tracking.uri": [(["tracking.uri=127.0.0.1:5000"], r"tracking.uri='127.0.0.1:5000': no scheme: .*http://127.0.0.1:5000"),
                      (["tracking.uri=mlruns"], r"tracking.uri='mlruns': no scheme: .*sqlite:///mlruns"),
+                     (["tracking.uri=localhost:5000"], r"tracking.uri='localhost:5000': no scheme: .*http://localhost:5000"),
+                     (["tracking.uri=http://"], r"tracking.uri='http://': names no host"),
                      (lambda tmp: [f"tracking.uri=http://127.0.0.1:{unused_port()}"],
                       r"tracking.uri: no MLflow server answers at http://127.0.0.1:\d+"),
                      ("not_mlflow", r"tracking.uri: the server at http://127.0.0.1:\d+ is not an MLflow tracking server "

@@ -153,11 +153,11 @@ _URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 def tracking_uri_problem(uri: str) -> str:
     """Why ``uri`` is not an MLflow tracking URI ("" if it is): it must say its scheme, e.g.
     http://host:5000, sqlite:///path/mlflow.db, databricks."""
-    if uri == "databricks" or (_URI_SCHEME.match(uri) and not re.match(r"^[A-Za-z]:[\\/]", uri)):
+    looks_like_host = re.match(r"^[\w.-]+:\d+(/.*)?$", uri)  # localhost:5000, not a scheme
+    if uri == "databricks" or (_URI_SCHEME.match(uri) and not looks_like_host):
         if uri.startswith(("http://", "https://")) and not uri.split("://", 1)[1].strip("/"):
             return "names no host"
         return ""
-    looks_like_host = re.match(r"^[\w.-]+:\d+(/.*)?$", uri)
     example = f"http://{uri}" if looks_like_host else f"sqlite:///{uri}"
     return f"no scheme: write the URI in full (e.g. {example}), or leave it empty for the sqlite store under paths.runs_dir"
 

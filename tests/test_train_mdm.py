@@ -100,7 +100,7 @@ def test_baselines_train_on_the_nested_schedules_budget():
     assert cfg.mdm.baseline == "nested"
     with pytest.raises(ConfigError, match="mdm.baseline=cascaded: the cascaded baseline"):
         load_config(None, ["mdm.phase_steps=[0,400]", "mdm.baseline=cascaded"])
-    with pytest.raises(ConfigError, match="mdm.baseline=ldm: unknown MDM baseline"):
+    with pytest.raises(ConfigError, match=r"mdm.baseline='ldm' must be one of \['nested', 'cascaded', 'plain', 'latent'\]"):
         load_config(None, ["mdm.baseline=ldm"])
 
 

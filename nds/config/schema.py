@@ -588,13 +588,14 @@ def from_dict(data: dict) -> Config:
 
 
 def replace(cfg: Config, **dotted_keys) -> Config:
-    """A validated copy with dotted keys changed: ``replace(cfg, **{"hierarchy.L": 1})``."""
+    """A validated copy with dotted keys changed: ``replace(cfg, **{"hierarchy.L": 1})``; values as JSON
+    gives them (a tuple is a list)."""
     changes: dict = {}
     for key, value in dotted_keys.items():
         node, parts = changes, key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = value
+        node[parts[-1]] = json.loads(json.dumps(value))
     return build(merge(to_dict(cfg), changes))
 
 

@@ -245,7 +245,8 @@ class ModelConfig(Section):
     depth: Optional[PositiveInt] = Field(None, description="transformer blocks, even (null: from model.size)")
     heads: Optional[PositiveInt] = Field(None, description="attention heads, dividing the width (null: from model.size)")
     max_token_grid: PositiveInt = Field(8, description="patch size is the smallest divisor keeping the token grid within this")
-    num_classes: NonNegativeInt = Field(0, description="0 = unconditional; else class-conditional on the data's labels (its class count)")
+    num_classes: NonNegativeInt = Field(
+        0, description="0 = unconditional; else class-conditional on the data's labels (its class count)")
     text_encoder: Optional[TextEncoder] = Field(
         None, description="captions as condition tokens: minilm (ships offline) | clip | t5 (null: no text)")
     text_encoder_path: Optional[str] = Field(None, json_schema_extra=PATH,
@@ -290,7 +291,8 @@ class TrainingConfig(Section):
     log_every: PositiveInt = Field(25, description="steps between logged losses")
     checkpoint_every: PositiveInt = Field(100, description="steps between checkpoints a restarted fit resumes from")
     max_failures: int = Field(1, ge=0, le=10,
-                              description="retries of a failed fit or trial, from its last checkpoint (a repeating failure is not transient)")
+                              description="retries of a failed fit or trial, from its last checkpoint (bounded: a "
+                                          "repeating failure is not transient)")
     fail_once_at_step: Optional[PositiveInt] = Field(
         None, description="fault drill: raise once at this step to exercise resume (null: off)")
     nan_at_step: Optional[PositiveInt] = Field(
@@ -391,7 +393,8 @@ class MDMConfig(Section):
     stage_widths: list[PositiveInt] = Field([16], description="one width per outer resolution")
     stage_blocks: PositiveInt = Field(1, description="residual blocks per outer stage")
     heads: PositiveInt = Field(4, description="attention heads, dividing each attended core width")
-    num_classes: NonNegativeInt = Field(0, description="0 = unconditional; else class-conditional on the data's labels (its class count)")
+    num_classes: NonNegativeInt = Field(
+        0, description="0 = unconditional; else class-conditional on the data's labels (its class count)")
     cond_drop_prob: Probability = Field(0.1, description="labels or captions dropped this often in training, for guidance")
     snr_power: float = Field(2.0, ge=0, description="resolution r's SNR is the base schedule's times (r_base / r)^power")
     loss_weights: Optional[list[NonNegative]] = Field(None, description="one loss weight per resolution (null: all 1)")

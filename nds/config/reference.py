@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, Union, get_args, get_origin
 
-from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen
-
 from nds.config.errors import ConfigError
 from nds.config.loading import ANCHORS, EXTENDS
 from nds.config.schema import REPO_ROOT, SECTIONS, Config, Section
@@ -65,18 +63,20 @@ class KeyInfo:
 
 
 def _bounds(metadata) -> list[str]:
-    """Readable numeric and length constraints of a field's (or a list item's) metadata."""
+    """Readable numeric and length constraints of a field's (or a list item's) metadata (annotated-types'
+    Ge, Gt, Le, Lt, MinLen, MaxLen, read by their attribute names)."""
     out, lengths = [], {}
     for m in metadata:
-        for cls, op, name in ((Ge, "≥", "ge"), (Gt, ">", "gt"), (Le, "≤", "le"), (Lt, "<", "lt")):
-            if isinstance(m, cls):
-                value = getattr(m, name)
+        for name, op in (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<")):
+            value = getattr(m, name, None)
+            if isinstance(value, (int, float)):
                 out.append(f"{op} {value:g}" if isinstance(value, float) else f"{op} {value}")
-        if isinstance(m, (MinLen, MaxLen)):
-            lengths[type(m)] = m.min_length if isinstance(m, MinLen) else m.max_length
+        for name in ("min_length", "max_length"):
+            if isinstance(getattr(m, name, None), int):
+                lengths[name] = getattr(m, name)
         if hasattr(m, "metadata"):  # a FieldInfo inside Annotated
             out += _bounds(m.metadata)
-    low, high = lengths.get(MinLen), lengths.get(MaxLen)
+    low, high = lengths.get("min_length"), lengths.get("max_length")
     if low is not None and low == high:
         out.append(f"{low} entries")
     else:
